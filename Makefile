@@ -1,0 +1,8 @@
+# The two commands of the README. Each bootstraps .venv first (a no-op when up to date).
+.PHONY: prune test bootstrap
+bootstrap:
+	bash scripts/bootstrap.sh
+prune: bootstrap
+	.venv/bin/multiflow prune
+test: bootstrap
+	.venv/bin/python -m pytest -q

@@ -1,0 +1,246 @@
+"""Command line: ``multiflow prune`` and ``multiflow inspect``.
+
+``multiflow prune`` calibrates a model once and writes, into ``--out``, one mask file per
+sparsity (``masks_<method>_s<sparsity>.safetensors``), ``report.json``, ``report.md`` and
+``layer_sparsity.png``. Errors print one line and exit non-zero (``--debug`` shows the
+traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.replace(",", ":").split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nm must look like 2:4, got {text!r}") from None
+    if not 0 < n <= m:
+        raise argparse.ArgumentTypeError(f"--nm needs 0 < N <= M, got {text!r}")
+    return n, m
+
+
+def _parse_sparsity(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text!r}")
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pruners import METHODS
+
+    p = argparse.ArgumentParser(prog="multiflow", description="MULTIFLOW pruning of vision-language models")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="calibrate a model and write masks at one or more sparsities")
+    pr.add_argument("--model", default="blip-tiny", help="'blip-tiny' (built in) or a local transformers BLIP folder")
+    pr.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None,
+                    help="BLIP class to build (default: retrieval for blip-tiny, the checkpoint's own class for a folder)")
+    pr.add_argument("--data", default="builtin",
+                    help="'builtin' (procedural image-caption pairs) or DATA.json[:IMAGE_ROOT] in the original format")
+    pr.add_argument("--method", default="multiflow", choices=sorted(METHODS))
+    pr.add_argument("--sparsity", type=_parse_sparsity, nargs="+", default=[0.63, 0.75, 0.9])
+    pr.add_argument("--nm", type=_parse_nm, default=None, help="N:M masks instead of sparsities, e.g. 2:4")
+    pr.add_argument("--batches", type=int, default=8, help="number of calibration batches")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", default="runs/prune", help="output folder (created if missing)")
+    pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    ins = sub.add_parser("inspect", help="print a mask file's summary")
+    ins.add_argument("maskfile")
+    ins.add_argument("--no-layers", action="store_true", help="only the per-modality table")
+    ins.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _image_size(model) -> int:
+    cfg = getattr(model, "config", None)
+    vision = getattr(cfg, "vision_config", None)
+    return int(getattr(vision, "image_size", 224))
+
+
+def _batches(args, model):
+    from .data import calibration_batches, load_data
+
+    if args.batches < 1 or args.batch_size < 1:
+        raise ValueError("--batches and --batch-size must be at least 1")
+    image_size = _image_size(model)
+    processor = None
+    if Path(args.model).is_dir() and (Path(args.model) / "preprocessor_config.json").exists():
+        from transformers import BlipProcessor
+
+        processor = BlipProcessor.from_pretrained(args.model, local_files_only=True)
+    dataset = load_data(args.data, num_samples=args.batches * args.batch_size, image_size=image_size, seed=args.seed)
+    return calibration_batches(
+        dataset, batch_size=args.batch_size, num_batches=args.batches, image_size=image_size, processor=processor
+    )
+
+
+def _mask_filename(method: str, sparsity: Optional[float], nm) -> str:
+    if nm is not None:
+        return f"masks_{method}_{nm[0]}of{nm[1]}.safetensors"
+    return f"masks_{method}_s{sparsity:.2f}.safetensors"
+
+
+def plot_layer_sparsity(results: dict, path: Path) -> None:
+    """One line per mask set: each layer's sparsity in model order, coloured by modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .masks import atomic_write
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    colors = {}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for label, masks in results.items():
+        names = list(masks)
+        mods = masks.metadata.get("modalities", {})
+        sp = masks.layer_sparsity()
+        ax.plot(range(len(names)), [sp[n] for n in names], color="0.7", lw=0.8, zorder=1)
+        for mod in dict.fromkeys(mods.get(n, "?") for n in names):
+            colors.setdefault(mod, palette[len(colors) % len(palette)])
+            idx = [i for i, n in enumerate(names) if mods.get(n, "?") == mod]
+            ax.scatter(idx, [sp[names[i]] for i in idx], s=10, color=colors[mod], zorder=2,
+                       label=mod if label == next(iter(results)) else None)
+        ax.annotate(label, (len(names) - 1, sp[names[-1]]), fontsize=8, xytext=(4, 0), textcoords="offset points")
+    ax.set_xlabel("prunable layer (model order)")
+    ax.set_ylabel("layer sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title("MULTIFLOW layer-wise sparsity per modality")
+    ax.legend(title="modality", loc="lower left")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def cmd_prune(args) -> int:
+    import torch
+
+    from . import Pruner
+    from .masks import atomic_write
+    from .models import build_model
+    from .pruners import get_method
+
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, task=args.task, seed=args.seed).to(args.device)
+    t_model = time.perf_counter()
+    pruner = Pruner(model, args.method, seed=args.seed)
+    method = get_method(args.method)
+    batches = _batches(args, model) if (method.needs_activations or method.needs_gradients) else []
+    t_data = time.perf_counter()
+    if batches:
+        pruner.calibrate(batches, progress=not args.no_progress)
+    t_calib = time.perf_counter()
+    targets = [None] if args.nm is not None else list(args.sparsity)
+    results = {}
+    mask_seconds = {}
+    for s in targets:
+        t0 = time.perf_counter()
+        label = f"{args.nm[0]}:{args.nm[1]}" if args.nm is not None else f"s={s:.2f}"
+        results[label] = pruner.masks(s, nm=args.nm)
+        mask_seconds[label] = time.perf_counter() - t0
+    # all masks computed: only now touch the output folder
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for (label, masks), s in zip(results.items(), targets):
+        masks.metadata["model"] = args.model
+        files[label] = str(atomic_write(out / _mask_filename(args.method, s, args.nm), masks.save))
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "model_class": type(model).__name__,
+        "method": args.method,
+        "data": args.data,
+        "calibration_samples": pruner.calibration_samples,
+        "batches": len(batches),
+        "device": args.device,
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "timings_s": {
+            "build_model": t_model - t_start,
+            "load_data": t_data - t_model,
+            "calibration": t_calib - t_data,
+            "masks": mask_seconds,
+        },
+        "results": {
+            label: {
+                "file": files[label],
+                "target_sparsity": m.metadata.get("sparsity"),
+                "achieved_sparsity": m.sparsity,
+                "modality_sparsity": m.metadata["modality_sparsity"],
+                "layer_sparsity": m.metadata["layer_sparsity"],
+                "allocated_sparsity": m.metadata["allocated_sparsity"],
+            }
+            for label, m in results.items()
+        },
+    }
+    text = json.dumps(report, indent=2)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    md = [f"# multiflow prune: {args.model} ({type(model).__name__}), method {args.method}", ""]
+    md.append(f"Calibration: {pruner.calibration_samples} samples in {len(batches)} batches, "
+              f"{t_calib - t_data:.2f} s; date {report['date']}; {platform.platform()}; torch {torch.__version__}")
+    for label, m in results.items():
+        md += ["", f"## {label}  ({Path(files[label]).name}, {mask_seconds[label]:.2f} s)", "", "```", m.summary(), "```"]
+    md_text = "\n".join(md) + "\n"
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(md_text))
+    plot_layer_sparsity(results, out / "layer_sparsity.png")
+
+    print(f"{type(model).__name__} ({args.model}), method {args.method}, "
+          f"{pruner.calibration_samples} calibration samples, calibration {t_calib - t_data:.2f} s")
+    for label, m in results.items():
+        mods = "  ".join(f"{k}={v:.3f}" for k, v in m.metadata["modality_sparsity"].items())
+        print(f"  {label:<8} sparsity {m.sparsity:.4f}   {mods}   -> {files[label]}")
+    print(f"report: {out / 'report.md'}  plot: {out / 'layer_sparsity.png'}  "
+          f"total {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .masks import Masks
+
+    masks = Masks.load(args.maskfile)
+    print(f"{args.maskfile}: {len(masks)} masked parameters, sparsity {masks.sparsity:.4f}")
+    print(masks.summary(layers=not args.no_layers))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("MULTIFLOW_DEBUG") == "1"
+    try:
+        if args.command == "prune":
+            return cmd_prune(args)
+        return cmd_inspect(args)
+    except KeyboardInterrupt:
+        print("multiflow: interrupted; no partial mask file was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as e:
+        if debug:
+            raise
+        print(f"multiflow: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

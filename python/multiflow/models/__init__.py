@@ -1,0 +1,133 @@
+"""Model adapters: what is prunable, which modality each layer belongs to, how to run a
+calibration forward, which loss SNIP uses, and how the original code names parameters.
+
+``get_adapter(model)`` returns the adapter registered for the model's class (BLIP from
+transformers), else the generic one (every ``nn.Linear`` weight, one modality).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ModelAdapter", "register_adapter", "get_adapter", "build_model", "MODEL_BUILDERS", "move_batch"]
+
+
+def move_batch(batch, device):
+    """Move every tensor of a batch (dict, list, tuple or tensor) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+class ModelAdapter:
+    """Generic adapter: every ``nn.Linear`` weight is prunable, modality ``"default"``;
+    the forward is ``model(**batch)`` for dict batches, ``model(batch)`` otherwise."""
+
+    name = "generic"
+
+    def __init__(self, model: nn.Module):
+        self.model_class = type(model)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return True
+
+    def modality(self, param_name: str) -> Optional[str]:
+        """Modality of a prunable weight, or None when the parameter is not prunable."""
+        return "default"
+
+    def keeps_all_tokens(self, param_name: str) -> bool:
+        """True for layers fed with image tokens (never drop padding for them)."""
+        return False
+
+    def prunable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+        """(weight name, module) for every prunable ``nn.Linear``."""
+        for mod_name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                pname = f"{mod_name}.weight" if mod_name else "weight"
+                if self.modality(pname) is not None:
+                    yield pname, module
+
+    def forward(self, model: nn.Module, batch):
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        return model(batch)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """Scalar loss for gradient-based methods (SNIP)."""
+        out = self.forward(model, batch)
+        loss = getattr(out, "loss", None)
+        if loss is None and isinstance(out, Mapping):
+            loss = out.get("loss")
+        if loss is None:
+            raise ValueError(
+                f"the generic adapter cannot derive a loss from {type(model).__name__}'s output; "
+                "pass loss_fn=... to Pruner for gradient-based methods (snip)"
+            )
+        return loss
+
+    def batch_size(self, batch) -> int:
+        if isinstance(batch, torch.Tensor):
+            return int(batch.shape[0]) if batch.dim() else 1
+        if isinstance(batch, Mapping):
+            for key in ("pixel_values", "input_ids"):
+                if isinstance(batch.get(key), torch.Tensor):
+                    return int(batch[key].shape[0])
+            for v in batch.values():
+                if isinstance(v, torch.Tensor) and v.dim():
+                    return int(v.shape[0])
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return int(batch[0].shape[0])
+        return 1
+
+    def text_attention_mask(self, batch) -> Optional[torch.Tensor]:
+        """The batch's text attention mask (padding = 0), if any."""
+        if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+            return batch["attention_mask"]
+        return None
+
+    def from_reference_name(self, name: str) -> str:
+        """Map a parameter name of the original (reference) code onto this model's."""
+        return name
+
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    return ModelAdapter(model)
+
+
+def build_model(spec: str, *, task: Optional[str] = None, seed: int = 0) -> nn.Module:
+    """Build a model from a name (``blip-tiny``) or a local checkpoint folder."""
+    if spec in MODEL_BUILDERS:
+        return MODEL_BUILDERS[spec](task=task, seed=seed)
+    from pathlib import Path
+
+    if Path(spec).is_dir():
+        from .blip import load_blip
+
+        return load_blip(spec, task=task)
+    raise ValueError(
+        f"unknown model {spec!r}: use one of {sorted(MODEL_BUILDERS)} or a path to a local "
+        "transformers BLIP checkpoint folder"
+    )
+
+
+from . import blip  # noqa: E402,F401  (registers the BLIP adapter and blip-tiny)

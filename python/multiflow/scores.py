@@ -1,0 +1,119 @@
+"""Scoring rules of MULTIFLOW and its baselines: each one reads like its equation.
+
+Every function takes one layer's weight ``w`` (out x in) and what the method needs
+(``a``: the activation statistic of DESIGN.md, length ``in``; ``grad``: an accumulated
+gradient) and returns a float32 score of ``w``'s shape. Higher score = more important.
+Selection (thresholds, tie rule, N:M) is shared machinery in :mod:`multiflow.selection`.
+
+Scale robustness: a layer whose weights or activations are tiny (a freshly initialised
+BLIP vision tower has an init range of 1e-10) would underflow float32 products to 0 and
+collapse the ranking. Ranking inside a layer is invariant to a positive rescaling of
+``|w|`` and of ``sqrt(a)``, so both are first divided by a power of two that brings their
+maximum into [0.5, 1). Multiplying by a power of two is exact in binary floating point, so
+whenever the naive float32 computation does not underflow it yields exactly the same
+ranking (bit for bit, up to the common scale factor).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "pow2_normalise",
+    "flow_scores",
+    "magnitude_scores",
+    "l2_normalised_scores",
+    "lamp_scores",
+    "wanda_scores",
+    "snip_scores",
+    "random_scores",
+]
+
+
+def pow2_normalise(t: torch.Tensor) -> torch.Tensor:
+    """Return ``t * 2**-e`` (exact) with ``e`` chosen so that ``max|t|`` lies in [0.5, 1).
+
+    Leaves all-zero and non-finite tensors unchanged.
+    """
+    m = float(t.abs().max()) if t.numel() else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return t
+    _, e = math.frexp(m)  # m = f * 2**e, 0.5 <= f < 1
+    if e == 0:
+        return t
+    # Split the factor in two so that neither half overflows float32 when the input
+    # is denormal (|e| up to ~149); each multiplication by a power of two is exact.
+    e1 = -e // 2
+    e2 = -e - e1
+    out = t * (2.0 ** e1)
+    if e2:
+        out = out * (2.0 ** e2)
+    return out
+
+
+def flow_scores(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """MULTIFLOW information-flow score ``S_ij = imp_out_i * |W_ij| * imp_in_j``.
+
+    ``A_ij = |W_ij| sqrt(a_j)``, ``imp_out_i = mean_j A_ij``, ``imp_in_j = mean_i A_ij``.
+    """
+    w_abs = pow2_normalise(w.detach().float().abs())
+    root_a = pow2_normalise(a.detach().float().clamp_min(0).sqrt())
+    if not bool(root_a.any()):
+        # No activation reached the layer with a representable square (all-zero statistic):
+        # every score would be 0 and the tie rule would prune the whole layer. Rank by the
+        # weights alone (uniform input importance), so the layer gets exactly its prior.
+        root_a = torch.ones_like(root_a)
+    A = w_abs * root_a[None, :]
+    # means accumulated in float64 and rounded once to float32: summation order then only
+    # touches bits that the final rounding almost always removes, so kernels with another
+    # order (threads, GPU blocks) give the same float32 importances
+    imp_out = (A.sum(dim=1, dtype=torch.float64) / A.shape[1]).float()
+    imp_in = (A.sum(dim=0, dtype=torch.float64) / A.shape[0]).float()
+    return imp_out[:, None] * w_abs * imp_in[None, :]
+
+
+def magnitude_scores(w: torch.Tensor) -> torch.Tensor:
+    """``|W|`` (OMP and layer-wise magnitude pruning)."""
+    return w.detach().float().abs()
+
+
+def l2_normalised_scores(w: torch.Tensor) -> torch.Tensor:
+    """``|W| / ||W||_2``: each layer's magnitudes divided by the layer's L2 norm."""
+    w64 = w.detach().double()
+    norm = torch.linalg.vector_norm(w64)
+    if norm == 0:
+        return w64.abs().float()
+    return (w64.abs() / norm).float()
+
+
+def lamp_scores(w: torch.Tensor) -> torch.Tensor:
+    """LAMP (Lee et al., 2021): ``W_u^2 / sum_{v >= u} W_v^2`` over the layer's weights
+    sorted by ascending magnitude. Equal magnitudes are ordered by flat index (stable)."""
+    sq = w.detach().double().flatten() ** 2
+    order = torch.sort(sq, stable=True).indices
+    sorted_sq = sq[order]
+    # suffix sums: sum over the weights at least as large (in sorted order)
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0)
+    scores_sorted = torch.where(suffix > 0, sorted_sq / suffix, torch.zeros_like(suffix))
+    out = torch.empty_like(sq)
+    out[order] = scores_sorted
+    return out.view_as(w).float()
+
+
+def wanda_scores(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Wanda (Sun et al., 2024): ``|W_ij| * ||X_j||`` (``sqrt(a_j)``), compared per output row."""
+    w_abs = pow2_normalise(w.detach().float().abs())
+    root_a = pow2_normalise(a.detach().float().clamp_min(0).sqrt())
+    return w_abs * root_a[None, :]
+
+
+def snip_scores(w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """SNIP (Lee et al., 2019): connection sensitivity ``|dL/dW * W|``."""
+    # Compared across layers, so no per-layer rescaling here.
+    return (grad.detach().double() * w.detach().double()).abs().float()
+
+
+def random_scores(w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random scores (random pruning), reproducible through ``generator``."""
+    return torch.rand(w.shape, generator=generator, dtype=torch.float32).to(w.device)

@@ -1,0 +1,202 @@
+"""Streaming calibration: the statistic, the padding rule, batching, hooks and bad input."""
+import pytest
+import torch
+from torch import nn
+
+import multiflow
+
+
+class TextToy(nn.Module):
+    """Embedding -> Linear -> Linear; batches are dicts like a processor's."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 6)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
+
+
+def _text_batches(n_batches=3, b=4, t=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(4, 50, (b, t), generator=g)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        am = (torch.arange(t)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids.masked_fill(am == 0, 0), "attention_mask": am})
+    return out
+
+
+def _toy_pruner(model, **kw):
+    return multiflow.Pruner(model, exclude=["unused"], **kw)
+
+
+def test_statistic_matches_definition():
+    torch.manual_seed(0)
+    model = TextToy()
+    batches = _text_batches()
+    pruner = _toy_pruner(model).calibrate(batches, progress=False)
+    # in-test: a_j = (1/S) sum over samples, non-padding tokens, of x_j^2
+    with torch.no_grad():
+        sums = torch.zeros(6, dtype=torch.float64)
+        s = 0
+        for b in batches:
+            x = model.emb(b["input_ids"]).double()
+            keep = b["attention_mask"].bool()
+            sums += (x[keep] ** 2).sum(0)
+            s += b["input_ids"].shape[0]
+    a = pruner.act_sq_norms["fc1.weight"]
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), sums / s, rtol=1e-5, atol=0)
+    assert pruner.samples["fc1.weight"] == 12
+    assert pruner.tokens["fc1.weight"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert "unused.weight" not in pruner.layers
+
+
+def test_padding_values_do_not_change_statistic():
+    torch.manual_seed(0)
+    model = TextToy()
+    batches = _text_batches()
+    other = [{"input_ids": b["input_ids"].masked_fill(b["attention_mask"] == 0, 17), "attention_mask": b["attention_mask"]} for b in batches]
+    a1 = _toy_pruner(model).calibrate(batches, progress=False).act_sq_norms
+    a2 = _toy_pruner(model).calibrate(other, progress=False).act_sq_norms
+    for n in a1:
+        torch.testing.assert_close(a1[n], a2[n], rtol=1e-6, atol=0)
+
+
+def test_streaming_equals_one_big_batch_and_repeated_calls():
+    torch.manual_seed(0)
+    model = TextToy()
+    batches = _text_batches(n_batches=4)
+    big = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    a_big = _toy_pruner(model).calibrate([big], progress=False).act_sq_norms
+    a_stream = _toy_pruner(model).calibrate(batches, progress=False).act_sq_norms
+    p = _toy_pruner(model)
+    p.calibrate(batches[:1], progress=False).calibrate(batches[1:], progress=False)
+    for n in a_big:
+        torch.testing.assert_close(a_stream[n], a_big[n], rtol=1e-5, atol=0)
+        torch.testing.assert_close(p.act_sq_norms[n], a_big[n], rtol=1e-5, atol=0)
+    assert p.calibration_samples == 16
+
+
+def test_blip_padding_rule(blip_factory, calib_batches):
+    """Changing the ids under padding changes no BLIP statistic (text layers drop padding)."""
+    model = blip_factory("retrieval")
+    b = calib_batches[0]
+    assert (b["attention_mask"] == 0).any(), "the test needs padded captions"
+    other = dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 77))
+    a1 = multiflow.Pruner(model).calibrate([b], progress=False).act_sq_norms
+    a2 = multiflow.Pruner(model).calibrate([other], progress=False).act_sq_norms
+    for n in a1:
+        torch.testing.assert_close(a1[n], a2[n], rtol=1e-5, atol=1e-12)
+
+
+def test_blip_streaming_equals_one_batch(blip_factory, calib_batches):
+    model = blip_factory("retrieval")
+    from multiflow.data import BuiltinCalibrationSet, calibration_batches
+
+    ds = BuiltinCalibrationSet(num_samples=8, image_size=64, seed=0)
+    one = calibration_batches(ds, batch_size=8, image_size=64)
+    four = calibration_batches(ds, batch_size=2, image_size=64)
+    a1 = multiflow.Pruner(model).calibrate(one, progress=False).act_sq_norms
+    a4 = multiflow.Pruner(model).calibrate(four, progress=False).act_sq_norms
+    for n in a1:
+        torch.testing.assert_close(a1[n], a4[n], rtol=1e-4, atol=1e-10)
+
+
+def test_cross_attention_keys_keep_image_tokens(blip_factory, calib_batches):
+    model = blip_factory("retrieval")
+    p = multiflow.Pruner(model).calibrate(calib_batches[:1], progress=False)
+    n_img = (64 // 8) ** 2 + 1
+    b = calib_batches[0]
+    key = "text_encoder.encoder.layer.0.crossattention.self.key.weight"
+    query = "text_encoder.encoder.layer.0.crossattention.self.query.weight"
+    vis = "vision_model.encoder.layers.0.self_attn.qkv.weight"
+    assert p.tokens[key] == b["pixel_values"].shape[0] * n_img
+    assert p.tokens[vis] == b["pixel_values"].shape[0] * n_img
+    assert p.tokens[query] == int(b["attention_mask"].sum())
+
+
+def test_weights_unchanged_and_hooks_removed(blip_factory, calib_batches):
+    model = blip_factory("retrieval")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    model.train()
+    multiflow.prune(model, calib_batches, 0.5, progress=False)
+    multiflow.prune(model, calib_batches, 0.5, "snip", progress=False)
+    assert model.training
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n]), n
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_hooks_removed_on_exception():
+    torch.manual_seed(0)
+    model = TextToy()
+    calls = {"n": 0}
+
+    def failing_forward(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return m(**batch)
+
+    p = _toy_pruner(model, forward_fn=failing_forward)
+    with pytest.raises(RuntimeError, match="boom"):
+        p.calibrate(_text_batches(), progress=False)
+    assert all(not m._forward_hooks for m in model.modules())
+    # a failed call leaves no partial statistics
+    assert p.calibration_samples == 0 and not p.sq_sums
+
+
+def test_no_batches():
+    with pytest.raises(ValueError, match="no batches"):
+        _toy_pruner(TextToy()).calibrate([], progress=False)
+
+
+def test_nan_activation_names_layer():
+    model = TextToy()
+    with torch.no_grad():
+        model.fc1.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="fc2.weight"):
+        _toy_pruner(model).calibrate(_text_batches(1), progress=False)
+
+
+def test_layer_that_saw_no_tokens_is_named():
+    model = TextToy()
+    p = multiflow.Pruner(model).calibrate(_text_batches(1), progress=False)
+    with pytest.raises(ValueError, match="unused.weight"):
+        p.masks(0.5)
+
+
+def test_no_prunable_layers():
+    with pytest.raises(ValueError, match="no prunable layers"):
+        multiflow.Pruner(nn.Sequential(nn.ReLU(), nn.Conv2d(1, 1, 1)))
+    with pytest.raises(ValueError, match="no prunable layers"):
+        multiflow.Pruner(TextToy(), exclude=["fc*", "unused"])
+
+
+def test_masks_before_calibration():
+    with pytest.raises(ValueError, match="calibrate"):
+        _toy_pruner(TextToy()).masks(0.5)
+    # data-free methods need no calibration
+    m = _toy_pruner(TextToy(), method="omp").masks(0.5)
+    assert set(m) == {"fc1.weight", "fc2.weight"}
+
+
+def test_calibrate_once_many_sparsities_equals_masks_from_stats():
+    torch.manual_seed(0)
+    model = TextToy()
+    p = _toy_pruner(model).calibrate(_text_batches(), progress=False)
+    for s in (0.3, 0.63, 0.9):
+        m = p.masks(s)
+        ref = multiflow.masks_from_stats(
+            {n: mod.weight for n, mod in p.layers.items()}, p.act_sq_norms, p.modalities, s
+        )
+        assert all(torch.equal(m[n], ref[n]) for n in ref)
+        assert m.metadata["sparsity"] == s and m.metadata["method"] == "multiflow"
+        assert m.metadata["calibration_samples"] == 12

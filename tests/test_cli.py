@@ -1,0 +1,95 @@
+"""The `multiflow` command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiflow import Masks
+from multiflow.cli import main
+
+
+def test_default_prune_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", "--out", str(out), "--no-progress"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "layer_sparsity.png",
+        "masks_multiflow_s0.63.safetensors",
+        "masks_multiflow_s0.75.safetensors",
+        "masks_multiflow_s0.90.safetensors",
+        "report.json",
+        "report.md",
+    ]
+    report = json.loads((out / "report.json").read_text())
+    for label, s in (("s=0.63", 0.63), ("s=0.75", 0.75), ("s=0.90", 0.9)):
+        r = report["results"][label]
+        assert r["achieved_sparsity"] == pytest.approx(s, abs=2e-3)
+        assert set(r["modality_sparsity"]) == {"vision", "text"}
+        m = Masks.load(r["file"])
+        assert m.metadata["sparsity"] == s and m.metadata["method"] == "multiflow"
+    assert (out / "layer_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "calibration" in report["timings_s"]
+    printed = capsys.readouterr().out
+    assert "s=0.75" in printed
+
+    assert main(["inspect", str(out / "masks_multiflow_s0.75.safetensors")]) == 0
+    assert "vision" in capsys.readouterr().out
+
+
+def test_nm_and_baseline(tmp_path):
+    out = tmp_path / "nm"
+    assert main(["prune", "--out", str(out), "--no-progress", "--nm", "2:4", "--batches", "1", "--batch-size", "2"]) == 0
+    m = Masks.load(out / "masks_multiflow_2of4.safetensors")
+    for n, t in m.items():
+        assert (t.reshape(t.shape[0], -1, 4).sum(-1) == 2).all()
+    assert main(["prune", "--out", str(out), "--no-progress", "--method", "omp", "--sparsity", "0.5"]) == 0
+    assert Masks.load(out / "masks_omp_s0.50.safetensors").sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_json_data(tmp_path):
+    from multiflow.data import procedural_sample
+
+    entries = []
+    for i in range(4):
+        img, cap = procedural_sample(i, 48)
+        img.save(tmp_path / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": cap})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    rc = main(["prune", "--out", str(out), "--no-progress", "--data", str(tmp_path / "data.json"),
+               "--batches", "2", "--batch-size", "2", "--sparsity", "0.5"])
+    assert rc == 0
+    assert json.loads((out / "report.json").read_text())["calibration_samples"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["prune", "--model", "no-such-model"], "unknown model"),
+        (["prune", "--data", "/nonexistent/data.json"], "data.json"),
+        (["inspect", "/nonexistent/m.safetensors"], "not found"),
+    ],
+)
+def test_errors_are_one_line(argv, needle, tmp_path, capsys):
+    rc = main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "prune" else []))
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_sparsity_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--sparsity", "1.5"])
+    assert e.value.code != 0
+    assert "sparsity" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name("multiflow")
+    assert exe.exists(), "the multiflow console script is not installed next to python"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prune" in r.stdout
