@@ -39,6 +39,7 @@ def _worker(mode: str, batches: int, batch_size: int, threads: int, repeats: int
     from transformers.utils import logging as hf_logging
 
     import multiflow
+    import multiflow_kernels  # noqa: F401  (loaded in both modes: only the hooks differ)
     from multiflow.data import BuiltinCalibrationSet, calibration_batches
 
     hf_logging.set_verbosity_error()

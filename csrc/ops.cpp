@@ -21,6 +21,33 @@ TORCH_LIBRARY(multiflow, m) {
   // x: (..., F) float32/float16/bfloat16; acc: float32 (F,), contiguous, same device;
   // token_mask: None (keep every token) or bool of shape x.shape[:-1].
   m.def("sq_sum_accumulate_(Tensor(a!) acc, Tensor x, Tensor? token_mask) -> ()");
+
+  // Scoring (batched over layers; exact semantics in multiflow_kernels/reference.py).
+  // weights[l]: (out, in) float32/float16/bfloat16; act_sq_norms[l]: float32 (in,).
+  // w_scale[l] = 2^-e (e clamped to [-126, 126]) brings max|W_l| into [0.5, 1);
+  // imp_out/imp_in are float64-accumulated means rounded once to float32.
+  m.def("flow_importance(Tensor[] weights, Tensor[] act_sq_norms) -> (Tensor[] imp_out, Tensor[] imp_in, Tensor w_scale)");
+  // score_l = (imp_out[:, None] * (|W_l| * w_scale[l])) * imp_in[None, :], float32.
+  m.def("flow_scores(Tensor[] weights, Tensor[] act_sq_norms) -> Tensor[]");
+
+  // Selection (exact: equal to torch.kthvalue on the float32 values / scores).
+  // k-th smallest (1-based) of the union of values (|values| when absolute): 0-d float32.
+  m.def("kth_smallest_group(Tensor[] values, int k, bool absolute=False) -> Tensor");
+  // Per tensor: out[l] = k-th smallest of values[l] (ks[l] == 0 gives -inf): float32 (L,).
+  m.def("kth_smallest_each(Tensor[] values, int[] ks, bool absolute=False) -> Tensor");
+  // Per tensor: number of elements <= threshold (a 0-d float32): int64 (L,).
+  m.def("count_at_most(Tensor[] values, Tensor threshold, bool absolute=False) -> Tensor");
+  // flow_kth_each / flow_masks: the flow score computed on the fly from the importances
+  // (never written to memory); k-th smallest per layer, and keep-masks score > threshold.
+  m.def("flow_kth_each(Tensor[] weights, Tensor[] imp_out, Tensor[] imp_in, Tensor w_scale, int[] ks) -> Tensor");
+  m.def("flow_masks(Tensor[] weights, Tensor[] imp_out, Tensor[] imp_in, Tensor w_scale, Tensor thresholds) -> Tensor[]");
+  // N:M: keep the n largest of every m consecutive inputs of each row (ties: lower index).
+  m.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
+
+  // Mask packing: bool (R, C) <-> int32 words (R, ceil(C / 32)); bit b of word w of row r
+  // is mask[r, 32 * w + b]; padding bits are 0.
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor bits, int cols) -> Tensor");
 }
 
 #if defined(MULTIFLOW_PYTHON_MODULE)

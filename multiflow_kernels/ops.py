@@ -70,3 +70,19 @@ def sq_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
     acc = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
     sq_sum_accumulate_(acc, x, token_mask)
     return acc
+
+
+# =======================================================================================
+# Scoring: flow_importance, flow_scores (entry points + fake kernels)
+# =======================================================================================
+
+
+# =======================================================================================
+# Selection: kth_smallest_group, kth_smallest_each, count_at_most, flow_kth_each,
+# flow_masks, nm_mask (entry points + fake kernels)
+# =======================================================================================
+
+
+# =======================================================================================
+# Mask packing: pack_mask, unpack_mask (entry points + fake kernels)
+# =======================================================================================

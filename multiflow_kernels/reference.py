@@ -26,3 +26,146 @@ def sq_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
     acc = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
     sq_sum_accumulate_(acc, x, token_mask)
     return acc
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------
+_MAX_EXP = 126
+
+
+def pow2_scale(t: Tensor) -> Tensor:
+    """float32 0-d ``2**-e`` with ``max|t| * 2**-e`` in [0.5, 1) (``e`` clamped to
+    [-126, 126] so the factor is a normal float32); 1 when ``t`` is empty, all zero or has
+    a non-finite maximum. Multiplying by it is exact."""
+    m = float(t.detach().abs().max()) if t.numel() else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return torch.tensor(1.0, dtype=torch.float32, device=t.device)
+    e = math.frexp(m)[1]
+    e = max(-_MAX_EXP, min(_MAX_EXP, e))
+    return torch.tensor(2.0 ** (-e), dtype=torch.float32, device=t.device)
+
+
+def flow_importance(weights: list[Tensor], act_sq_norms: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """MULTIFLOW node importances of each layer, scale-robust.
+
+    ``w = |W| * w_scale`` and ``r = sqrt(max(a, 0)) * r_scale`` (power-of-two scales, exact;
+    ``r = 1`` everywhere when ``a`` is all zero, so such a layer is ranked by magnitude
+    alone), ``A = w * r[None, :]`` in float32, ``imp_out_i = mean_j A_ij`` and
+    ``imp_in_j = mean_i A_ij`` summed in float64 and rounded once to float32.
+    Returns (imp_out list, imp_in list, w_scale float32 (L,)).
+    """
+    imp_out, imp_in, scales = [], [], []
+    for w, a in zip(weights, act_sq_norms):
+        w_abs = w.detach().float().abs()
+        s = pow2_scale(w_abs)
+        w_abs = w_abs * s
+        r = a.detach().float().clamp_min(0).sqrt()
+        r = r * pow2_scale(r)
+        if not bool(r.any()):
+            r = torch.ones_like(r)
+        A = w_abs * r[None, :]
+        imp_out.append((A.sum(dim=1, dtype=torch.float64) / max(A.shape[1], 1)).float())
+        imp_in.append((A.sum(dim=0, dtype=torch.float64) / max(A.shape[0], 1)).float())
+        scales.append(s)
+    device = weights[0].device if weights else torch.device("cpu")
+    w_scale = torch.stack(scales) if scales else torch.empty(0, dtype=torch.float32, device=device)
+    return imp_out, imp_in, w_scale
+
+
+def flow_score_of(w: Tensor, imp_out: Tensor, imp_in: Tensor, w_scale: Tensor) -> Tensor:
+    """``(imp_out[:, None] * (|w| * w_scale)) * imp_in[None, :]`` in float32, in that order."""
+    return (imp_out[:, None] * (w.detach().float().abs() * w_scale)) * imp_in[None, :]
+
+
+def flow_scores(weights: list[Tensor], act_sq_norms: list[Tensor]) -> list[Tensor]:
+    """The MULTIFLOW flow score of every layer (float32, the weight's shape)."""
+    imp_out, imp_in, w_scale = flow_importance(weights, act_sq_norms)
+    return [flow_score_of(w, o, i, w_scale[l]) for l, (w, o, i) in enumerate(zip(weights, imp_out, imp_in))]
+
+
+# ---------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------
+def _as_float(v: Tensor, absolute: bool) -> Tensor:
+    v = v.detach().float().flatten()
+    return v.abs() if absolute else v
+
+
+def kth_smallest_group(values: list[Tensor], k: int, absolute: bool = False) -> Tensor:
+    """k-th smallest (1-based) of the union of ``values`` (float32 view; ``|v|`` when
+    ``absolute``), as a 0-d float32 tensor. ``1 <= k <= total numel``."""
+    flat = torch.cat([_as_float(v, absolute) for v in values])
+    if not 1 <= k <= flat.numel():
+        raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
+    return torch.kthvalue(flat, k).values
+
+
+def kth_smallest_each(values: list[Tensor], ks: list[int], absolute: bool = False) -> Tensor:
+    """``out[l]`` = k-th smallest of ``values[l]`` (``-inf`` when ``ks[l] == 0``), float32 (L,)."""
+    out = []
+    for v, k in zip(values, ks):
+        flat = _as_float(v, absolute)
+        if not 0 <= k <= flat.numel():
+            raise ValueError(f"ks entries must be in [0, numel], got {k} for a tensor of {flat.numel()}")
+        out.append(torch.kthvalue(flat, k).values if k >= 1 else torch.tensor(-math.inf, device=flat.device))
+    device = values[0].device if values else torch.device("cpu")
+    return torch.stack(out) if out else torch.empty(0, dtype=torch.float32, device=device)
+
+
+def count_at_most(values: list[Tensor], threshold: Tensor, absolute: bool = False) -> Tensor:
+    """``out[l]`` = number of elements of ``values[l]`` (float32 view) ``<= threshold``, int64 (L,)."""
+    t = threshold.float()
+    device = values[0].device if values else torch.device("cpu")
+    return torch.tensor([int((_as_float(v, absolute) <= t).sum()) for v in values], dtype=torch.int64, device=device)
+
+
+def flow_kth_each(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, ks: list[int]
+) -> Tensor:
+    """Per layer: the k-th smallest flow score (``-inf`` when ``ks[l] == 0``), float32 (L,)."""
+    scores = [flow_score_of(w, o, i, w_scale[l]) for l, (w, o, i) in enumerate(zip(weights, imp_out, imp_in))]
+    return kth_smallest_each(scores, ks)
+
+
+def flow_masks(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, thresholds: Tensor
+) -> list[Tensor]:
+    """Per layer: keep-mask ``flow score > thresholds[l]`` (ties at the threshold pruned)."""
+    return [
+        flow_score_of(w, o, i, w_scale[l]) > thresholds[l]
+        for l, (w, o, i) in enumerate(zip(weights, imp_out, imp_in))
+    ]
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive scores of each row; among equal
+    scores the lower index is kept. ``scores`` is (R, C) with ``C % m == 0``."""
+    r, c = scores.shape
+    groups = scores.detach().float().reshape(r, c // m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.reshape(r, c)
+
+
+# ---------------------------------------------------------------------------------------
+# Mask packing
+# ---------------------------------------------------------------------------------------
+def pack_mask(mask: Tensor) -> Tensor:
+    """bool (R, C) -> int32 (R, ceil(C / 32)): bit b of word w of row r is mask[r, 32w + b]."""
+    r, c = mask.shape
+    words = (c + 31) // 32
+    padded = torch.zeros(r, words * 32, dtype=torch.int64, device=mask.device)
+    padded[:, :c] = mask.to(torch.int64)
+    bits = (padded.reshape(r, words, 32) << torch.arange(32, device=mask.device)).sum(-1)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits)  # two's complement into int32
+    return bits.to(torch.int32)
+
+
+def unpack_mask(bits: Tensor, cols: int) -> Tensor:
+    """int32 (R, ceil(cols / 32)) -> bool (R, cols); the inverse of :func:`pack_mask`."""
+    r, words = bits.shape
+    b = bits.to(torch.int64) & 0xFFFFFFFF
+    expanded = (b[:, :, None] >> torch.arange(32, device=bits.device)) & 1
+    return expanded.reshape(r, words * 32)[:, :cols].bool()

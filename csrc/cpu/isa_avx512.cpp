@@ -45,6 +45,9 @@
 #endif
 
 #include "cpu/act_stats_tile_impl.h"
+#include "cpu/flow_tile_impl.h"
+#include "cpu/select_tile_impl.h"
+#include "cpu/maskpack_tile_impl.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

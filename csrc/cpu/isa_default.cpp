@@ -9,3 +9,6 @@
 #define MULTIFLOW_ISA default
 
 #include "cpu/act_stats_tile_impl.h"
+#include "cpu/flow_tile_impl.h"
+#include "cpu/select_tile_impl.h"
+#include "cpu/maskpack_tile_impl.h"

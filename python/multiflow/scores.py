@@ -15,9 +15,9 @@ ranking (bit for bit, up to the common scale factor).
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from multiflow_kernels.reference import pow2_scale
 
 __all__ = [
     "pow2_normalise",
@@ -32,24 +32,9 @@ __all__ = [
 
 
 def pow2_normalise(t: torch.Tensor) -> torch.Tensor:
-    """Return ``t * 2**-e`` (exact) with ``e`` chosen so that ``max|t|`` lies in [0.5, 1).
-
-    Leaves all-zero and non-finite tensors unchanged.
-    """
-    m = float(t.abs().max()) if t.numel() else 0.0
-    if m == 0.0 or not math.isfinite(m):
-        return t
-    _, e = math.frexp(m)  # m = f * 2**e, 0.5 <= f < 1
-    if e == 0:
-        return t
-    # Split the factor in two so that neither half overflows float32 when the input
-    # is denormal (|e| up to ~149); each multiplication by a power of two is exact.
-    e1 = -e // 2
-    e2 = -e - e1
-    out = t * (2.0 ** e1)
-    if e2:
-        out = out * (2.0 ** e2)
-    return out
+    """Return ``t * 2**-e`` (exact) with ``e`` chosen so that ``max|t|`` lies in [0.5, 1)
+    (``e`` clamped to [-126, 126]); all-zero and non-finite tensors are unchanged."""
+    return t * pow2_scale(t)
 
 
 def flow_scores(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
