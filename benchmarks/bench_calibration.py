@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import results_dir, write_json  # noqa: E402
 
 SMALL_BLIP = {
     "vision_config": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
@@ -85,7 +86,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(results_dir()))
     p.add_argument("--worker", choices=["forward", "calibrate"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -104,14 +105,8 @@ def main() -> None:
     f, c = rows["forward"], rows["calibrate"]
     overhead = c["median_s"] / f["median_s"] - 1
     mem_delta = c["peak_rss_mib"] - f["peak_rss_mib"]
-    import torch
-
     result = {
         "benchmark": "calibration_overhead",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "config": {"model": "BlipForImageTextRetrieval small (384 hidden, 6+6 layers, 224 px)",
                    "batches": args.batches, "batch_size": args.batch_size, "repeats": args.repeats},
         "forward": f,
@@ -126,11 +121,8 @@ def main() -> None:
     for r in (f, c):
         print(f"{r['mode']:<12} {r['median_s']:>10.3f} {r['min_s']:>10.3f} {r['peak_rss_mib']:>14.1f}")
     print(f"overhead {overhead * 100:+.1f}% (goal <= +10%), peak RSS delta {mem_delta:+.1f} MiB")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "calibration.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    result["config"]["threads"] = args.threads
+    print(f"wrote {write_json(args.out, 'calibration', result)}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
 
 
 def check_fit(masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, what: str = "mask set") -> None:
-    """Raise ValueError listing mask names the model lacks or whose shapes differ."""
+    """Raise ValueError when masks name parameters the model lacks or whose shapes differ;
+    the message lists those and the model's prunable parameters the masks do not cover."""
     params = dict(model.named_parameters())
     extra = [n for n in masks if n not in params]
     shaped = [
@@ -53,11 +54,17 @@ def check_fit(masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, what
         if n in params and tuple(masks[n].shape) != tuple(params[n].shape)
     ]
     if extra or shaped:
+        from .models import get_adapter
+
+        missing = [n for n, _ in get_adapter(model).prunable_parameters(model) if n not in masks]
         parts = []
         if extra:
             parts.append(f"not in the model: {extra[:20]}{' ...' if len(extra) > 20 else ''} ({len(extra)} names)")
         if shaped:
             parts.append(f"mis-shaped: {shaped[:20]}{' ...' if len(shaped) > 20 else ''}")
+        if missing:
+            parts.append(f"prunable in the model but missing from the masks: {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''} ({len(missing)} names)")
         raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
 
 

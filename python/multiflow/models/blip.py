@@ -84,49 +84,32 @@ class BlipAdapter(ModelAdapter):
             raise ValueError(f"BLIP batches need keys pixel_values, input_ids (attention_mask optional); missing {missing}")
         return batch["pixel_values"], batch["input_ids"], batch.get("attention_mask")
 
-    def forward(self, model: nn.Module, batch):
-        pixel_values, input_ids, attention_mask = self._inputs(batch)
+    def _call(self, model: nn.Module, pixel_values, input_ids, attention_mask, **extra):
         if self.task == "retrieval":
-            return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_itm_head=True)
+            return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         use_itm_head=True, **extra)
         if self.task == "caption":
-            return model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        # vqa: question through the encoder, the same text as the answer through the decoder
-        return model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            decoder_input_ids=input_ids,
-            decoder_attention_mask=attention_mask,
-        )
+            return model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **extra)
+        # vqa: the question through the encoder, the same text as the answer through the decoder
+        return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                     decoder_input_ids=input_ids, decoder_attention_mask=attention_mask, **extra)
+
+    def forward(self, model: nn.Module, batch):
+        return self._call(model, *self._inputs(batch))
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         pixel_values, input_ids, attention_mask = self._inputs(batch)
         if self.task == "retrieval":
             # image-text matching: the batch's pairs are positives, images shifted by one are negatives
-            pos = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_itm_head=True)
-            logits, labels = [pos.itm_score], [torch.ones(input_ids.shape[0], dtype=torch.long)]
+            logits = [self._call(model, pixel_values, input_ids, attention_mask).itm_score]
+            labels = [torch.ones(input_ids.shape[0], dtype=torch.long)]
             if input_ids.shape[0] > 1:
-                neg = model(
-                    input_ids=input_ids,
-                    pixel_values=pixel_values.roll(1, dims=0),
-                    attention_mask=attention_mask,
-                    use_itm_head=True,
-                )
-                logits.append(neg.itm_score)
+                logits.append(self._call(model, pixel_values.roll(1, dims=0), input_ids, attention_mask).itm_score)
                 labels.append(torch.zeros(input_ids.shape[0], dtype=torch.long))
             logits_t = torch.cat(logits)
             return F.cross_entropy(logits_t, torch.cat(labels).to(logits_t.device))
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-        if self.task == "caption":
-            return model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        return model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            decoder_input_ids=input_ids,
-            decoder_attention_mask=attention_mask,
-            labels=labels,
-        ).loss
+        return self._call(model, pixel_values, input_ids, attention_mask, labels=labels).loss
 
     def from_reference_name(self, name: str) -> str:
         for pattern, repl in _REFERENCE_RULES:

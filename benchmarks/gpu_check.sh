@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One prepared run on an NVIDIA GPU: build for the local architecture, run every CUDA /
+# Triton test, compute-sanitizer memcheck on one small call of each CUDA C++ kernel, then
+# the benchmarks at sizes that fill the chip. Prints a summary table last.
+#
+#   benchmarks/gpu_check.sh [--quick] [--out DIR]
+#
+# --quick: build + tests only. Results (logs, JSON, PNG) go to --out, else $OUT, else
+# benchmarks/results/. Needs a preinstalled CUDA torch, triton and nvcc; installs nothing
+# (no network): the extension is built in place with --no-build-isolation semantics.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+OUT_DIR=${OUT:-benchmarks/results}
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --out) OUT_DIR=$2; shift ;;
+        -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+        *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+mkdir -p "$OUT_DIR"
+T0=$(date +%s)
+declare -a SUMMARY
+step() { SUMMARY+=("$(printf '%-28s %-6s %6ss  %s' "$1" "$2" "$3" "$4")"); }
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no NVIDIA GPU is visible to torch ($PY: torch.cuda.is_available() is False or torch is missing);" >&2
+    echo "gpu_check: nothing to check here. Run this script on a machine with an NVIDIA GPU." >&2
+    exit 3
+fi
+"$PY" - <<'EOF' | tee "$OUT_DIR/gpu_env.txt"
+import torch, platform, subprocess
+p = torch.cuda.get_device_properties(0)
+print(f"gpu: {p.name}  sm_{p.major}{p.minor}  {p.multi_processor_count} SMs  {p.total_memory / 2**30:.0f} GiB")
+print(f"torch {torch.__version__}  cuda {torch.version.cuda}  python {platform.python_version()}")
+try:
+    import triton; print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton: not installed")
+try:
+    print("driver", subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True).stdout.strip())
+except OSError:
+    pass
+EOF
+
+# ---- build: local architecture only ------------------------------------------------
+ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+export TORCH_CUDA_ARCH_LIST=$ARCH FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+t=$(date +%s)
+rm -f multiflow_kernels/_C*.so
+if "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
+    step "build (sm_${ARCH/./})" ok $(( $(date +%s) - t )) "CUDA_HOME=$CUDA_HOME"
+else
+    step "build (sm_${ARCH/./})" FAIL $(( $(date +%s) - t )) "see build.log"
+    tail -40 "$OUT_DIR/build.log"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 1
+fi
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- tests: every CUDA / Triton test --------------------------------------------------
+t=$(date +%s)
+"$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest_cuda.xml" tests > "$OUT_DIR/pytest_cuda.log" 2>&1
+rc=$?
+line=$(grep -E "passed|failed|error" "$OUT_DIR/pytest_cuda.log" | tail -1)
+step "pytest -m cuda" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "$line"
+[ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest_cuda.log" | head -20
+
+# ---- compute-sanitizer memcheck on one small call of each CUDA C++ kernel -------------
+if command -v compute-sanitizer > /dev/null; then
+    t=$(date +%s)
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" benchmarks/sanitize_calls.py > "$OUT_DIR/memcheck.log" 2>&1
+    rc=$?
+    step "compute-sanitizer memcheck" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) \
+        "$(grep -E 'ERROR SUMMARY|calls checked' "$OUT_DIR/memcheck.log" | tr '\n' ' ')"
+else
+    step "compute-sanitizer memcheck" skip 0 "compute-sanitizer not found"
+fi
+
+# ---- benchmarks ------------------------------------------------------------------------
+if [ $QUICK -eq 0 ]; then
+    t=$(date +%s)
+    "$PY" benchmarks/bench_pruning.py --device cuda --repeats 20 --out "$OUT_DIR" > "$OUT_DIR/bench_pruning.log" 2>&1
+    rc=$?
+    step "bench_pruning (cuda)" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "pruning_cuda.json"
+    cat "$OUT_DIR/bench_pruning.log"
+fi
+
+echo
+echo "== gpu_check summary ($(head -1 "$OUT_DIR/gpu_env.txt"); total $(( $(date +%s) - T0 )) s) =="
+printf '%s\n' "${SUMMARY[@]}"
+printf '%s\n' "${SUMMARY[@]}" > "$OUT_DIR/summary.txt"
+grep -q FAIL "$OUT_DIR/summary.txt" && exit 1
+exit 0

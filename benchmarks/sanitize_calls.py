@@ -1,0 +1,62 @@
+"""One small call of each CUDA C++ kernel, for compute-sanitizer (benchmarks/gpu_check.sh).
+
+Small awkward shapes (not multiples of any block), every result synchronised and compared
+with the plain-torch twin, so a kernel that reads or writes out of bounds is caught by
+memcheck and a wrong answer by the comparison.
+"""
+import sys
+
+import torch
+
+import multiflow_kernels  # noqa: F401
+from multiflow_kernels import ops
+from multiflow_kernels import reference as R
+
+
+def main() -> int:
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    calls = 0
+
+    x = torch.randn(3, 37, 129, generator=g).to(dev, torch.bfloat16)
+    mask = (torch.rand(3, 37, generator=g) > 0.3).to(dev)
+    acc, ref = torch.rand(129, device=dev), None
+    ref = acc.clone()
+    ops.sq_sum_accumulate_(acc, x, mask)
+    R.sq_sum_accumulate_(ref, x, mask)
+    torch.testing.assert_close(acc, ref, rtol=1e-4, atol=1e-4)
+    calls += 1
+
+    ws = [torch.randn(s, generator=g).to(dev) for s in ((33, 65), (7, 3), (0, 5), (130, 17))]
+    acts = [torch.rand(w.shape[1], generator=g).to(dev) for w in ws]
+    imp_out, imp_in, w_scale = ops.flow_importance(ws, acts)
+    r_out, r_in, r_scale = R.flow_importance(ws, acts)
+    assert all(torch.equal(a, b) for a, b in zip(imp_out, r_out)) and torch.equal(w_scale, r_scale)
+    calls += 1
+
+    total = sum(w.numel() for w in ws)
+    for k in (1, total // 2, total):
+        assert torch.equal(ops.kth_smallest_group(ws, k, True), R.kth_smallest_group(ws, k, True))
+    ks = [w.numel() // 3 for w in ws]
+    assert torch.equal(ops.kth_smallest_each(ws, ks, False), R.kth_smallest_each(ws, ks, False))
+    t = R.kth_smallest_group(ws, total // 2, True)
+    assert torch.equal(ops.count_at_most(ws, t, True), R.count_at_most(ws, t, True))
+    th = ops.flow_kth_each(ws, imp_out, imp_in, w_scale, ks)
+    assert torch.equal(th, R.flow_kth_each(ws, imp_out, imp_in, w_scale, ks))
+    got = ops.flow_masks(ws, imp_out, imp_in, w_scale, th)
+    assert all(torch.equal(a, b) for a, b in zip(got, R.flow_masks(ws, imp_out, imp_in, w_scale, th)))
+    sc = torch.randn(9, 20, generator=g).to(dev)
+    assert torch.equal(ops.nm_mask(sc, 2, 4), R.nm_mask(sc, 2, 4))
+    calls += 6
+
+    m = torch.rand(5, 70, generator=g).to(dev) > 0.5
+    bits = ops.pack_mask(m)
+    assert torch.equal(bits, R.pack_mask(m)) and torch.equal(ops.unpack_mask(bits, 70), m)
+    calls += 2
+    torch.cuda.synchronize()
+    print(f"{calls} calls checked")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
