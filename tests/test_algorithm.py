@@ -1,11 +1,26 @@
 """masks_from_stats against straightforward in-test implementations of DESIGN.md's equations."""
+import functools
 import math
 
 import pytest
 import torch
 
 import multiflow
-from multiflow.pruners import compute_masks
+from multiflow.pruners import compute_masks as _compute_masks
+
+
+@pytest.fixture(params=["kernels", "reference"])
+def backend(request):
+    """Every test runs on our kernels and on their plain-torch twins."""
+    return request.param
+
+
+def _mfs(backend):
+    return functools.partial(multiflow.masks_from_stats, backend=backend)
+
+
+def _cm(backend):
+    return functools.partial(_compute_masks, backend=backend)
 
 
 def _layers(seed=0, scales=(1.0, 0.3, 2.0)):
@@ -46,9 +61,9 @@ def naive_mask(score, s_l):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.63, 0.9, 0.999])
-def test_multiflow_equals_equations(sparsity):
+def test_multiflow_equals_equations(sparsity, backend):
     weights, acts, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, acts, mods, sparsity)
+    masks = _mfs(backend)(weights, acts, mods, sparsity)
     prior = naive_prior(weights, mods, sparsity)
     for n, w in weights.items():
         expected = naive_mask(naive_flow(w, acts[n]), prior[n])
@@ -56,9 +71,9 @@ def test_multiflow_equals_equations(sparsity):
         assert masks[n].dtype == torch.bool and masks[n].shape == w.shape
 
 
-def test_prior_is_per_modality():
+def test_prior_is_per_modality(backend):
     weights, acts, mods = _layers(scales=(1.0, 0.01, 1.0))
-    _, allocated = compute_masks(weights, acts, mods, 0.5)
+    _, allocated = _cm(backend)(weights, acts, mods, 0.5)
     # the small-magnitude vision layer takes almost all of the vision budget
     assert allocated["l1.weight"] > 0.95
     assert allocated["l0.weight"] < 0.5
@@ -70,11 +85,11 @@ def test_prior_is_per_modality():
     assert allocated["l2.weight"] == pytest.approx(int(0.5 * weights["l2.weight"].numel()) / weights["l2.weight"].numel())
 
 
-def test_tie_rule_prunes_every_tie_at_threshold():
+def test_tie_rule_prunes_every_tie_at_threshold(backend):
     w = torch.tensor([[1.0, 1.0, 1.0, 2.0], [1.0, 3.0, 4.0, 5.0]])
     a = torch.ones(4)
     # scores with ties: all weights equal to 1 in row 0 tie
-    masks, allocated = compute_masks({"w": w}, {"w": a}, {"w": "x"}, 0.25)
+    masks, allocated = _cm(backend)({"w": w}, {"w": a}, {"w": "x"}, 0.25)
     # prior: k = int(0.25*8) = 2, threshold = 1.0, 4 weights <= 1.0 -> s_l = 0.5
     assert allocated["w"] == 0.5
     score = naive_flow(w, a)
@@ -82,40 +97,40 @@ def test_tie_rule_prunes_every_tie_at_threshold():
     assert torch.equal(masks["w"], score > t)
 
 
-def test_scale_robust_tiny_layers():
+def test_scale_robust_tiny_layers(backend):
     weights, acts, mods = _layers()
     tiny_w = {n: w * 1e-10 for n, w in weights.items()}
     tiny_a = {n: a * 1e-30 for n, a in acts.items()}
-    ref = multiflow.masks_from_stats(weights, acts, mods, 0.75)
+    ref = _mfs(backend)(weights, acts, mods, 0.75)
     for w_set, a_set in ((tiny_w, acts), (weights, tiny_a), (tiny_w, tiny_a)):
-        got, allocated = compute_masks(w_set, a_set, mods, 0.75)
+        got, allocated = _cm(backend)(w_set, a_set, mods, 0.75)
         for n in weights:
             assert torch.equal(got[n], ref[n]), n
             # never pruned beyond the prior
             assert 1 - got[n].float().mean().item() <= allocated[n] + 1e-9
 
 
-def test_denormal_weights_do_not_collapse():
+def test_denormal_weights_do_not_collapse(backend):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(16, 16, generator=g) * 1e-39  # denormal float32 magnitudes
     a = torch.rand(16, generator=g) * 1e-40
-    masks, allocated = compute_masks({"w": w}, {"w": a}, {"w": "v"}, 0.5)
+    masks, allocated = _cm(backend)({"w": w}, {"w": a}, {"w": "v"}, 0.5)
     assert 1 - masks["w"].float().mean().item() <= allocated["w"] + 1e-9
 
 
-def test_all_zero_statistic_prunes_to_the_prior_only():
+def test_all_zero_statistic_prunes_to_the_prior_only(backend):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(8, 8, generator=g)
-    masks, allocated = compute_masks({"w": w}, {"w": torch.zeros(8)}, {"w": "v"}, 0.5)
+    masks, allocated = _cm(backend)({"w": w}, {"w": torch.zeros(8)}, {"w": "v"}, 0.5)
     assert int((~masks["w"]).sum()) == int(allocated["w"] * 64) == 32
 
 
-def test_zero_activation_columns_are_pruned_first():
+def test_zero_activation_columns_are_pruned_first(backend):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(8, 8, generator=g)
     a = torch.rand(8, generator=g) + 0.5
     a[2] = 0.0
-    masks = multiflow.masks_from_stats({"w": w}, {"w": a}, {"w": "v"}, 0.125)
+    masks = _mfs(backend)({"w": w}, {"w": a}, {"w": "v"}, 0.125)
     # k = int(0.125*64) = 8 lowest magnitudes overall, prior = 0.125 -> 8 pruned: the whole column 2 scores 0
     assert not masks["w"][:, 2].any()
 
@@ -125,25 +140,25 @@ def _pruned_fraction(m):
     return 1 - m.float().mean().item()
 
 
-def test_omp_is_global_magnitude():
+def test_omp_is_global_magnitude(backend):
     weights, acts, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, None, mods, 0.6, "omp")
+    masks = _mfs(backend)(weights, None, mods, 0.6, "omp")
     pool = torch.cat([w.abs().flatten() for w in weights.values()])
     t = torch.kthvalue(pool, int(0.6 * pool.numel())).values
     for n, w in weights.items():
         assert torch.equal(masks[n], w.abs() > t)
 
 
-def test_layer_magnitude():
+def test_layer_magnitude(backend):
     weights, _, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, None, mods, 0.6, "layer_magnitude")
+    masks = _mfs(backend)(weights, None, mods, 0.6, "layer_magnitude")
     for n, w in weights.items():
         assert torch.equal(masks[n], naive_mask(w.abs(), 0.6))
 
 
-def test_l2_normalised_global():
+def test_l2_normalised_global(backend):
     weights, _, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, None, mods, 0.5, "l2")
+    masks = _mfs(backend)(weights, None, mods, 0.5, "l2")
     sc = {n: (w.double().abs() / w.double().norm()) for n, w in weights.items()}
     pool = torch.cat([s.flatten() for s in sc.values()])
     t = torch.kthvalue(pool, int(0.5 * pool.numel())).values
@@ -162,9 +177,9 @@ def _lamp_loop(w):
     return out.view_as(w)
 
 
-def test_lamp_against_definition():
+def test_lamp_against_definition(backend):
     weights, _, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, None, mods, 0.7, "lamp")
+    masks = _mfs(backend)(weights, None, mods, 0.7, "lamp")
     sc = {n: _lamp_loop(w) for n, w in weights.items()}
     pool = torch.cat([s.flatten().float() for s in sc.values()])
     t = torch.kthvalue(pool, int(0.7 * pool.numel())).values
@@ -175,22 +190,22 @@ def test_lamp_against_definition():
         assert masks[n].flatten()[w.abs().argmax()]
 
 
-def test_random_is_layerwise_and_seeded():
+def test_random_is_layerwise_and_seeded(backend):
     weights, _, mods = _layers()
-    a = multiflow.masks_from_stats(weights, None, mods, 0.5, "random", seed=1)
-    b = multiflow.masks_from_stats(weights, None, mods, 0.5, "random", seed=1)
-    c = multiflow.masks_from_stats(weights, None, mods, 0.5, "random", seed=2)
+    a = _mfs(backend)(weights, None, mods, 0.5, "random", seed=1)
+    b = _mfs(backend)(weights, None, mods, 0.5, "random", seed=1)
+    c = _mfs(backend)(weights, None, mods, 0.5, "random", seed=2)
     for n, w in weights.items():
         assert torch.equal(a[n], b[n])
         assert int((~a[n]).sum()) == int(0.5 * w.numel())
     assert any(not torch.equal(a[n], c[n]) for n in weights)
 
 
-def test_snip_is_global_grad_times_weight():
+def test_snip_is_global_grad_times_weight(backend):
     weights, _, mods = _layers()
     g = torch.Generator().manual_seed(5)
     grads = {n: torch.randn(w.shape, generator=g) for n, w in weights.items()}
-    masks = multiflow.masks_from_stats(weights, None, mods, 0.5, "snip", grads=grads)
+    masks = _mfs(backend)(weights, None, mods, 0.5, "snip", grads=grads)
     sc = {n: (grads[n].double() * w.double()).abs().float() for n, w in weights.items()}
     pool = torch.cat([s.flatten() for s in sc.values()])
     t = torch.kthvalue(pool, int(0.5 * pool.numel())).values
@@ -198,9 +213,9 @@ def test_snip_is_global_grad_times_weight():
         assert torch.equal(masks[n], sc[n] > t)
 
 
-def test_wanda_is_per_row():
+def test_wanda_is_per_row(backend):
     weights, acts, mods = _layers()
-    masks = multiflow.masks_from_stats(weights, acts, mods, 0.5, "wanda")
+    masks = _mfs(backend)(weights, acts, mods, 0.5, "wanda")
     for n, w in weights.items():
         s = w.abs() * acts[n].sqrt()[None, :]
         k = int(0.5 * w.shape[1])
@@ -211,50 +226,50 @@ def test_wanda_is_per_row():
 
 @pytest.mark.parametrize("method", sorted(multiflow.METHODS))
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (1, 2)])
-def test_nm_masks_exact(method, nm):
+def test_nm_masks_exact(method, nm, backend):
     weights, acts, mods = _layers()
     g = torch.Generator().manual_seed(2)
     grads = {n: torch.randn(w.shape, generator=g) for n, w in weights.items()}
-    masks = multiflow.masks_from_stats(weights, acts, mods, None, method, nm=nm, grads=grads)
+    masks = _mfs(backend)(weights, acts, mods, None, method, nm=nm, grads=grads)
     n_keep, m = nm
     for n, w in weights.items():
         per_group = masks[n].reshape(w.shape[0], -1, m).sum(-1)
         assert (per_group == n_keep).all(), n
 
 
-def test_nm_keeps_best_and_breaks_ties_by_lower_index():
+def test_nm_keeps_best_and_breaks_ties_by_lower_index(backend):
     w = torch.tensor([[1.0, 5.0, 3.0, 2.0, 7.0, 7.0, 7.0, 7.0]])
-    masks = multiflow.masks_from_stats({"w": w}, None, {"w": "x"}, None, "layer_magnitude", nm=(2, 4))
+    masks = _mfs(backend)({"w": w}, None, {"w": "x"}, None, "layer_magnitude", nm=(2, 4))
     assert masks["w"].tolist() == [[False, True, True, False, True, True, False, False]]
 
 
-def test_nm_rejects_indivisible_layers_naming_them():
+def test_nm_rejects_indivisible_layers_naming_them(backend):
     w = {"odd.weight": torch.randn(4, 6)}
     with pytest.raises(ValueError, match="odd.weight"):
-        multiflow.masks_from_stats(w, None, {"odd.weight": "x"}, None, "omp", nm=(2, 4))
+        _mfs(backend)(w, None, {"odd.weight": "x"}, None, "omp", nm=(2, 4))
 
 
 # ---- bad input ---------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
-def test_bad_sparsity(bad):
+def test_bad_sparsity(bad, backend):
     weights, acts, mods = _layers()
     with pytest.raises(ValueError, match="sparsity"):
-        multiflow.masks_from_stats(weights, acts, mods, bad)
+        _mfs(backend)(weights, acts, mods, bad)
 
 
-def test_nonfinite_statistic_names_layer():
+def test_nonfinite_statistic_names_layer(backend):
     weights, acts, mods = _layers()
     acts["l1.weight"][3] = math.inf
     with pytest.raises(ValueError, match="l1.weight"):
-        multiflow.masks_from_stats(weights, acts, mods, 0.5)
+        _mfs(backend)(weights, acts, mods, 0.5)
 
 
-def test_missing_statistic_and_unknown_method():
+def test_missing_statistic_and_unknown_method(backend):
     weights, acts, mods = _layers()
     del acts["l2.weight"]
     with pytest.raises(ValueError, match="l2.weight"):
-        multiflow.masks_from_stats(weights, acts, mods, 0.5)
+        _mfs(backend)(weights, acts, mods, 0.5)
     with pytest.raises(ValueError, match="unknown pruning method"):
-        multiflow.masks_from_stats(weights, None, mods, 0.5, "nope")
+        _mfs(backend)(weights, None, mods, 0.5, "nope")
     with pytest.raises(ValueError, match="no prunable layers"):
-        multiflow.masks_from_stats({}, {}, {}, 0.5)
+        _mfs(backend)({}, {}, {}, 0.5)

@@ -93,3 +93,18 @@ def test_adapter_modalities(blip_factory):
     assert ad.keeps_all_tokens("text_encoder.encoder.layer.1.crossattention.self.value.weight")
     # the VQA answer decoder cross-attends to the padded question
     assert not ad.keeps_all_tokens("text_decoder.bert.encoder.layer.1.crossattention.self.value.weight")
+
+
+@pytest.mark.parametrize("method", ["multiflow", "omp", "layer_magnitude", "lamp", "wanda"])
+def test_kernels_and_reference_give_identical_masks(method, blip_factory, calib_batches):
+    from multiflow.pruners import compute_masks
+
+    model = blip_factory("caption")
+    p = multiflow.Pruner(model, method).calibrate(calib_batches, progress=False)
+    weights = {n: m.weight.detach() for n, m in p.layers.items()}
+    for s, nm in ((0.63, None), (0.9, None), (None, (2, 4))):
+        a, alloc_a = compute_masks(weights, p.act_sq_norms, p.modalities, s, method, nm=nm, backend="kernels",
+                                   max_group_elements=50_000)
+        b, alloc_b = compute_masks(weights, p.act_sq_norms, p.modalities, s, method, nm=nm, backend="reference")
+        assert alloc_a == alloc_b
+        assert all(torch.equal(a[n], b[n]) for n in weights)

@@ -7,11 +7,12 @@ below that threshold.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Mapping
+from types import ModuleType
+from typing import Mapping, Optional
 
 import torch
 
-from .selection import kth_smallest
+from .selection import get_impl
 
 __all__ = ["group_by_modality", "modality_prior"]
 
@@ -25,18 +26,27 @@ def group_by_modality(modalities: Mapping[str, str]) -> dict[str, list[str]]:
 
 
 def modality_prior(
-    weights: Mapping[str, torch.Tensor], modalities: Mapping[str, str], sparsity: float
+    weights: Mapping[str, torch.Tensor],
+    modalities: Mapping[str, str],
+    sparsity: float,
+    *,
+    impl: Optional[ModuleType] = None,
 ) -> dict[str, float]:
-    """Layer name -> sparsity ``s_l`` chosen by the multimodal magnitude prior."""
+    """Layer name -> sparsity ``s_l`` chosen by the multimodal magnitude prior.
+
+    One exact k-th-value selection over each modality's ``|W|`` (never concatenated) and
+    one count per layer of the magnitudes at or below it."""
+    impl = impl or get_impl()
     prior: dict[str, float] = {}
     for names in group_by_modality({n: modalities[n] for n in weights}).values():
-        magnitudes = [weights[n].detach().abs() for n in names]
-        total = sum(m.numel() for m in magnitudes)
+        ws = [weights[n].detach() for n in names]
+        total = sum(w.numel() for w in ws)
         k = int(sparsity * total)
         if k < 1:
             prior.update({n: 0.0 for n in names})
             continue
-        t = kth_smallest(magnitudes, k)
-        for n, m in zip(names, magnitudes):
-            prior[n] = int((m <= t).sum()) / m.numel()
+        t = impl.kth_smallest_group(ws, k, True)
+        counts = impl.count_at_most(ws, t, True).tolist()
+        for n, w, c in zip(names, ws, counts):
+            prior[n] = c / w.numel() if w.numel() else 0.0
     return prior

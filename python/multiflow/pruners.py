@@ -18,7 +18,7 @@ import torch
 
 from . import scores
 from .prior import modality_prior
-from .selection import check_sparsity, kth_smallest, nm_mask, threshold_mask
+from .selection import check_sparsity, get_impl, kth_smallest, nm_mask, threshold_mask
 
 __all__ = ["Method", "METHODS", "register_method", "get_method", "masks_from_stats", "compute_masks"]
 
@@ -27,25 +27,29 @@ ALLOCATIONS = ("modality_prior", "global", "layer", "row")
 
 @dataclass(frozen=True)
 class Method:
-    """A pruning method: ``score(w, a=..., grad=..., generator=...) -> Tensor`` and an allocation."""
+    """A pruning method: ``score(w, a=..., grad=..., generator=..., impl=...) -> Tensor`` and an
+    allocation. ``fused(weights, acts, ks, impl) -> masks`` optionally selects the ``ks[l]``
+    lowest scores of every layer without writing the scores out."""
 
     name: str
     score: Callable[..., torch.Tensor]
     allocation: str
     needs_activations: bool = False
     needs_gradients: bool = False
+    fused: Optional[Callable[..., list]] = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, allocation: str, *, activations: bool = False, gradients: bool = False):
+def register_method(name: str, allocation: str, *, activations: bool = False, gradients: bool = False,
+                    fused: Optional[Callable[..., list]] = None):
     """Decorator registering a scoring function as pruning method ``name``."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, allocation, activations, gradients)
+        METHODS[name] = Method(name, fn, allocation, activations, gradients, fused)
         return fn
 
     return wrap
@@ -58,9 +62,17 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown pruning method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-@register_method("multiflow", "modality_prior", activations=True)
-def _multiflow(w, a, **_):
-    return scores.flow_scores(w, a)
+def _multiflow_fused(weights, acts, ks, impl):
+    # node importances once, then the k-th flow score and the masks with the scores
+    # computed on the fly (never materialised)
+    imp_out, imp_in, w_scale = impl.flow_importance(weights, acts)
+    thresholds = impl.flow_kth_each(weights, imp_out, imp_in, w_scale, ks)
+    return impl.flow_masks(weights, imp_out, imp_in, w_scale, thresholds)
+
+
+@register_method("multiflow", "modality_prior", activations=True, fused=_multiflow_fused)
+def _multiflow(w, a, impl, **_):
+    return impl.flow_scores([w], [a])[0]
 
 
 @register_method("omp", "global")
@@ -101,6 +113,19 @@ def _wanda(w, a, **_):
 def _layer_generator(seed: int, name: str) -> torch.Generator:
     # seeded from the layer's name, so a layer's random scores do not depend on the others
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def _layer_groups(weights: Mapping[str, torch.Tensor], max_elements: int) -> list[list[str]]:
+    """Consecutive layers in groups of at most ``max_elements`` weights (one layer at least)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, w in weights.items():
+        if groups[-1] and size + w.numel() > max_elements:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += w.numel()
+    return groups
 
 
 def _check_inputs(weights, act_sq_norms, modalities, grads, method: Method) -> None:
@@ -145,9 +170,17 @@ def compute_masks(
     nm: Optional[tuple[int, int]] = None,
     grads: Optional[Mapping[str, torch.Tensor]] = None,
     seed: int = 0,
+    backend: str = "kernels",
+    max_group_elements: int = 1 << 26,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Masks plus the per-layer sparsity each layer was allocated (the prior, for MULTIFLOW)."""
+    """Masks plus the per-layer sparsity each layer was allocated (the prior, for MULTIFLOW).
+
+    ``backend="reference"`` runs the plain-torch twins instead of our kernels (same masks).
+    Layers are processed in groups of at most ``max_group_elements`` weights (at least one
+    layer per group), so per-layer temporaries never exist for the whole model at once.
+    """
     m = get_method(method)
+    impl = get_impl(backend)
     if nm is not None:
         n_keep, group = (int(v) for v in nm)
         if not (0 < n_keep <= group):
@@ -165,6 +198,7 @@ def compute_masks(
             a=None if act_sq_norms is None else act_sq_norms.get(name),
             grad=None if grads is None else grads.get(name),
             generator=_layer_generator(seed, name),
+            impl=impl,
         )
 
     masks: dict[str, torch.Tensor] = {}
@@ -173,17 +207,23 @@ def compute_masks(
         if bad:
             raise ValueError(f"{n_keep}:{group} masks need in_features divisible by {group}; not so for: {bad}")
         for name in weights:
-            masks[name] = nm_mask(score_of(name), n_keep, group)
+            masks[name] = nm_mask(score_of(name), n_keep, group, impl=impl)
         return masks, {name: 1.0 - n_keep / group for name in weights}
 
-    if m.allocation == "modality_prior":
-        allocated = modality_prior(weights, modalities, sparsity)
-        for name, w in weights.items():
-            masks[name] = threshold_mask(score_of(name), int(allocated[name] * w.numel()))
-    elif m.allocation == "layer":
-        allocated = {name: sparsity for name in weights}
-        for name, w in weights.items():
-            masks[name] = threshold_mask(score_of(name), int(sparsity * w.numel()))
+    if m.allocation in ("modality_prior", "layer"):
+        if m.allocation == "modality_prior":
+            allocated = modality_prior(weights, modalities, sparsity, impl=impl)
+        else:
+            allocated = {name: sparsity for name in weights}
+        ks = {name: int(allocated[name] * w.numel()) for name, w in weights.items()}
+        for names in _layer_groups(weights, max_group_elements):
+            if m.fused is not None:
+                got = m.fused([weights[n].detach() for n in names], [act_sq_norms[n] for n in names],
+                              [ks[n] for n in names], impl)
+                masks.update(zip(names, got))
+            else:
+                for name in names:
+                    masks[name] = threshold_mask(score_of(name), ks[name], impl=impl)
     elif m.allocation == "row":
         allocated = {name: sparsity for name in weights}
         for name, w in weights.items():
@@ -200,8 +240,8 @@ def compute_masks(
         if k < 1:
             masks = {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in all_scores.items()}
         else:
-            t = kth_smallest([s.to(next(iter(all_scores.values())).device) for s in all_scores.values()], k)
-            masks = {n: s > t.to(s.device) for n, s in all_scores.items()}
+            t = kth_smallest(list(all_scores.values()), k, impl=impl)
+            masks = {n: s > t for n, s in all_scores.items()}
         allocated = {n: 1.0 - float(mk.float().mean()) for n, mk in masks.items()}
     return masks, allocated
 
@@ -216,6 +256,7 @@ def masks_from_stats(
     nm: Optional[tuple[int, int]] = None,
     grads: Optional[Mapping[str, torch.Tensor]] = None,
     seed: int = 0,
+    backend: str = "kernels",
 ) -> dict[str, torch.Tensor]:
     """Keep-masks (True = kept) for every layer in ``weights``: the pure function behind
     :meth:`multiflow.Pruner.masks`.
@@ -230,7 +271,9 @@ def masks_from_stats(
         nm: ``(N, M)`` for N:M masks (keep the N best of every M consecutive inputs).
         grads: name -> accumulated gradient (``snip``).
         seed: seed of the ``random`` method.
+        backend: ``"kernels"`` (multiflow_kernels ops) or ``"reference"`` (their plain-torch
+            twins); both give the same masks.
     """
     return compute_masks(
-        weights, act_sq_norms, modalities, sparsity, method, nm=nm, grads=grads, seed=seed
+        weights, act_sq_norms, modalities, sparsity, method, nm=nm, grads=grads, seed=seed, backend=backend
     )[0]

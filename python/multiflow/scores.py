@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from multiflow_kernels.reference import flow_scores as flow_scores_reference
 from multiflow_kernels.reference import pow2_scale
 
 __all__ = [
@@ -40,22 +41,11 @@ def pow2_normalise(t: torch.Tensor) -> torch.Tensor:
 def flow_scores(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """MULTIFLOW information-flow score ``S_ij = imp_out_i * |W_ij| * imp_in_j``.
 
-    ``A_ij = |W_ij| sqrt(a_j)``, ``imp_out_i = mean_j A_ij``, ``imp_in_j = mean_i A_ij``.
+    ``A_ij = |W_ij| sqrt(a_j)``, ``imp_out_i = mean_j A_ij``, ``imp_in_j = mean_i A_ij``, with
+    the power-of-two rescaling above; the plain-torch twin of the ``flow_scores`` kernel
+    (``multiflow_kernels.reference.flow_importance`` spells out every rounding step).
     """
-    w_abs = pow2_normalise(w.detach().float().abs())
-    root_a = pow2_normalise(a.detach().float().clamp_min(0).sqrt())
-    if not bool(root_a.any()):
-        # No activation reached the layer with a representable square (all-zero statistic):
-        # every score would be 0 and the tie rule would prune the whole layer. Rank by the
-        # weights alone (uniform input importance), so the layer gets exactly its prior.
-        root_a = torch.ones_like(root_a)
-    A = w_abs * root_a[None, :]
-    # means accumulated in float64 and rounded once to float32: summation order then only
-    # touches bits that the final rounding almost always removes, so kernels with another
-    # order (threads, GPU blocks) give the same float32 importances
-    imp_out = (A.sum(dim=1, dtype=torch.float64) / A.shape[1]).float()
-    imp_in = (A.sum(dim=0, dtype=torch.float64) / A.shape[0]).float()
-    return imp_out[:, None] * w_abs * imp_in[None, :]
+    return flow_scores_reference([w], [a])[0]
 
 
 def magnitude_scores(w: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,34 @@
 """Selection: k-th smallest thresholds, the tie rule, and N:M masks.
 
-These are the plain-torch paths (concatenate + ``torch.kthvalue``); the selection kernels
-of ``multiflow_kernels`` replace them without changing results.
+Each function runs on an implementation namespace ``impl``: ``multiflow_kernels.ops``
+(our kernels: radix select without concatenating, the default) or
+``multiflow_kernels.reference`` (plain torch: concatenate + ``torch.kthvalue``); both give
+identical results.
 
 Tie rule (DESIGN.md): with ``t`` the k-th smallest score, ``mask = score > t``, so every
 weight tied at the threshold is pruned; ``k < 1`` prunes nothing.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from types import ModuleType
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["kth_smallest", "threshold_mask", "nm_mask", "check_sparsity"]
+__all__ = ["kth_smallest", "threshold_mask", "nm_mask", "check_sparsity", "get_impl"]
+
+
+def get_impl(backend: str = "kernels") -> ModuleType:
+    """``"kernels"``: multiflow_kernels.ops; ``"reference"``: multiflow_kernels.reference."""
+    if backend == "kernels":
+        from multiflow_kernels import ops
+
+        return ops
+    if backend == "reference":
+        from multiflow_kernels import reference
+
+        return reference
+    raise ValueError(f"backend must be 'kernels' or 'reference', got {backend!r}")
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -25,38 +41,32 @@ def check_sparsity(sparsity: float) -> float:
     return s
 
 
-def kth_smallest(tensors: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of the union of ``tensors``, as a 0-d tensor.
-
-    Equal to ``torch.kthvalue(torch.cat([t.flatten() for t in tensors]), k)``.
-    """
+def kth_smallest(tensors: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
+                 impl: Optional[ModuleType] = None) -> torch.Tensor:
+    """The k-th smallest value (1-based) of the union of ``tensors`` (``|t|`` when
+    ``absolute``), as a 0-d float32 tensor; equal to ``torch.kthvalue`` on the
+    concatenation, computed without concatenating."""
     n = sum(t.numel() for t in tensors)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    flat = torch.cat([t.detach().flatten() for t in tensors]) if len(tensors) > 1 else tensors[0].detach().flatten()
-    return torch.kthvalue(flat, k).values
+    return (impl or get_impl()).kth_smallest_group([t.detach() for t in tensors], k, absolute)
 
 
-def threshold_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask pruning the ``k`` lowest scores: ``score > kth_smallest(score, k)``."""
+def threshold_mask(score: torch.Tensor, k: int, *, impl: Optional[ModuleType] = None) -> torch.Tensor:
+    """Keep-mask pruning the ``k`` lowest scores: ``score > kth_smallest(score, k)``
+    (``k < 1`` keeps everything)."""
     if k < 1:
         return torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    t = kth_smallest([score], k)
+    t = (impl or get_impl()).kth_smallest_each([score.detach()], [int(k)])[0]
     return score > t
 
 
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def nm_mask(score: torch.Tensor, n: int, m: int, *, impl: Optional[ModuleType] = None) -> torch.Tensor:
     """Keep the ``n`` highest scores of every ``m`` consecutive inputs of each row.
 
     Ties break deterministically: among equal scores the lower input index is kept.
     ``score`` is (out, in) with ``in % m == 0``.
     """
-    out_f, in_f = score.shape
-    if in_f % m:
-        raise ValueError(f"N:M masks need in_features divisible by M={m}, got {in_f}")
-    groups = score.reshape(out_f, in_f // m, m)
-    # a stable descending sort keeps lower indices first among equal scores
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, order[..., :n], True)
-    return keep.reshape(out_f, in_f)
+    if score.shape[1] % m:
+        raise ValueError(f"N:M masks need in_features divisible by M={m}, got {score.shape[1]}")
+    return (impl or get_impl()).nm_mask(score.detach(), int(n), int(m))
