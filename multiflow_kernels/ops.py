@@ -81,6 +81,237 @@ def sq_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
 # Selection: kth_smallest_group, kth_smallest_each, count_at_most, flow_kth_each,
 # flow_masks, nm_mask (entry points + fake kernels)
 # =======================================================================================
+# Exact k-th values by a radix select on the float32 bit pattern (no sort, no
+# concatenation of the group); equal to torch.kthvalue on the float32 values.
+
+
+def _check_value_list(op: str, name: str, values: list[Tensor]) -> None:
+    for i, v in enumerate(values):
+        torch._check(
+            v.dtype in _ACTIVATION_DTYPES,
+            lambda: f"{op}: {name}[{i}] must be float32, float16 or bfloat16, got {v.dtype}",
+        )
+        torch._check(
+            v.device == values[0].device,
+            lambda: f"{op}: every tensor must be on one device, got {name}[{i}] on {v.device} "
+            f"and the first on {values[0].device}",
+        )
+
+
+def _check_ks(op: str, numels: list[int], ks: list[int]) -> None:
+    torch._check(len(ks) == len(numels), lambda: f"{op}: ks must have one entry per tensor ({len(numels)}), got {len(ks)}")
+    for i, (k, n) in enumerate(zip(ks, numels)):
+        torch._check(0 <= k <= n, lambda: f"{op}: ks[{i}] must be in [0, {n}], got {k}")
+
+
+def kth_smallest_group(values: list[Tensor], k: int, absolute: bool = False) -> Tensor:
+    """The k-th smallest (1-based) of all elements of ``values`` together.
+
+    Equal to ``torch.kthvalue(torch.cat([v.float().flatten() for v in values]), k)``
+    (``|v|`` when ``absolute``), without concatenating: the multimodal prior's
+    threshold over every layer of a modality.
+
+    Args:
+        values: float32/float16/bfloat16 tensors of any shapes (empty ones allowed),
+            on one device.
+        k: 1 <= k <= the total number of elements.
+        absolute: select on ``|v|``.
+
+    Returns:
+        A 0-d float32 tensor. NaNs count as larger than +inf, as in torch.kthvalue;
+        -0.0 and +0.0 count as one value, and an answer of zero is +0.0.
+    """
+    if not values:
+        raise RuntimeError(f"multiflow::kth_smallest_group: k must be in [1, 0] (no values), got k = {k}")
+    return torch.ops.multiflow.kth_smallest_group.default(list(values), k, absolute)
+
+
+@torch.library.register_fake("multiflow::kth_smallest_group")
+def _kth_smallest_group_fake(values: list[Tensor], k: int, absolute: bool = False) -> Tensor:
+    op = "multiflow::kth_smallest_group"
+    _check_value_list(op, "values", values)
+    total = sum(v.numel() for v in values)
+    torch._check(1 <= k <= total, lambda: f"{op}: k must be in [1, {total}], got k = {k}")
+    return values[0].new_empty((), dtype=torch.float32)
+
+
+def kth_smallest_each(values: list[Tensor], ks: list[int], absolute: bool = False) -> Tensor:
+    """Per tensor, its ks[l]-th smallest element (1-based; ``-inf`` where ks[l] == 0).
+
+    All tensors are selected together (one pass over memory serves every tensor).
+
+    Args:
+        values: float32/float16/bfloat16 tensors on one device.
+        ks: one rank per tensor, 0 <= ks[l] <= values[l].numel().
+        absolute: select on ``|v|``.
+
+    Returns:
+        float32 tensor of shape (len(values),).
+    """
+    if not values:
+        _check_ks("multiflow::kth_smallest_each", [], list(ks))
+        return torch.empty(0, dtype=torch.float32)
+    return torch.ops.multiflow.kth_smallest_each.default(list(values), list(ks), absolute)
+
+
+@torch.library.register_fake("multiflow::kth_smallest_each")
+def _kth_smallest_each_fake(values: list[Tensor], ks: list[int], absolute: bool = False) -> Tensor:
+    op = "multiflow::kth_smallest_each"
+    _check_value_list(op, "values", values)
+    _check_ks(op, [v.numel() for v in values], ks)
+    return values[0].new_empty((len(values),), dtype=torch.float32)
+
+
+def count_at_most(values: list[Tensor], threshold: Tensor, absolute: bool = False) -> Tensor:
+    """Per tensor, how many of its elements are ``<= threshold`` (``|v|`` when ``absolute``).
+
+    With the threshold of :func:`kth_smallest_group`, this gives each layer's
+    sparsity under the multimodal prior.
+
+    Args:
+        values: float32/float16/bfloat16 tensors on one device.
+        threshold: 0-d float32 tensor on the same device (NaN counts nothing).
+        absolute: compare ``|v|``.
+
+    Returns:
+        int64 tensor of shape (len(values),).
+    """
+    return torch.ops.multiflow.count_at_most.default(list(values), threshold, absolute)
+
+
+@torch.library.register_fake("multiflow::count_at_most")
+def _count_at_most_fake(values: list[Tensor], threshold: Tensor, absolute: bool = False) -> Tensor:
+    op = "multiflow::count_at_most"
+    _check_value_list(op, "values", values)
+    torch._check(threshold.dtype == torch.float32, lambda: f"{op}: threshold must be float32, got {threshold.dtype}")
+    torch._check(threshold.dim() == 0, lambda: f"{op}: threshold must be a 0-d tensor, got {tuple(threshold.shape)}")
+    for v in values:
+        torch._check(v.device == threshold.device, lambda: f"{op}: threshold must be on the values' device")
+    return threshold.new_empty((len(values),), dtype=torch.int64)
+
+
+def _check_flow(op: str, weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor) -> None:
+    n = len(weights)
+    torch._check(
+        len(imp_out) == n and len(imp_in) == n,
+        lambda: f"{op}: weights, imp_out and imp_in must have one entry per layer, got {n}, {len(imp_out)} "
+        f"and {len(imp_in)}",
+    )
+    torch._check(w_scale.dtype == torch.float32, lambda: f"{op}: w_scale must be float32, got {w_scale.dtype}")
+    torch._check(
+        w_scale.dim() == 1 and w_scale.shape[0] == n,
+        lambda: f"{op}: w_scale must have shape (L,) with L = {n}, got {tuple(w_scale.shape)}",
+    )
+    _check_value_list(op, "weights", weights)
+    for i, (w, o, a) in enumerate(zip(weights, imp_out, imp_in)):
+        torch._check(w.dim() == 2, lambda: f"{op}: weights[{i}] must be 2-D (out, in), got {tuple(w.shape)}")
+        torch._check(
+            o.dtype == torch.float32 and a.dtype == torch.float32,
+            lambda: f"{op}: imp_out[{i}] and imp_in[{i}] must be float32, got {o.dtype} and {a.dtype}",
+        )
+        torch._check(
+            o.dim() == 1 and o.shape[0] == w.shape[0],
+            lambda: f"{op}: imp_out[{i}] must have shape (out,) = ({w.shape[0]},), got {tuple(o.shape)}",
+        )
+        torch._check(
+            a.dim() == 1 and a.shape[0] == w.shape[1],
+            lambda: f"{op}: imp_in[{i}] must have shape (in,) = ({w.shape[1]},), got {tuple(a.shape)}",
+        )
+        for t in (w, o, a):
+            torch._check(t.device == w_scale.device, lambda: f"{op}: every tensor must be on w_scale's device")
+
+
+def flow_kth_each(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, ks: list[int]
+) -> Tensor:
+    """Per layer, the ks[l]-th smallest flow score (``-inf`` where ks[l] == 0).
+
+    The score ``(imp_out[i] * (|W_ij| * w_scale[l])) * imp_in[j]`` (float32, in that
+    order: bitwise :func:`reference.flow_score_of`) is computed on the fly and never
+    written to memory.
+
+    Args:
+        weights: (out, in) float32/float16/bfloat16 weights on one device.
+        imp_out, imp_in: float32 (out,) and (in,) node importances per layer
+            (see flow_importance).
+        w_scale: float32 (L,) power-of-two scales (see flow_importance).
+        ks: one rank per layer, 0 <= ks[l] <= weights[l].numel().
+
+    Returns:
+        float32 tensor of shape (L,).
+    """
+    return torch.ops.multiflow.flow_kth_each.default(list(weights), list(imp_out), list(imp_in), w_scale, list(ks))
+
+
+@torch.library.register_fake("multiflow::flow_kth_each")
+def _flow_kth_each_fake(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, ks: list[int]
+) -> Tensor:
+    op = "multiflow::flow_kth_each"
+    _check_flow(op, weights, imp_out, imp_in, w_scale)
+    _check_ks(op, [w.numel() for w in weights], ks)
+    return w_scale.new_empty((len(weights),), dtype=torch.float32)
+
+
+def flow_masks(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, thresholds: Tensor
+) -> list[Tensor]:
+    """Per layer, the keep-mask ``flow score > thresholds[l]`` (ties at the threshold pruned).
+
+    Same score as :func:`flow_kth_each`, computed on the fly; with its thresholds this
+    is MULTIFLOW's mask. ``thresholds`` is float32 (L,); ``-inf`` keeps every weight.
+
+    Returns:
+        One contiguous bool tensor per layer, of the weight's shape.
+    """
+    return torch.ops.multiflow.flow_masks.default(list(weights), list(imp_out), list(imp_in), w_scale, thresholds)
+
+
+@torch.library.register_fake("multiflow::flow_masks")
+def _flow_masks_fake(
+    weights: list[Tensor], imp_out: list[Tensor], imp_in: list[Tensor], w_scale: Tensor, thresholds: Tensor
+) -> list[Tensor]:
+    op = "multiflow::flow_masks"
+    _check_flow(op, weights, imp_out, imp_in, w_scale)
+    torch._check(thresholds.dtype == torch.float32, lambda: f"{op}: thresholds must be float32, got {thresholds.dtype}")
+    torch._check(
+        thresholds.dim() == 1 and thresholds.shape[0] == len(weights),
+        lambda: f"{op}: thresholds must have shape (L,) with L = {len(weights)}, got {tuple(thresholds.shape)}",
+    )
+    return [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M keep-mask: the n largest of every m consecutive scores of each row.
+
+    Among equal scores the lower index is kept (a stable descending sort); NaN
+    counts as the largest score.
+
+    Args:
+        scores: (R, C) float32/float16/bfloat16 with C % m == 0 (e.g. a flow score
+            or |W|; for 2:4, n = 2 and m = 4 along the input dimension).
+        n, m: 0 <= n <= m, m >= 1.
+
+    Returns:
+        Contiguous bool tensor (R, C).
+    """
+    return torch.ops.multiflow.nm_mask.default(scores, n, m)
+
+
+@torch.library.register_fake("multiflow::nm_mask")
+def _nm_mask_fake(scores: Tensor, n: int, m: int) -> Tensor:
+    op = "multiflow::nm_mask"
+    torch._check(
+        scores.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: scores must be float32, float16 or bfloat16, got {scores.dtype}"
+    )
+    torch._check(scores.dim() == 2, lambda: f"{op}: scores must be 2-D (R, C), got {tuple(scores.shape)}")
+    torch._check(m >= 1, lambda: f"{op}: m must be >= 1, got m = {m}")
+    torch._check(0 <= n <= m, lambda: f"{op}: n must be in [0, m] = [0, {m}], got n = {n}")
+    torch._check(
+        scores.shape[1] % m == 0, lambda: f"{op}: the number of columns C = {scores.shape[1]} must be a multiple of m = {m}"
+    )
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
 
 
 # =======================================================================================
