@@ -4,5 +4,7 @@ bootstrap:
 	bash scripts/bootstrap.sh
 prune: bootstrap
 	.venv/bin/multiflow prune
+# pytest, then the C++ tests of the CPU kernels (CMake + ctest; SKIPPED without cmake).
 test: bootstrap
 	.venv/bin/python -m pytest -q
+	bash scripts/ctest.sh

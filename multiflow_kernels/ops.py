@@ -317,3 +317,48 @@ def _nm_mask_fake(scores: Tensor, n: int, m: int) -> Tensor:
 # =======================================================================================
 # Mask packing: pack_mask, unpack_mask (entry points + fake kernels)
 # =======================================================================================
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask into 32 bits per int32 word: bool (R, C) -> int32 (R, ceil(C / 32)).
+
+    Bit ``b`` of word ``w`` of row ``r`` is ``mask[r, 32 * w + b]`` (bit 31 is the
+    int32's sign bit, so words may be negative); the padding bits of a row's last
+    word are 0. The inverse is :func:`unpack_mask`.
+
+    Args:
+        mask: bool tensor of shape (R, C), any strides, CPU or CUDA.
+    """
+    return torch.ops.multiflow.pack_mask.default(mask)
+
+
+@torch.library.register_fake("multiflow::pack_mask")
+def _pack_mask_fake(mask: Tensor) -> Tensor:
+    torch._check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor, got {mask.dtype}")
+    torch._check(mask.dim() == 2, lambda: f"mask must have shape (R, C), got {tuple(mask.shape)}")
+    rows, cols = mask.shape
+    return mask.new_empty((rows, (cols + 31) // 32), dtype=torch.int32)
+
+
+def unpack_mask(bits: Tensor, cols: int) -> Tensor:
+    """Unpack the words of :func:`pack_mask`: int32 (R, ceil(cols / 32)) -> bool (R, cols).
+
+    ``out[r, c]`` is bit ``c % 32`` of ``bits[r, c // 32]``; padding bits are ignored.
+
+    Args:
+        bits: int32 tensor of shape (R, W) with ``W == ceil(cols / 32)``.
+        cols: the number of columns of the unpacked mask, ``>= 0``.
+    """
+    return torch.ops.multiflow.unpack_mask.default(bits, cols)
+
+
+@torch.library.register_fake("multiflow::unpack_mask")
+def _unpack_mask_fake(bits: Tensor, cols: int) -> Tensor:
+    torch._check(bits.dtype == torch.int32, lambda: f"bits must be an int32 tensor, got {bits.dtype}")
+    torch._check(bits.dim() == 2, lambda: f"bits must have shape (R, W), got {tuple(bits.shape)}")
+    torch._check(cols >= 0, lambda: f"cols must be >= 0, got {cols}")
+    torch._check(
+        bits.shape[1] == (cols + 31) // 32,
+        lambda: f"bits must have W = ceil(cols / 32) = {(cols + 31) // 32} words per row, got {tuple(bits.shape)}",
+    )
+    return bits.new_empty((bits.shape[0], cols), dtype=torch.bool)
