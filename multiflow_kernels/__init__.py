@@ -18,6 +18,7 @@ except ImportError as e:
     ) from e
 
 from . import ops, reference  # noqa: E402
+from . import triton  # noqa: E402, F401  (registers the Triton CUDA kernels; never imports triton itself)
 
 __all__ = [
     "__version__",

@@ -75,6 +75,94 @@ def sq_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
 # =======================================================================================
 # Scoring: flow_importance, flow_scores (entry points + fake kernels)
 # =======================================================================================
+_WEIGHT_DTYPES = _ACTIVATION_DTYPES
+
+
+def flow_importance(
+    weights: list[Tensor], act_sq_norms: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """MULTIFLOW node importances of many layers, in one call.
+
+    Per layer ``l`` with weight ``W`` (out x in) and activation statistic ``a`` (in,):
+    ``w = |W| * w_scale[l]`` and ``r = sqrt(max(a, 0)) * r_scale`` (power-of-two scales
+    that bring each maximum into [0.5, 1), so tiny layers do not underflow; ``r = 1``
+    when ``a`` is all zero), ``A = w * r[None, :]`` in float32, ``imp_out = mean_j A``
+    and ``imp_in = mean_i A`` summed in float64 and rounded once to float32. Equal
+    (torch.equal) to :func:`multiflow_kernels.reference.flow_importance`.
+
+    Args:
+        weights: 2-D weights (out, in), float32, float16 or bfloat16 (dtypes may mix),
+            all on one device; any strides.
+        act_sq_norms: float32 (in,) per layer, on its weight's device.
+
+    Returns:
+        (imp_out, imp_in, w_scale): lists of float32 (out,) and (in,) tensors, and the
+        float32 (L,) tensor of the weight scales.
+    """
+    weights, act_sq_norms = list(weights), list(act_sq_norms)
+    if not weights and not act_sq_norms:  # no tensor to dispatch on
+        return [], [], torch.empty(0, dtype=torch.float32)
+    return torch.ops.multiflow.flow_importance.default(weights, act_sq_norms)
+
+
+def _check_flow_args(op: str, weights: list[Tensor], act_sq_norms: list[Tensor]) -> None:
+    """The contract of flow_importance / flow_scores (the C++ checks' Python twin, for
+    the fake kernels and the Triton launchers)."""
+    torch._check(
+        len(weights) == len(act_sq_norms),
+        lambda: f"{op}: weights and act_sq_norms must have the same length (one statistic per layer), "
+        f"got {len(weights)} weights and {len(act_sq_norms)} act_sq_norms",
+    )
+    for l, (w, a) in enumerate(zip(weights, act_sq_norms)):
+        torch._check(w.dim() == 2, lambda: f"{op}: weights[{l}] must be 2-D (out, in), got shape {tuple(w.shape)}")
+        torch._check(
+            w.dtype in _WEIGHT_DTYPES, lambda: f"{op}: weights[{l}] must be float32, float16 or bfloat16, got {w.dtype}"
+        )
+        torch._check(
+            w.device == weights[0].device,
+            lambda: f"{op}: weights[{l}] is on {w.device} but weights[0] is on {weights[0].device} "
+            "(all layers must be on one device)",
+        )
+        torch._check(a.dtype == torch.float32, lambda: f"{op}: act_sq_norms[{l}] must be float32, got {a.dtype}")
+        torch._check(
+            a.dim() == 1 and a.shape[0] == w.shape[1],
+            lambda: f"{op}: act_sq_norms[{l}] must have shape (in,) where in = weights[{l}].shape[1] = "
+            f"{w.shape[1]}, got shape {tuple(a.shape)}",
+        )
+        torch._check(
+            a.device == w.device,
+            lambda: f"{op}: act_sq_norms[{l}] must be on the device of weights[{l}] ({w.device}), got {a.device}",
+        )
+
+
+@torch.library.register_fake("multiflow::flow_importance")
+def _flow_importance_fake(weights: list[Tensor], act_sq_norms: list[Tensor]):
+    _check_flow_args("multiflow::flow_importance", weights, act_sq_norms)
+    imp_out = [w.new_empty(w.shape[0], dtype=torch.float32) for w in weights]
+    imp_in = [w.new_empty(w.shape[1], dtype=torch.float32) for w in weights]
+    device = weights[0].device if weights else torch.device("cpu")
+    return imp_out, imp_in, torch.empty(len(weights), dtype=torch.float32, device=device)
+
+
+def flow_scores(weights: list[Tensor], act_sq_norms: list[Tensor]) -> list[Tensor]:
+    """The MULTIFLOW flow score of every weight of many layers, in one call.
+
+    ``score_l = (imp_out[:, None] * (|W_l| * w_scale[l])) * imp_in[None, :]`` in float32,
+    with the importances of :func:`flow_importance`: a new contiguous float32 tensor of
+    each weight's shape. Equal (bitwise) to :func:`multiflow_kernels.reference.flow_scores`.
+    Same arguments as :func:`flow_importance`.
+    """
+    weights, act_sq_norms = list(weights), list(act_sq_norms)
+    if not weights and not act_sq_norms:
+        return []
+    return torch.ops.multiflow.flow_scores.default(weights, act_sq_norms)
+
+
+@torch.library.register_fake("multiflow::flow_scores")
+def _flow_scores_fake(weights: list[Tensor], act_sq_norms: list[Tensor]) -> list[Tensor]:
+    _check_flow_args("multiflow::flow_scores", weights, act_sq_norms)
+    return [w.new_empty(w.shape, dtype=torch.float32) for w in weights]
+
 
 
 # =======================================================================================
