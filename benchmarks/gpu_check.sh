@@ -93,6 +93,11 @@ if [ $QUICK -eq 0 ]; then
     rc=$?
     step "bench_pruning (cuda)" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "pruning_cuda.json"
     cat "$OUT_DIR/bench_pruning.log"
+    t=$(date +%s)
+    "$PY" benchmarks/bench_scores.py --device cuda --repeats 20 --out "$OUT_DIR" > "$OUT_DIR/bench_scores.log" 2>&1
+    rc=$?
+    step "bench_scores (cuda)" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "scores.json"
+    cat "$OUT_DIR/bench_scores.log"
 fi
 
 echo
