@@ -200,3 +200,28 @@ def test_calibrate_once_many_sparsities_equals_masks_from_stats():
         assert all(torch.equal(m[n], ref[n]) for n in ref)
         assert m.metadata["sparsity"] == s and m.metadata["method"] == "multiflow"
         assert m.metadata["calibration_samples"] == 12
+
+
+def test_vision_layers_keep_tokens_when_lengths_coincide(calib_batches):
+    """Image and text of the same length: vision layers still keep every token."""
+    import json
+
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    from multiflow.models.blip import tiny_config
+
+    cfg = json.loads(json.dumps(tiny_config().to_dict()))
+    cfg["vision_config"].update(image_size=32, patch_size=8)  # 16 patches + CLS = 17 tokens
+    model = BlipForImageTextRetrieval(BlipConfig(**{k: cfg[k] for k in ("vision_config", "text_config", "projection_dim", "image_text_hidden_size")}))
+    b = calib_batches[0]
+    t = 17
+    B = b["pixel_values"].shape[0]
+    lengths = torch.tensor([5, 9, 17, 12][:B])
+    am = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(4, 1000, (B, t), generator=torch.Generator().manual_seed(0)).masked_fill(am == 0, 0)
+    batch = {"pixel_values": torch.nn.functional.interpolate(b["pixel_values"], size=32), "input_ids": ids, "attention_mask": am}
+    assert (am == 0).any()
+    p = multiflow.Pruner(model).calibrate([batch], progress=False)
+    assert p.tokens["vision_model.encoder.layers.0.mlp.fc1.weight"] == B * t
+    assert p.tokens["text_encoder.encoder.layer.0.crossattention.self.key.weight"] == B * t
+    assert p.tokens["text_encoder.encoder.layer.0.attention.self.query.weight"] == int(am.sum())

@@ -124,3 +124,13 @@ def test_from_reference_maps_original_blip_names(tmp_path, blip_factory):
 def test_non_boolean_masks_rejected():
     with pytest.raises(ValueError, match="boolean"):
         Masks({"w": torch.ones(2)})
+
+
+def test_apply_zeroes_nan_at_pruned_places():
+    lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[0, 0] = False
+    Masks({"weight": keep}).apply(lin)
+    assert lin.weight[0, 0] == 0 and torch.isfinite(lin.weight).all()

@@ -116,7 +116,8 @@ class Pruner:
         device = next(iter(self.layers.values())).weight.device
         sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for n, m in self.layers.items()}
         samples = {n: 0 for n in self.layers}
-        tokens = {n: 0 for n in self.layers}
+        # token counts stay on the device during the pass (no host sync per hook call)
+        tokens = {n: torch.zeros((), dtype=torch.int64, device=m.weight.device) for n, m in self.layers.items()}
         grads: dict[str, torch.Tensor] = {}
         state: dict[str, Optional[torch.Tensor]] = {"attention_mask": None}
 
@@ -132,8 +133,10 @@ class Pruner:
                     token_mask = am
                 sq_sum_accumulate_(sums[name], x, token_mask)
                 samples[name] += int(x.shape[0]) if x.dim() >= 2 else 1
-                n_tok = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-                tokens[name] += int(token_mask.sum()) if token_mask is not None else n_tok
+                if token_mask is not None:
+                    tokens[name] += token_mask.sum()
+                else:
+                    tokens[name] += x.numel() // max(x.shape[-1], 1) if x.dim() else 0
 
             return hook
 
@@ -184,7 +187,7 @@ class Pruner:
         for n in self.layers:
             self.sq_sums[n] = self.sq_sums[n] + sums[n] if n in self.sq_sums else sums[n]
             self.samples[n] += samples[n]
-            self.tokens[n] += tokens[n]
+            self.tokens[n] += int(tokens[n])
         for n, g in grads.items():
             self.grads[n] = self.grads[n] + g if n in self.grads else g
         self.calibration_samples += n_samples

@@ -211,7 +211,7 @@ class Masks(Mapping):
         params = dict(model.named_parameters())
         for n, m in self._masks.items():
             p = params[n]
-            p.mul_(m.to(device=p.device, dtype=p.dtype))
+            p.masked_fill_(~m.to(p.device), 0)  # not a multiply: NaN/Inf at pruned places become 0 too
         return model
 
     def for_model(self, model: torch.nn.Module) -> "Masks":

@@ -71,8 +71,10 @@ class BlipAdapter(ModelAdapter):
         return None
 
     def keeps_all_tokens(self, param_name: str) -> bool:
-        # Cross-attention keys/values read image tokens, except in the VQA answer decoder,
-        # whose cross-attention reads the (padded) question.
+        # Vision layers see image tokens only. Cross-attention keys/values read image tokens,
+        # except in the VQA answer decoder, whose cross-attention reads the (padded) question.
+        if param_name.startswith("vision_model."):
+            return True
         if not _CROSS_KV.search(param_name):
             return False
         return not (self.task == "vqa" and param_name.startswith("text_decoder."))
