@@ -194,7 +194,7 @@ def compute_masks(
 
     def score_of(name: str) -> torch.Tensor:
         return m.score(
-            weights[name],
+            weights[name].detach(),
             a=None if act_sq_norms is None else act_sq_norms.get(name),
             grad=None if grads is None else grads.get(name),
             generator=_layer_generator(seed, name),
