@@ -93,3 +93,25 @@ def test_console_script_installed():
     assert exe.exists(), "the multiflow console script is not installed next to python"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "prune" in r.stdout
+
+
+def test_sigint_leaves_no_partial_output(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    exe = Path(sys.executable).with_name("multiflow")
+    proc = subprocess.Popen([str(exe), "prune", "--no-progress", "--batches", "400", "--batch-size", "8",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # printed when calibration starts
+        assert "calibrating" in line, line
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert rc == 130
+    assert "interrupted while calibrating batch" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

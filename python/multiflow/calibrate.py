@@ -32,6 +32,34 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False)
 
 
+def _all_reduce_stats(layers, sums, samples, tokens, grads, gradients, n_batches, n_samples):
+    """Sum one calibration call's statistics over the ranks, in place; returns the global
+    batch and sample counts. Three collectives in all: counts, sums, gradients."""
+    dist = torch.distributed
+    on_gpu = dist.get_backend() == "nccl"
+    comm = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    names = list(layers)
+    counts = torch.tensor([n_batches, n_samples] + [samples[n] for n in names], dtype=torch.int64, device=comm)
+    counts = torch.cat([counts, torch.stack([tokens[n].to(comm) for n in names])])
+    dist.all_reduce(counts)
+    flat = torch.cat([sums[n].to(comm) for n in names])
+    dist.all_reduce(flat)
+    for n, part in zip(names, flat.split([sums[n].numel() for n in names])):
+        sums[n] = part.to(sums[n].device)
+    counts = counts.tolist()
+    for i, n in enumerate(names):
+        samples[n] = counts[2 + i]
+        tokens[n] = torch.tensor(counts[2 + len(names) + i])
+    if gradients:
+        for n in names:  # a rank that ran no batch contributes zeros
+            g = grads.get(n)
+            g = torch.zeros_like(layers[n].weight, dtype=torch.float32) if g is None else g
+            g = g.to(comm)
+            dist.all_reduce(g)
+            grads[n] = g.to(layers[n].weight.device)
+    return counts[0], counts[1]
+
+
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
     module_name = name.rsplit(".", 1)[0]
     return any(
@@ -102,17 +130,37 @@ class Pruner:
         self.calibration_seconds = 0.0
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, batches: Iterable, progress: bool = True, *, gradients: Optional[bool] = None) -> "Pruner":
+    def calibrate(
+        self,
+        batches: Iterable,
+        progress: bool = True,
+        *,
+        gradients: Optional[bool] = None,
+        distributed: Optional[bool] = None,
+    ) -> "Pruner":
         """Run the model on ``batches`` and accumulate the activation statistics (and, for
         gradient-based methods, the gradients). May be called several times: statistics add up.
 
         The statistics of one call are merged only when the whole call succeeds, and every
         hook is removed, also when an exception is raised mid-way.
+
+        Distributed (default: whenever ``torch.distributed`` is initialised): every rank
+        iterates the same ``batches`` and runs batch ``i`` when ``i % world_size == rank``;
+        the sums, counts and gradients are all-reduced once at the end of the call, so every
+        rank ends with the same statistics, and the same masks. Float sums are added in
+        another order than in one process, so they agree with a single-process run up to
+        float32 rounding.
         """
         from multiflow_kernels.ops import sq_sum_accumulate_
 
         if gradients is None:
             gradients = get_method(self.method).needs_gradients
+        dist = torch.distributed
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized()
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("calibrate(distributed=True) needs torch.distributed.init_process_group() first")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         device = next(iter(self.layers.values())).weight.device
         sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for n, m in self.layers.items()}
         samples = {n: 0 for n in self.layers}
@@ -151,7 +199,9 @@ class Pruner:
         t0 = time.perf_counter()
         try:
             self.model.eval()
-            for batch in _progress(batches, progress, "calibrating"):
+            for index, batch in enumerate(_progress(batches, progress and rank == 0, "calibrating")):
+                if index % world != rank:
+                    continue
                 batch = move_batch(batch, device)
                 am = self.adapter.text_attention_mask(batch)
                 state["attention_mask"] = None if am is None else am.to(device).bool()
@@ -178,6 +228,9 @@ class Pruner:
                 m.weight.requires_grad_(requires_grad[n])
             self.model.train(was_training)
             state["attention_mask"] = None
+        if distributed:
+            n_batches, n_samples = _all_reduce_stats(self.layers, sums, samples, tokens, grads, gradients,
+                                                     n_batches, n_samples)
         if n_batches == 0:
             raise ValueError("calibrate() got no batches: pass at least one batch")
         nonfinite = [n for n, s in sums.items() if not bool(torch.isfinite(s).all())]

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default="runs/prune", help="output folder (created if missing)")
+    pr.add_argument("--nproc", type=int, default=1,
+                    help="calibrate in N processes (torchrun; gloo on CPU, NCCL on GPUs): each runs a share "
+                         "of the batches, statistics are all-reduced, rank 0 writes the outputs")
     pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -90,6 +93,27 @@ def _batches(args, model):
     return calibration_batches(
         dataset, batch_size=args.batch_size, num_batches=args.batches, image_size=image_size, processor=processor
     )
+
+
+class _Stage:
+    """What `multiflow prune` is doing now, for the message printed on Ctrl-C."""
+
+    now = "starting"
+
+
+class _Tracked:
+    """A list of batches whose iteration records which batch is being calibrated."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            _Stage.now = f"calibrating batch {i + 1} of {len(self.batches)}"
+            yield b
 
 
 def _mask_filename(method: str, sparsity: Optional[float], nm) -> str:
@@ -131,7 +155,59 @@ def plot_layer_sparsity(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_distributed(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "multiflow.cli", *_without_nproc(argv)]
+    return subprocess.run(cmd).returncode
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun describes; returns (rank, world size, device)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
 def cmd_prune(args) -> int:
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return launch_distributed(args.nproc, args.raw_argv)
+    import torch
+
+    rank, world, args.device = _init_distributed(args.device)
+    try:
+        return _prune(args, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _prune(args, rank: int, world: int) -> int:
     import torch
 
     from . import Pruner
@@ -142,14 +218,18 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
+    _Stage.now = f"building the model {args.model}"
     model = build_model(args.model, task=args.task, seed=args.seed).to(args.device)
     t_model = time.perf_counter()
     pruner = Pruner(model, args.method, seed=args.seed)
     method = get_method(args.method)
+    _Stage.now = f"loading the data {args.data}"
     batches = _batches(args, model) if (method.needs_activations or method.needs_gradients) else []
     t_data = time.perf_counter()
     if batches:
-        pruner.calibrate(batches, progress=not args.no_progress)
+        if rank == 0:
+            print(f"calibrating on {len(batches)} batches ...", file=sys.stderr, flush=True)
+        pruner.calibrate(_Tracked(batches), progress=not args.no_progress and rank == 0)
     t_calib = time.perf_counter()
     targets = [None] if args.nm is not None else list(args.sparsity)
     results = {}
@@ -157,9 +237,13 @@ def cmd_prune(args) -> int:
     for s in targets:
         t0 = time.perf_counter()
         label = f"{args.nm[0]}:{args.nm[1]}" if args.nm is not None else f"s={s:.2f}"
+        _Stage.now = f"computing the masks at {label}"
         results[label] = pruner.masks(s, nm=args.nm)
         mask_seconds[label] = time.perf_counter() - t0
+    if rank != 0:  # every rank holds the same masks; rank 0 writes them
+        return 0
     # all masks computed: only now touch the output folder
+    _Stage.now = f"writing the outputs to {out}"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for (label, masks), s in zip(results.items(), targets):
@@ -173,6 +257,7 @@ def cmd_prune(args) -> int:
         "data": args.data,
         "calibration_samples": pruner.calibration_samples,
         "batches": len(batches),
+        "processes": world,
         "device": args.device,
         "machine": platform.platform(),
         "torch": torch.__version__,
@@ -227,13 +312,15 @@ def cmd_inspect(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     debug = args.debug or os.environ.get("MULTIFLOW_DEBUG") == "1"
     try:
         if args.command == "prune":
             return cmd_prune(args)
         return cmd_inspect(args)
     except KeyboardInterrupt:
-        print("multiflow: interrupted; no partial mask file was written", file=sys.stderr)
+        print(f"multiflow: interrupted while {_Stage.now}; no partial file was written "
+              "(outputs are written atomically)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as e:
         if debug:
