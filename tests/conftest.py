@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Shared test helpers get pytest's assertion messages too (before anything imports them).
+pytest.register_assert_rewrite("_isa_harness")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

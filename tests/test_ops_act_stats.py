@@ -8,12 +8,9 @@ plus a few float32 ulps of the result.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
@@ -185,14 +182,7 @@ def test_bitwise_deterministic_across_thread_counts(dtype):
     x = torch.randn(5000, 700, generator=gen).to(dtype)
     mask = torch.rand(5000, generator=gen) < 0.7
     acc_in = random_acc(700, gen)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            results.append(run_op(acc_in, x, mask))
-    finally:
-        torch.set_num_threads(before)
+    results = results_at_thread_counts(lambda: run_op(acc_in, x, mask))
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
@@ -208,17 +198,7 @@ torch.save(out, sys.argv[2])
 """
 
 
-def _isas_of_this_cpu() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability()
-    isas = ["default"]
-    if cap in ("AVX2", "AVX512"):
-        isas.append("avx2")
-    if cap == "AVX512":
-        isas.append("avx512")
-    return isas
-
-
-@pytest.mark.parametrize("isa", _isas_of_this_cpu())
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_every_isa_path_matches_reference(isa, tmp_path):
     # The tiles are compiled per ISA and picked from torch's CPU capability,
     # which ATEN_CPU_CAPABILITY overrides: run each path in its own process.
@@ -227,13 +207,7 @@ def test_every_isa_path_matches_reference(isa, tmp_path):
     x = torch.randn(700, 300, generator=gen)
     mask = torch.rand(700, generator=gen) < 0.5
     xs = {str(dtype).removeprefix("torch."): x.to(dtype) for dtype in DTYPES}
-    torch.save({"x": xs, "mask": mask}, tmp_path / "in.pt")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-    cmd = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got = torch.load(tmp_path / "out.pt")
-    assert got["capability"].lower() == isa
+    got = run_with_isa(isa, _ISA_SCRIPT, {"x": xs, "mask": mask}, tmp_path)
     for name, xd in xs.items():
         assert_earned(torch.zeros(300), xd, mask, got[name])
 

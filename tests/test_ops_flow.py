@@ -10,12 +10,9 @@ here is a bug to investigate, not a tolerance to loosen.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
@@ -181,15 +178,12 @@ def test_inputs_are_not_modified():
 def test_bitwise_deterministic_across_thread_counts():
     gen = torch.Generator().manual_seed(19)
     weights, acts = make_layers([(1500, 300), (3, 9000), (100, 100), (700, 5)], DTYPES, gen)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            imp_out, imp_in, w_scale = ops.flow_importance(weights, acts)
-            results.append(imp_out + imp_in + [w_scale] + ops.flow_scores(weights, acts))
-    finally:
-        torch.set_num_threads(before)
+
+    def run_all():
+        imp_out, imp_in, w_scale = ops.flow_importance(weights, acts)
+        return imp_out + imp_in + [w_scale] + ops.flow_scores(weights, acts)
+
+    results = results_at_thread_counts(run_all)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], r))
 
@@ -208,25 +202,14 @@ torch.save({
 """
 
 
-def _isas_of_this_cpu() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability()
-    return ["default"] + (["avx2"] if cap in ("AVX2", "AVX512") else []) + (["avx512"] if cap == "AVX512" else [])
-
-
-@pytest.mark.parametrize("isa", _isas_of_this_cpu())
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_every_isa_path_matches_reference(isa, tmp_path):
     # The tiles are compiled per ISA and picked from torch's CPU capability, which
     # ATEN_CPU_CAPABILITY overrides: run each path in its own process, with the
     # reference computed in that process too (torch's own sqrt may differ by ISA).
     gen = torch.Generator().manual_seed(20)
     weights, acts = make_layers([(200, 300), (33, 17), (1, 5000)], DTYPES, gen)
-    torch.save({"weights": weights, "acts": acts}, tmp_path / "in.pt")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-    cmd = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = torch.load(tmp_path / "out.pt")
-    assert out["capability"].lower() == isa
+    out = run_with_isa(isa, _ISA_SCRIPT, {"weights": weights, "acts": acts}, tmp_path)
     (got_out, got_in, got_scale), (want_out, want_in, want_scale) = out["got"], out["want"]
     assert torch.equal(got_scale, want_scale)
     assert_equal_lists(got_out, want_out, "imp_out")

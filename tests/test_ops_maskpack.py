@@ -6,12 +6,9 @@ Packing is exact, so every comparison is torch.equal.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
@@ -183,15 +180,12 @@ def test_inputs_are_not_modified():
 def test_same_result_for_every_thread_count():
     gen = torch.Generator().manual_seed(6)
     mask = torch.rand(3000, 1111, generator=gen) < 0.5
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            bits = ops.pack_mask(mask)
-            results.append((bits, ops.unpack_mask(bits, 1111)))
-    finally:
-        torch.set_num_threads(before)
+
+    def pack_and_unpack():
+        bits = ops.pack_mask(mask)
+        return bits, ops.unpack_mask(bits, 1111)
+
+    results = results_at_thread_counts(pack_and_unpack)
     for bits, back in results:
         assert torch.equal(bits, results[0][0]) and torch.equal(back, mask)
 
@@ -209,17 +203,7 @@ torch.save(out, sys.argv[2])
 """
 
 
-def _isas_of_this_cpu() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability()
-    isas = ["default"]
-    if cap in ("AVX2", "AVX512"):
-        isas.append("avx2")
-    if cap == "AVX512":
-        isas.append("avx512")
-    return isas
-
-
-@pytest.mark.parametrize("isa", _isas_of_this_cpu())
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_every_isa_path_matches_reference(isa, tmp_path):
     # The inner loops are compiled per ISA and picked from torch's CPU capability,
     # which ATEN_CPU_CAPABILITY overrides: run each path in its own process.
@@ -227,13 +211,7 @@ def test_every_isa_path_matches_reference(isa, tmp_path):
     shapes = [(5, c) for c in (1, 31, 32, 33, 63, 64, 65, 96, 100, 1000)] + [(3, 20000)]
     masks = [make_mask("random", s, gen) for s in shapes]
     bits = [random_words(r, c, gen) for r, c in shapes]
-    torch.save({"masks": masks, "bits": bits}, tmp_path / "in.pt")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-    cmd = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got = torch.load(tmp_path / "out.pt")
-    assert got["capability"].lower() == isa
+    got = run_with_isa(isa, _ISA_SCRIPT, {"masks": masks, "bits": bits}, tmp_path)
     for mask, b, got_bits, got_mask in zip(masks, bits, got["bits"], got["masks"]):
         assert torch.equal(got_bits, reference.pack_mask(mask)), tuple(mask.shape)
         assert torch.equal(got_mask, reference.unpack_mask(b, mask.shape[1])), tuple(mask.shape)

@@ -9,12 +9,9 @@ counts, the same mask bits.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
@@ -292,14 +289,7 @@ def test_same_answer_for_any_thread_count():
             ops.nm_mask(values[1].reshape(1000, 100), 2, 4),
         ]
 
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            results.append(run_all())
-    finally:
-        torch.set_num_threads(before)
+    results = results_at_thread_counts(run_all)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -331,17 +321,7 @@ torch.save(out, sys.argv[2])
 """
 
 
-def _isas_of_this_cpu() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability()
-    isas = ["default"]
-    if cap in ("AVX2", "AVX512"):
-        isas.append("avx2")
-    if cap == "AVX512":
-        isas.append("avx512")
-    return isas
-
-
-@pytest.mark.parametrize("isa", _isas_of_this_cpu())
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_every_isa_path_matches_reference(isa, tmp_path):
     # The inner loops are compiled per ISA and picked from torch's CPU
     # capability, which ATEN_CPU_CAPABILITY overrides: one process per path.
@@ -352,13 +332,7 @@ def test_every_isa_path_matches_reference(isa, tmp_path):
         weights = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in ((33, 20), (7, 44))]
         acts = [torch.rand(w.shape[1], generator=gen) for w in weights]
         inputs[str(dtype)] = (values, weights, acts)
-    torch.save(inputs, tmp_path / "in.pt")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-    cmd = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got = torch.load(tmp_path / "out.pt")
-    assert got["capability"].lower() == isa
+    got = run_with_isa(isa, _ISA_SCRIPT, inputs, tmp_path)
     for name, checks in got["ok"]:
         assert all(checks), (name, checks)
 

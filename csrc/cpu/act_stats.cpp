@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "act_stats.h"
+#include "ceil_div.h"
 #include "cpu/act_stats_tile.h"
 #include "cpu/isa.h"
 
@@ -31,21 +32,8 @@ constexpr int64_t kMaxChunks = 64;
 // Below about this many elements a parallel region costs more than it saves.
 constexpr int64_t kMinParallelElements = int64_t{1} << 15;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 const SqSumTiles& tiles() {
-  static const SqSumTiles table = pick_for_isa(
-      &sq_sum_tiles_default,
-#if MULTIFLOW_X86_ISAS
-      &sq_sum_tiles_avx2,
-      &sq_sum_tiles_avx512
-#else
-      &sq_sum_tiles_default,
-      &sq_sum_tiles_default
-#endif
-  );
+  static const SqSumTiles table = MULTIFLOW_ISA_TABLE(sq_sum_tiles);
   return table;
 }
 

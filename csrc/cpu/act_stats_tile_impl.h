@@ -11,26 +11,10 @@
 
 #include "cpu/act_stats_tile.h"
 #include "cpu/isa.h"
+#include "cpu/vec_load_impl.h"
 
 namespace multiflow::cpu {
 namespace {  // internal linkage: every ISA's copy stays its own
-
-using FloatVec = at::vec::Vectorized<float>;
-
-// FloatVec::size() consecutive elements, converted to float32 lanes.
-inline FloatVec load_as_float(const float* p) {
-  return FloatVec::loadu(p);
-}
-inline FloatVec load_as_float(const c10::Half* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_fp16(p, v);
-  return v;
-}
-inline FloatVec load_as_float(const c10::BFloat16* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_bf16(p, v);
-  return v;
-}
 
 template <typename scalar_t>
 void sq_sum_tile(
@@ -40,7 +24,6 @@ void sq_sum_tile(
     int64_t n_tokens,
     int64_t width,
     float* out) {
-  constexpr int64_t kLanes = FloatVec::size();
   static_assert(kSqSumColBlock % kLanes == 0, "a tile must hold whole vectors");
   constexpr int64_t kMaxVecs = kSqSumColBlock / kLanes;
 

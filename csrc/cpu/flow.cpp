@@ -37,6 +37,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ceil_div.h"
 #include "cpu/flow_tile.h"
 #include "cpu/isa.h"
 #include "flow.h"
@@ -53,21 +54,8 @@ constexpr int64_t kMinParallelElements = int64_t{1} << 15;
 // pow2_scale's exponent range: 2^-e stays a normal float32.
 constexpr int kMaxExp = 126;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 const FlowTiles& tiles() {
-  static const FlowTiles table = pick_for_isa(
-      &flow_tiles_default,
-#if MULTIFLOW_X86_ISAS
-      &flow_tiles_avx2,
-      &flow_tiles_avx512
-#else
-      &flow_tiles_default,
-      &flow_tiles_default
-#endif
-  );
+  static const FlowTiles table = MULTIFLOW_ISA_TABLE(flow_tiles);
   return table;
 }
 

@@ -18,28 +18,18 @@
 
 #include "cpu/flow_tile.h"
 #include "cpu/isa.h"
+#include "cpu/vec_load_impl.h"
 
 namespace multiflow::cpu {
 namespace {  // internal linkage: every ISA's copy stays its own
 namespace flow_tile {
 
-using FloatVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = FloatVec::size();
 static_assert(kFlowColBlock % kLanes == 0, "a tile must hold whole vectors");
 
 // |float(p[0 .. kLanes))|: fp16 / bf16 widen exactly to float32.
-inline FloatVec load_abs(const float* p) {
-  return FloatVec::loadu(p).abs();
-}
-inline FloatVec load_abs(const c10::Half* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_fp16(p, v);
-  return v.abs();
-}
-inline FloatVec load_abs(const c10::BFloat16* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_bf16(p, v);
-  return v.abs();
+template <typename scalar_t>
+inline FloatVec load_abs(const scalar_t* p) {
+  return load_as_float(p).abs();
 }
 
 // The same for the last `count` < kLanes elements of a row, zero padded (never

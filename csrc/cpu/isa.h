@@ -56,3 +56,16 @@ Table pick_for_isa(Table (*for_default)(), Table (*for_avx2)(), Table (*for_avx5
 }
 
 }  // namespace multiflow::cpu
+
+// In op code: the table of function pointers for the selected ISA, from the
+// per-ISA functions prefix_default(), prefix_avx2() and prefix_avx512() (off
+// x86-64 only prefix_default exists, and it serves for every ISA):
+//
+//   static const SqSumTiles table = MULTIFLOW_ISA_TABLE(sq_sum_tiles);
+#if MULTIFLOW_X86_ISAS
+#define MULTIFLOW_ISA_TABLE(prefix) \
+  ::multiflow::cpu::pick_for_isa(&prefix##_default, &prefix##_avx2, &prefix##_avx512)
+#else
+#define MULTIFLOW_ISA_TABLE(prefix) \
+  ::multiflow::cpu::pick_for_isa(&prefix##_default, &prefix##_default, &prefix##_default)
+#endif

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "ceil_div.h"
 #include "cpu/isa.h"
 #include "cpu/maskpack_tile.h"
 #include "maskpack.h"
@@ -24,21 +25,8 @@ namespace {
 // a 4096 x 4096 mask still makes hundreds of tiles.
 constexpr int64_t kTileBools = int64_t{1} << 15;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 const MaskPackTiles& tiles() {
-  static const MaskPackTiles table = pick_for_isa(
-      &mask_pack_tiles_default,
-#if MULTIFLOW_X86_ISAS
-      &mask_pack_tiles_avx2,
-      &mask_pack_tiles_avx512
-#else
-      &mask_pack_tiles_default,
-      &mask_pack_tiles_default
-#endif
-  );
+  static const MaskPackTiles table = MULTIFLOW_ISA_TABLE(mask_pack_tiles);
   return table;
 }
 

@@ -44,16 +44,7 @@ constexpr int64_t kItemElements = int64_t{1} << 16;
 constexpr int64_t kCompactRatio = 8;
 
 const SelectTiles& tiles() {
-  static const SelectTiles table = pick_for_isa(
-      &select_tiles_default,
-#if MULTIFLOW_X86_ISAS
-      &select_tiles_avx2,
-      &select_tiles_avx512
-#else
-      &select_tiles_default,
-      &select_tiles_default
-#endif
-  );
+  static const SelectTiles table = MULTIFLOW_ISA_TABLE(select_tiles);
   return table;
 }
 

@@ -16,28 +16,12 @@
 
 #include "cpu/isa.h"
 #include "cpu/select_tile.h"
+#include "cpu/vec_load_impl.h"
 #include "select_key.h"
 
 namespace multiflow::cpu {
 namespace select_tile {
 namespace {  // internal linkage: every ISA's copy stays its own
-
-using FloatVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = FloatVec::size();
-
-inline FloatVec load_as_float(const float* p) {
-  return FloatVec::loadu(p);
-}
-inline FloatVec load_as_float(const c10::Half* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_fp16(p, v);
-  return v;
-}
-inline FloatVec load_as_float(const c10::BFloat16* p) {
-  FloatVec v;
-  at::vec::load_fp32_from_bf16(p, v);
-  return v;
-}
 
 template <typename scalar_t>
 void to_float(const void* src_, int64_t n, bool absolute, float* out) {

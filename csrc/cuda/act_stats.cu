@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "act_stats.h"
+#include "ceil_div.h"
 
 namespace multiflow::cuda {
 namespace {
@@ -109,10 +110,6 @@ __global__ void add_chunk_sums_kernel(
     }
   }
   acc[col] += outer + inner;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
 }
 
 void sq_sum_accumulate_cuda(

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "ceil_div.h"
 #include "maskpack.h"
 
 namespace multiflow::cuda {
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) unpack_any_kernel(
 
 unsigned blocks_for(int64_t threads) {
   const int64_t max_blocks = kBlocksPerSm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::min((threads + kThreads - 1) / kThreads, max_blocks));
+  return static_cast<unsigned>(std::min(ceil_div(threads, kThreads), max_blocks));
 }
 
 bool aligned16(const void* p) {

@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "ceil_div.h"
 #include "select.h"
 
 namespace multiflow::cuda {
@@ -227,10 +228,6 @@ __global__ void __launch_bounds__(kThreads) nm_mask_kernel(
     }
     keep[r * cols + c0 + j] = rank < n;
   }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
 }
 
 Source values_source(const at::Tensor& t, int32_t group, bool absolute) {
