@@ -264,6 +264,15 @@ def test_nonfinite_statistic_names_layer(backend):
         _mfs(backend)(weights, acts, mods, 0.5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_weights_name_layer(bad, backend):
+    weights, acts, mods = _layers()
+    weights["l2.weight"][1, 2] = bad
+    for method in ("multiflow", "omp", "wanda"):
+        with pytest.raises(ValueError, match="l2.weight"):
+            _mfs(backend)(weights, acts, mods, 0.5, method)
+
+
 def test_missing_statistic_and_unknown_method(backend):
     weights, acts, mods = _layers()
     del acts["l2.weight"]

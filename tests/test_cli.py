@@ -115,3 +115,40 @@ def test_sigint_leaves_no_partial_output(tmp_path):
     assert rc == 130
     assert "interrupted while calibrating batch" in err and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def _json_dataset(tmp_path, n, bad):
+    from multiflow.data import procedural_sample
+
+    entries = []
+    for i in range(n):
+        name = f"{i}.png"
+        if i in bad:
+            (tmp_path / name).write_bytes(b"this is not an image")
+        elif i != n - 1 or (n - 1) not in bad:
+            procedural_sample(i, 32)[0].save(tmp_path / name)
+        entries.append({"image": name, "caption": f"caption {i}"})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    return tmp_path / "data.json"
+
+
+def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
+    from multiflow.data import ImageCaptionDataset, calibration_batches
+
+    path = _json_dataset(tmp_path, 24, bad={3})
+    ds = ImageCaptionDataset(path, tmp_path)
+    batches = calibration_batches(ds, batch_size=4, num_batches=3, image_size=32)
+    assert [b["pixel_values"].shape[0] for b in batches] == [4, 4, 4]  # later samples fill the gap
+    assert [i for i, _ in batches.skipped] == [3] and "3.png" in batches.skipped[0][1]
+    rc = main(["prune", "--no-progress", "--data", str(path), "--batches", "3", "--batch-size", "4",
+               "--sparsity", "0.5", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "skipped 1 samples with unreadable images" in capsys.readouterr().err
+
+
+def test_too_many_unreadable_images_is_an_error(tmp_path, capsys):
+    path = _json_dataset(tmp_path, 6, bad={0, 1, 2})
+    rc = main(["prune", "--no-progress", "--data", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "unreadable images" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

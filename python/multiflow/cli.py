@@ -89,10 +89,15 @@ def _batches(args, model):
         from transformers import BlipProcessor
 
         processor = BlipProcessor.from_pretrained(args.model, local_files_only=True)
-    dataset = load_data(args.data, num_samples=args.batches * args.batch_size, image_size=image_size, seed=args.seed)
-    return calibration_batches(
+    dataset = load_data(args.data, num_samples=None if args.data not in (None, "builtin") else
+                        args.batches * args.batch_size, image_size=image_size, seed=args.seed)
+    batches = calibration_batches(
         dataset, batch_size=args.batch_size, num_batches=args.batches, image_size=image_size, processor=processor
     )
+    if batches.skipped:
+        print(f"multiflow: skipped {len(batches.skipped)} samples with unreadable images "
+              f"(first: {batches.skipped[0][1]})", file=sys.stderr)
+    return batches
 
 
 class _Stage:

@@ -47,6 +47,8 @@ __all__ = [
     "BuiltinCalibrationSet",
     "ImageCaptionDataset",
     "calibration_batches",
+    "CalibrationBatches",
+    "UnreadableImageError",
     "load_data",
 ]
 
@@ -616,6 +618,21 @@ def _check_index(index: Any, length: int, owner: str) -> int:
 # ---------------------------------------------------------------------------
 
 
+class UnreadableImageError(ValueError):
+    """An image of the data set is missing or cannot be decoded (a ValueError)."""
+
+
+class CalibrationBatches(list):
+    """The list of batches :func:`calibration_batches` returns; ``skipped`` lists
+    ``(index, reason)`` for every sample left out because its image could not be read."""
+
+    skipped: list
+
+    def __init__(self, batches=(), skipped=()):
+        super().__init__(batches)
+        self.skipped = list(skipped)
+
+
 class ImageCaptionDataset(Dataset):
     """Image-caption pairs in the original MULTIFLOW/BLIP JSON format.
 
@@ -700,12 +717,12 @@ class ImageCaptionDataset(Dataset):
         rel, caption = self._entries[index]
         path = self.image_root / rel
         if not path.is_file():
-            raise ValueError(f"ImageCaptionDataset: image not found: {str(path)!r} (entry {index} of {str(self.json_path)!r})")
+            raise UnreadableImageError(f"ImageCaptionDataset: image not found: {str(path)!r} (entry {index} of {str(self.json_path)!r})")
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(
+            raise UnreadableImageError(
                 f"ImageCaptionDataset: could not decode image {str(path)!r} "
                 f"(entry {index} of {str(self.json_path)!r}): {e}"
             ) from e
@@ -756,7 +773,8 @@ def calibration_batches(
     tokenizer: Any = None,
     processor: Any = None,
     max_length: int = 32,
-) -> list[dict[str, torch.Tensor]]:
+    max_bad_fraction: float = 0.1,
+) -> "CalibrationBatches":
     """Build calibration batches from an image-caption dataset.
 
     Items are taken deterministically in dataset order, ``batch_size`` at a
@@ -791,6 +809,9 @@ def calibration_batches(
         tokenizer: tokenizer for the built-in preprocessing.
         processor: a BLIP-style processor (replaces image_size/tokenizer).
         max_length: maximum text length in tokens.
+        max_bad_fraction: samples whose image is missing or cannot be decoded are
+            skipped and listed in the result's ``skipped``; if more than this
+            fraction of the samples read are unreadable, ValueError.
 
     Raises:
         ValueError: if the dataset is empty, ``batch_size < 1``,
@@ -823,19 +844,31 @@ def calibration_batches(
         if tokenizer is None:
             tokenizer = SimpleTokenizer(max_length=max_length)
 
-    total = math.ceil(n / batch_size)
-    if num_batches is not None:
-        total = min(total, num_batches)
+    wanted = n if num_batches is None else min(n, num_batches * batch_size)
+    # Samples whose image cannot be read are skipped (and counted); later samples take
+    # their place, so batches stay full. Past max_bad_fraction of the samples read, stop.
+    items: list[tuple[Image.Image, str]] = []
+    skipped: list[tuple[int, str]] = []
+    for i in range(n):
+        if len(items) == wanted:
+            break
+        try:
+            items.append(_unpack_item(dataset[i], i))
+        except UnreadableImageError as e:
+            skipped.append((i, str(e)))
+            if len(skipped) > max_bad_fraction * (len(items) + len(skipped)) and len(skipped) >= 2:
+                raise ValueError(
+                    f"calibration_batches: {len(skipped)} of the first {len(items) + len(skipped)} samples have "
+                    f"unreadable images (more than max_bad_fraction={max_bad_fraction}); first: {skipped[0][1]}"
+                ) from None
+    if not items:
+        raise ValueError(f"calibration_batches: no readable sample ({len(skipped)} skipped; first: "
+                         f"{skipped[0][1] if skipped else '-'})")
 
-    batches: list[dict[str, torch.Tensor]] = []
-    for b in range(total):
-        start = b * batch_size
-        stop = min(start + batch_size, n)
-        images, captions = [], []
-        for i in range(start, stop):
-            image, caption = _unpack_item(dataset[i], i)
-            images.append(image)
-            captions.append(caption)
+    batches = CalibrationBatches(skipped=skipped)
+    for start in range(0, len(items), batch_size):
+        images = [im for im, _ in items[start:start + batch_size]]
+        captions = [c for _, c in items[start:start + batch_size]]
         if processor is not None:
             out = processor(
                 images=images,

@@ -134,6 +134,10 @@ def _check_inputs(weights, act_sq_norms, modalities, grads, method: Method) -> N
     bad = [n for n, w in weights.items() if w.dim() != 2]
     if bad:
         raise ValueError(f"weights must be 2-D (out x in); not 2-D: {bad}")
+    # one reduction per layer (a NaN or Inf anywhere makes the float32 sum non-finite)
+    nonfinite_w = [n for n, w in weights.items() if not bool(torch.isfinite(w.detach().sum(dtype=torch.float32)))]
+    if nonfinite_w:
+        raise ValueError(f"weights contain NaN/Inf in layers: {nonfinite_w}")
     missing_mod = [n for n in weights if n not in modalities]
     if missing_mod:
         raise ValueError(f"no modality given for layers: {missing_mod}")
