@@ -141,19 +141,26 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def build_model(spec: str, *, task: Optional[str] = None, seed: int = 0) -> nn.Module:
-    """Build a model from a name (``blip-tiny``) or a local checkpoint folder."""
+    """Build a model from a name (``blip-tiny``, ``xvlm-tiny``), ``xvlm:PATH`` (X-VLM base with
+    an original X-VLM checkpoint file) or a local transformers BLIP checkpoint folder."""
     if spec in MODEL_BUILDERS:
         return MODEL_BUILDERS[spec](task=task, seed=seed)
     from pathlib import Path
+
+    if spec.startswith("xvlm:"):
+        from .xvlm import load_xvlm
+
+        return load_xvlm(spec[len("xvlm:"):], task=task)
 
     if Path(spec).is_dir():
         from .blip import load_blip
 
         return load_blip(spec, task=task)
     raise ValueError(
-        f"unknown model {spec!r}: use one of {sorted(MODEL_BUILDERS)} or a path to a local "
-        "transformers BLIP checkpoint folder"
+        f"unknown model {spec!r}: use one of {sorted(MODEL_BUILDERS)}, xvlm:PATH (an X-VLM checkpoint "
+        "file) or a path to a local transformers BLIP checkpoint folder"
     )
 
 
 from . import blip  # noqa: E402,F401  (registers the BLIP adapter and blip-tiny)
+from . import xvlm  # noqa: E402,F401  (registers the X-VLM adapter and xvlm-tiny)
