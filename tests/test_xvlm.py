@@ -117,6 +117,15 @@ def test_base_config_is_the_paper_setup():
 
 
 # ---- checkpoints ----------------------------------------------------------------------
+# X-VLM's own CLIPVisionTransformer names for the vision embeddings (models/clip_vit.py)
+XVLM_CODE_NAMES = {
+    "vision_encoder.embeddings.patch_embedding.weight": "vision_encoder.patch_embed.weight",
+    "vision_encoder.embeddings.position_embedding.weight": "vision_encoder.pos_embed.weight",
+    "vision_encoder.embeddings.class_embedding": "vision_encoder.class_embedding",
+    "vision_encoder.embeddings.position_ids": "vision_encoder.position_ids",
+}
+
+
 def _synthetic_checkpoint(cfg, seed=1, prefix=""):
     g = torch.Generator().manual_seed(seed)
     sd = {prefix + k: torch.randn(s, generator=g) for k, s in original_xvlm_keys(cfg).items()}
@@ -131,11 +140,16 @@ def _synthetic_checkpoint(cfg, seed=1, prefix=""):
 
 
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_original_checkpoint_loads_fully(tmp_path, prefix):
+@pytest.mark.parametrize("vision_names", ["transformers", "xvlm-code"])
+def test_original_checkpoint_loads_fully(tmp_path, prefix, vision_names):
     cfg = XVLMConfig.tiny()
     sd = _synthetic_checkpoint(cfg, prefix=prefix)
+    saved = dict(sd)
+    if vision_names == "xvlm-code":
+        saved = {prefix + XVLM_CODE_NAMES.get(k[len(prefix):], k[len(prefix):]): v for k, v in sd.items()}
+        assert prefix + "vision_encoder.patch_embed.weight" in saved
     path = tmp_path / "xvlm.pth"
-    torch.save({"model": sd, "config": {"image_res": 64}}, path)
+    torch.save({"model": saved, "config": {"image_res": 64}}, path)
     model = XVLM(cfg)
     report = model.load_checkpoint(path, strict=True)
     assert report.ok and report.missing == [] and report.unexpected == [] and report.mis_shaped == []
@@ -313,3 +327,8 @@ def test_reference_masks_import(tiny, tmp_path):
         assert masks.report["unmatched"] == [] and masks.report["uncovered"] == []
         assert set(masks) == set(orig) and all(torch.equal(masks[n], orig[n]) for n in orig)
         assert set(masks.metadata["modality_sparsity"]) == {"vision", "text", "fusion"}
+    # X-VLM's fine-tuning models hold the text side as a BertModel: text_encoder.encoder.layer.N
+    path = tmp_path / "ref_finetune.pth"
+    torch.save({f"{n.replace('text_encoder.bert.', 'text_encoder.')}_pruning_mask": m for n, m in orig.items()}, path)
+    masks = Masks.from_reference(path, tiny)
+    assert masks.report["unmatched"] == [] and set(masks) == set(orig)

@@ -6,7 +6,11 @@ The model: a CLIP ViT vision tower (``vision_encoder``) and a BERT text side
 cross-attend to the image tokens; ITC projections (``vision_proj``, ``text_proj``, ``temp``),
 the ITM head and the bbox head. Module and parameter names follow the original X-VLM code, so
 the released checkpoints (a torch file whose ``model`` entry is the state dict) load with
-every key matched: :meth:`XVLM.load_checkpoint`.
+every key matched: :meth:`XVLM.load_checkpoint`. The vision embeddings use transformers' names
+(``vision_encoder.embeddings.{class_embedding,patch_embedding,position_embedding}``); the
+original code's ``vision_encoder.{class_embedding,patch_embed,pos_embed}`` and the fine-tuning
+models' ``text_encoder.{embeddings,encoder}.*`` (no ``bert.``) are mapped on load
+(:func:`original_to_ours`). Every prunable ``nn.Linear`` has the original name.
 
 Modalities (the original MULTIFLOW setup): ``vision_encoder.*`` is ``vision``;
 ``text_encoder.bert.encoder.layer.N.*`` is ``text`` for ``N < fusion_start`` and ``fusion``
@@ -27,7 +31,8 @@ from torch import nn
 
 from . import MODEL_BUILDERS, ModelAdapter, image_text_inputs, itm_loss_with_shifted_negatives, register_adapter
 
-__all__ = ["XVLMConfig", "XVLM", "XVLMOutput", "CheckpointReport", "XVLMAdapter", "build_xvlm_tiny", "load_xvlm"]
+__all__ = ["XVLMConfig", "XVLM", "XVLMOutput", "CheckpointReport", "XVLMAdapter", "build_xvlm_tiny", "load_xvlm",
+           "original_to_ours"]
 
 
 @dataclass
@@ -362,7 +367,8 @@ class XVLM(nn.Module):
     # -- checkpoints ----------------------------------------------------------------
     def load_checkpoint(self, path: str | Path, *, strict: bool = False) -> CheckpointReport:
         """Load an original X-VLM checkpoint (a torch file whose ``model`` entry is the state
-        dict, or a bare state dict; a ``module.`` prefix is stripped). Tensors whose name and
+        dict, or a bare state dict; a ``module.`` prefix is stripped; names are mapped with
+        :func:`original_to_ours`). Tensors whose name and
         shape match are copied; the rest is reported. ``strict=True`` raises ValueError
         unless every key matched."""
         from ..masks import read_torch_file
@@ -375,7 +381,7 @@ class XVLM(nn.Module):
                     break
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"X-VLM checkpoint {path} does not hold a state dict (a 'model' entry of tensors)")
-        ckpt = {str(k).removeprefix("module."): v for k, v in obj.items()}
+        ckpt = {original_to_ours(str(k).removeprefix("module.")): v for k, v in obj.items()}
         own = self.state_dict()
         buffers = {n for n, _ in self.named_buffers(remove_duplicate=False)}
         report = CheckpointReport(str(path))
@@ -401,6 +407,27 @@ class XVLM(nn.Module):
             raise ValueError(f"X-VLM checkpoint does not match the model:\n{report}")
         self.load_state_dict(to_load, strict=False)
         return report
+
+
+# ---------------------------------------------------------------------------- names
+# X-VLM's own CLIPVisionTransformer keeps the patch/position/class embeddings at the top of
+# vision_encoder, and its fine-tuning models use a BertModel as text_encoder (no ``bert.``).
+_ORIGINAL_RULES = [
+    (re.compile(r"^vision_encoder\.patch_embed\.weight$"), "vision_encoder.embeddings.patch_embedding.weight"),
+    (re.compile(r"^vision_encoder\.pos_embed\.weight$"), "vision_encoder.embeddings.position_embedding.weight"),
+    (re.compile(r"^vision_encoder\.class_embedding$"), "vision_encoder.embeddings.class_embedding"),
+    (re.compile(r"^vision_encoder\.position_ids$"), "vision_encoder.embeddings.position_ids"),
+    (re.compile(r"^text_encoder\.(embeddings|encoder)\."), r"text_encoder.bert.\1."),
+]
+
+
+def original_to_ours(name: str) -> str:
+    """Map a parameter name of the original X-VLM code onto :class:`XVLM`'s (identity for
+    every ``nn.Linear`` of the pretraining model)."""
+    for pattern, repl in _ORIGINAL_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name
 
 
 # ---------------------------------------------------------------------------- adapter
@@ -430,6 +457,9 @@ class XVLMAdapter(ModelAdapter):
         if m:
             return "text" if int(m.group(1)) < self.fusion_start else "fusion"
         return None  # projections, heads, text_encoder.cls, embeddings
+
+    def from_reference_name(self, name: str) -> str:
+        return original_to_ours(name)
 
     def keeps_all_tokens(self, param_name: str) -> bool:
         # vision layers and the fusion cross-attention keys/values see image tokens only
