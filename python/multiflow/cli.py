@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="calibrate a model and write masks at one or more sparsities")
-    pr.add_argument("--model", default="blip-tiny", help="'blip-tiny' (built in) or a local transformers BLIP folder")
+    pr.add_argument("--model", default="blip-tiny", help="'blip-tiny' or 'xvlm-tiny' (built in), a local transformers BLIP folder, "
+                         "or xvlm:PATH (X-VLM base from an original X-VLM checkpoint file)")
     pr.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None,
-                    help="BLIP class to build (default: retrieval for blip-tiny, the checkpoint's own class for a folder)")
+                    help="BLIP class to build (default: retrieval for blip-tiny, the checkpoint's own class for a folder); "
+                         "not for X-VLM")
     pr.add_argument("--data", default="builtin",
                     help="'builtin' (procedural image-caption pairs) or DATA.json[:IMAGE_ROOT] in the original format")
     pr.add_argument("--method", default="multiflow", choices=sorted(METHODS))

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-__all__ = ["Masks", "atomic_write", "check_fit"]
+__all__ = ["Masks", "atomic_write", "check_fit", "read_torch_file"]
 
 _META_KEY = "multiflow"
 FORMAT_VERSION = 1
@@ -41,6 +41,17 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
             pass
         raise
     return path
+
+
+def read_torch_file(path: str | os.PathLike, what: str):
+    """``torch.load`` (CPU, weights only) with one-line errors naming ``what`` the file is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
 
 
 def check_fit(masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, what: str = "mask set") -> None:
@@ -255,12 +266,7 @@ class Masks(Mapping):
         e.g. ``visual_encoder.blocks.0.attn.qkv.weight_pruning_mask``), mapped onto
         ``model``'s parameter names. ``report`` says what matched."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"reference mask file not found: {path}")
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read reference mask file {path}: {e}") from None
+        obj = read_torch_file(path, "reference mask file")
         if isinstance(obj, Mapping) and not any(str(k).endswith("_pruning_mask") for k in obj):
             for key in ("model", "state_dict", "masks"):
                 if isinstance(obj.get(key), Mapping):

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelAdapter", "register_adapter", "get_adapter", "build_model", "MODEL_BUILDERS", "move_batch"]
+__all__ = ["ModelAdapter", "register_adapter", "get_adapter", "build_model", "MODEL_BUILDERS", "move_batch",
+           "itm_loss_with_shifted_negatives", "image_text_inputs"]
 
 
 def move_batch(batch, device):
@@ -24,6 +26,30 @@ def move_batch(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_batch(v, device) for v in batch)
     return batch
+
+
+def image_text_inputs(batch, model_name: str):
+    """``(pixel_values, input_ids, attention_mask or None)`` of an image-text batch dict."""
+    missing = [k for k in ("pixel_values", "input_ids") if k not in batch]
+    if missing:
+        raise ValueError(f"{model_name} batches need keys pixel_values, input_ids (attention_mask optional); "
+                         f"missing {missing}")
+    return batch["pixel_values"], batch["input_ids"], batch.get("attention_mask")
+
+
+def itm_loss_with_shifted_negatives(itm_logits: Callable[[torch.Tensor], torch.Tensor],
+                                    pixel_values: torch.Tensor) -> torch.Tensor:
+    """Image-text matching loss for SNIP: the batch's pairs are positives, the images shifted
+    by one (``roll(1)``) are negatives (when the batch has more than one pair).
+    ``itm_logits(pixel_values)`` returns the (B, 2) ITM logits of those images with the batch's texts."""
+    logits = [itm_logits(pixel_values)]
+    n = logits[0].shape[0]
+    labels = [torch.ones(n, dtype=torch.long)]
+    if n > 1:
+        logits.append(itm_logits(pixel_values.roll(1, dims=0)))
+        labels.append(torch.zeros(n, dtype=torch.long))
+    logits_t = torch.cat(logits)
+    return F.cross_entropy(logits_t, torch.cat(labels).to(logits_t.device))
 
 
 class ModelAdapter:
@@ -115,19 +141,26 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def build_model(spec: str, *, task: Optional[str] = None, seed: int = 0) -> nn.Module:
-    """Build a model from a name (``blip-tiny``) or a local checkpoint folder."""
+    """Build a model from a name (``blip-tiny``, ``xvlm-tiny``), ``xvlm:PATH`` (X-VLM base with
+    an original X-VLM checkpoint file) or a local transformers BLIP checkpoint folder."""
     if spec in MODEL_BUILDERS:
         return MODEL_BUILDERS[spec](task=task, seed=seed)
     from pathlib import Path
+
+    if spec.startswith("xvlm:"):
+        from .xvlm import load_xvlm
+
+        return load_xvlm(spec[len("xvlm:"):], task=task)
 
     if Path(spec).is_dir():
         from .blip import load_blip
 
         return load_blip(spec, task=task)
     raise ValueError(
-        f"unknown model {spec!r}: use one of {sorted(MODEL_BUILDERS)} or a path to a local "
-        "transformers BLIP checkpoint folder"
+        f"unknown model {spec!r}: use one of {sorted(MODEL_BUILDERS)}, xvlm:PATH (an X-VLM checkpoint "
+        "file) or a path to a local transformers BLIP checkpoint folder"
     )
 
 
 from . import blip  # noqa: E402,F401  (registers the BLIP adapter and blip-tiny)
+from . import xvlm  # noqa: E402,F401  (registers the X-VLM adapter and xvlm-tiny)

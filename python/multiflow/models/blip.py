@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import MODEL_BUILDERS, ModelAdapter, register_adapter
+from . import MODEL_BUILDERS, ModelAdapter, image_text_inputs, itm_loss_with_shifted_negatives, register_adapter
 
 TASKS = {
     "retrieval": "BlipForImageTextRetrieval",
@@ -81,10 +80,7 @@ class BlipAdapter(ModelAdapter):
 
     @staticmethod
     def _inputs(batch):
-        missing = [k for k in ("pixel_values", "input_ids") if k not in batch]
-        if missing:
-            raise ValueError(f"BLIP batches need keys pixel_values, input_ids (attention_mask optional); missing {missing}")
-        return batch["pixel_values"], batch["input_ids"], batch.get("attention_mask")
+        return image_text_inputs(batch, "BLIP")
 
     def _call(self, model: nn.Module, pixel_values, input_ids, attention_mask, **extra):
         if self.task == "retrieval":
@@ -102,14 +98,9 @@ class BlipAdapter(ModelAdapter):
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         pixel_values, input_ids, attention_mask = self._inputs(batch)
         if self.task == "retrieval":
-            # image-text matching: the batch's pairs are positives, images shifted by one are negatives
-            logits = [self._call(model, pixel_values, input_ids, attention_mask).itm_score]
-            labels = [torch.ones(input_ids.shape[0], dtype=torch.long)]
-            if input_ids.shape[0] > 1:
-                logits.append(self._call(model, pixel_values.roll(1, dims=0), input_ids, attention_mask).itm_score)
-                labels.append(torch.zeros(input_ids.shape[0], dtype=torch.long))
-            logits_t = torch.cat(logits)
-            return F.cross_entropy(logits_t, torch.cat(labels).to(logits_t.device))
+            return itm_loss_with_shifted_negatives(
+                lambda pv: self._call(model, pv, input_ids, attention_mask).itm_score, pixel_values
+            )
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
         return self._call(model, pixel_values, input_ids, attention_mask, labels=labels).loss
 
