@@ -48,6 +48,13 @@ TORCH_LIBRARY(multiflow, m) {
   // is mask[r, 32 * w + b]; padding bits are 0.
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor bits, int cols) -> Tensor");
+
+  // Matmul. masked_linear: y = x @ (weight * mask).T + bias, the mask applied inside the
+  // kernel; x (..., in), weight (out, in), mask_bits = pack_mask(mask) int32 (out, ceil(in/32)).
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask_bits, Tensor? bias) -> Tensor");
+  // Gradients of masked_linear: grad_x = grad_out @ (W*M); grad_weight = (grad_out^T x) * M
+  // (pruned weights get exactly 0); grad_bias = grad_out summed over the leading dims.
+  m.def("masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask_bits, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 #if defined(MULTIFLOW_PYTHON_MODULE)

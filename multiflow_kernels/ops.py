@@ -450,3 +450,8 @@ def _unpack_mask_fake(bits: Tensor, cols: int) -> Tensor:
         lambda: f"bits must have W = ceil(cols / 32) = {(cols + 31) // 32} words per row, got {tuple(bits.shape)}",
     )
     return bits.new_empty((bits.shape[0], cols), dtype=torch.bool)
+
+
+# =======================================================================================
+# Matmul: masked_linear (entry point, fake kernels, autograd)
+# =======================================================================================

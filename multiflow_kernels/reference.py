@@ -169,3 +169,8 @@ def unpack_mask(bits: Tensor, cols: int) -> Tensor:
     b = bits.to(torch.int64) & 0xFFFFFFFF
     expanded = (b[:, :, None] >> torch.arange(32, device=bits.device)) & 1
     return expanded.reshape(r, words * 32)[:, :cols].bool()
+
+
+# =======================================================================================
+# Matmul: masked_linear
+# =======================================================================================
