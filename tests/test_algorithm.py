@@ -273,6 +273,15 @@ def test_nonfinite_weights_name_layer(bad, backend):
             _mfs(backend)(weights, acts, mods, 0.5, method)
 
 
+def test_other_dtypes_are_accepted(backend):
+    weights, acts, mods = _layers()
+    ref = _mfs(backend)(weights, acts, mods, 0.6)
+    got = _mfs(backend)({n: w.double() for n, w in weights.items()}, {n: a.double() for n, a in acts.items()}, mods, 0.6)
+    assert all(torch.equal(ref[n], got[n]) for n in weights)
+    half = _mfs(backend)({n: w.half() for n, w in weights.items()}, acts, mods, 0.6)
+    assert all(h.shape == w.shape and h.dtype == torch.bool for h, w in zip(half.values(), weights.values()))
+
+
 def test_missing_statistic_and_unknown_method(backend):
     weights, acts, mods = _layers()
     del acts["l2.weight"]

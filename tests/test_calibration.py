@@ -168,9 +168,18 @@ def test_nan_activation_names_layer():
 
 def test_layer_that_saw_no_tokens_is_named():
     model = TextToy()
-    p = multiflow.Pruner(model).calibrate(_text_batches(1), progress=False)
+    p = multiflow.Pruner(model)
+    with pytest.raises(ValueError, match="unused.weight"):
+        p.calibrate(_text_batches(1), progress=False)
     with pytest.raises(ValueError, match="unused.weight"):
         p.masks(0.5)
+    with pytest.raises(ValueError, match="unused.weight"):
+        multiflow.prune(TextToy(), _text_batches(1), 0.5, progress=False)
+    # a layer whose tokens are all padding saw no tokens either
+    model = TextToy()
+    pad_only = [{"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="fc1.weight"):
+        _toy_pruner(model).calibrate(pad_only, progress=False)
 
 
 def test_no_prunable_layers():
@@ -225,3 +234,11 @@ def test_vision_layers_keep_tokens_when_lengths_coincide(calib_batches):
     assert p.tokens["vision_model.encoder.layers.0.mlp.fc1.weight"] == B * t
     assert p.tokens["text_encoder.encoder.layer.0.crossattention.self.key.weight"] == B * t
     assert p.tokens["text_encoder.encoder.layer.0.attention.self.query.weight"] == int(am.sum())
+
+
+def test_float64_model():
+    torch.manual_seed(0)
+    model = TextToy().double()
+    masks = multiflow.prune(model, _text_batches(), 0.5, exclude=["unused"], progress=False)
+    assert set(masks) == {"fc1.weight", "fc2.weight"}
+    assert masks.sparsity == pytest.approx(0.5, abs=0.02)

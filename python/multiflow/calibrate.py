@@ -175,6 +175,8 @@ class Pruner:
                 if not isinstance(x, torch.Tensor):
                     return
                 x = x.detach()
+                if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    x = x.float()  # e.g. a float64 model: the statistic is float32 anyway
                 token_mask = None
                 am = state["attention_mask"]
                 if not keep_all and am is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(am.shape):
@@ -245,7 +247,17 @@ class Pruner:
             self.grads[n] = self.grads[n] + g if n in self.grads else g
         self.calibration_samples += n_samples
         self.calibration_seconds += time.perf_counter() - t0
+        if get_method(self.method).needs_activations:
+            self._check_all_layers_seen()
         return self
+
+    def _check_all_layers_seen(self) -> None:
+        unseen = [n for n in self.layers if self.tokens[n] == 0]
+        if unseen:
+            raise ValueError(
+                f"these prunable layers saw no tokens during calibration: {unseen} (is the forward "
+                "reaching them? exclude=... leaves them out; the statistics gathered so far are kept)"
+            )
 
     @property
     def act_sq_norms(self) -> dict[str, torch.Tensor]:
@@ -267,9 +279,7 @@ class Pruner:
         if m.needs_activations:
             if self.calibration_samples == 0:
                 raise ValueError(f"method {m.name!r} needs calibration: call calibrate(batches) first")
-            unseen = [n for n in self.layers if self.tokens[n] == 0]
-            if unseen:
-                raise ValueError(f"these prunable layers saw no tokens during calibration: {unseen}")
+            self._check_all_layers_seen()
             act = self.act_sq_norms
         if m.needs_gradients:
             if not self.grads:

@@ -23,6 +23,7 @@ from .selection import check_sparsity, get_impl, kth_smallest, nm_mask, threshol
 __all__ = ["Method", "METHODS", "register_method", "get_method", "masks_from_stats", "compute_masks"]
 
 ALLOCATIONS = ("modality_prior", "global", "layer", "row")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,10 @@ def compute_masks(
     """
     m = get_method(method)
     impl = get_impl(backend)
+    # the kernels take float32/float16/bfloat16 weights and float32 statistics
+    weights = {n: w if w.dtype in _KERNEL_DTYPES else w.float() for n, w in weights.items()}
+    if act_sq_norms is not None:
+        act_sq_norms = {n: a.detach().float() for n, a in act_sq_norms.items()}
     if nm is not None:
         n_keep, group = (int(v) for v in nm)
         if not (0 < n_keep <= group):
