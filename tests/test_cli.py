@@ -152,3 +152,18 @@ def test_too_many_unreadable_images_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "unreadable images" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_local_checkpoint_folder(tmp_path, task):
+    from multiflow.models.blip import build_blip_tiny
+
+    build_blip_tiny(task).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(tmp_path / "ckpt"), "--no-progress", "--batches", "1", "--batch-size", "2",
+               "--sparsity", "0.5", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_class"] == {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering"}[task]
+    m = Masks.load(out / "masks_multiflow_s0.50.safetensors")
+    assert any(n.startswith("text_decoder.") for n in m)
