@@ -204,8 +204,14 @@ void for_each_block(const std::vector<Source>& sources, const std::vector<Item>&
   for_each_block(sources, items, body, [](const Source&, Scratch&) {});
 }
 
-void add_atomic(int64_t& target, int64_t value) {
-  std::atomic_ref<int64_t>(target).fetch_add(value, std::memory_order_relaxed);
+// Relaxed atomic add on a plain int64_t; returns the previous value. std::atomic_ref is
+// C++20, and torch releases before 2.14 build extensions as C++17.
+int64_t fetch_add_relaxed(int64_t& target, int64_t value) {
+#if defined(__cpp_lib_atomic_ref)
+  return std::atomic_ref<int64_t>(target).fetch_add(value, std::memory_order_relaxed);
+#else
+  return __atomic_fetch_add(&target, value, __ATOMIC_RELAXED);
+#endif
 }
 
 // Per group: the state of its radix select.
@@ -248,7 +254,7 @@ void radix_pass(const std::vector<Source>& sources, const std::vector<Item>& ite
             sum += scratch.hist[c * kRadixBuckets + b];
           }
           if (sum != 0) {
-            add_atomic(group_hist[b], sum);
+            fetch_add_relaxed(group_hist[b], sum);
           }
         }
       });
@@ -299,7 +305,7 @@ void compact_small_buckets(
     const int64_t found =
         tiles().gather(keys_of(s, pos, n, scratch), n, high_shift, st.prefix[s.group], scratch.matches);
     if (found > 0) {
-      const int64_t offset = std::atomic_ref<int64_t>(cursor[s.group]).fetch_add(found, std::memory_order_relaxed);
+      const int64_t offset = fetch_add_relaxed(cursor[s.group], found);
       std::memcpy(buffers[s.group].data() + offset, scratch.matches, found * sizeof(uint32_t));
     }
   });
