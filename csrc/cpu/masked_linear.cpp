@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -44,6 +45,17 @@ const MaskedTiles& tiles() {
 
 inline bool bit_at(const int32_t* row_words, int64_t k) {
   return (static_cast<uint32_t>(row_words[k >> 5]) >> (k & 31)) & 1u;
+}
+
+// w where bit k of the row is set, else +0.0f (even for a NaN or Inf w), without a
+// branch: a random mask would mispredict half of them.
+inline float masked_value(float w, const int32_t* row_words, int64_t k) {
+  const uint32_t keep = 0u - ((static_cast<uint32_t>(row_words[k >> 5]) >> (k & 31)) & 1u);
+  uint32_t u;
+  std::memcpy(&u, &w, sizeof(u));
+  u &= keep;
+  std::memcpy(&w, &u, sizeof(u));
+  return w;
 }
 
 // out (rows x cols) = A (rows x depth, float32 at a with strides a_rs, a_cs) @ B,
@@ -105,7 +117,7 @@ auto masked_weight_t(const scalar_t* w, const int32_t* bits, int64_t k, int64_t 
       const int32_t* bit_row = bits + (c0 + j) * words;
       for (int64_t p = 0; p < db; ++p) {
         const int64_t kk = d0 + p;
-        b[p * ldb + j] = bit_at(bit_row, kk) ? static_cast<float>(w_row[kk]) : 0.0f;
+        b[p * ldb + j] = masked_value(static_cast<float>(w_row[kk]), bit_row, kk);
       }
     }
   };
@@ -121,7 +133,7 @@ auto masked_weight(const scalar_t* w, const int32_t* bits, int64_t k, int64_t wo
       float* b_row = b + p * ldb;
       for (int64_t j = 0; j < cb; ++j) {
         const int64_t kk = c0 + j;
-        b_row[j] = bit_at(bit_row, kk) ? static_cast<float>(w_row[kk]) : 0.0f;
+        b_row[j] = masked_value(static_cast<float>(w_row[kk]), bit_row, kk);
       }
     }
   };
