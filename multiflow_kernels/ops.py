@@ -455,3 +455,138 @@ def _unpack_mask_fake(bits: Tensor, cols: int) -> Tensor:
 # =======================================================================================
 # Matmul: masked_linear (entry point, fake kernels, autograd)
 # =======================================================================================
+# The mask is applied inside the kernel (no dense W * M is ever stored), and the
+# gradient of a pruned weight is exactly 0: an optimizer without weight decay
+# never revives it.
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ (weight * mask).T + bias`` with ``mask = unpack_mask(mask_bits, in_features)``.
+
+    Differentiable in x, weight and bias (see :func:`masked_linear_backward`); the
+    gradient of weight is exactly 0 where the mask is False. Sums run in float32; the
+    result is rounded once to x's dtype.
+
+    Args:
+        x: (..., in_features), float32, float16 or bfloat16, any strides.
+        weight: (out_features, in_features), x's dtype.
+        mask_bits: int32 (out_features, ceil(in_features / 32)), as :func:`pack_mask`
+            makes it; bit ``b`` of word ``w`` of row ``r`` keeps ``weight[r, 32 * w + b]``.
+        bias: None or (out_features,), x's dtype.
+
+    Returns:
+        (..., out_features) in x's dtype.
+    """
+    return torch.ops.multiflow.masked_linear.default(x, weight, mask_bits, bias)
+
+
+def _check_masked_linear_args(op: str, x: Tensor, weight: Tensor, mask_bits: Tensor) -> None:
+    """The argument contract shared by both ops (and the Triton launchers)."""
+    torch._check(
+        x.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}"
+    )
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
+    torch._check(
+        weight.dim() == 2, lambda: f"{op}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}"
+    )
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but weight has shape {tuple(weight.shape)}",
+    )
+    torch._check(
+        mask_bits.dtype == torch.int32,
+        lambda: f"{op}: mask_bits must be an int32 tensor (pack_mask's output), got {mask_bits.dtype}",
+    )
+    words = (weight.shape[1] + 31) // 32
+    torch._check(
+        mask_bits.dim() == 2 and mask_bits.shape[0] == weight.shape[0] and mask_bits.shape[1] == words,
+        lambda: f"{op}: mask_bits must have shape (out_features, ceil(in_features / 32)) = "
+        f"({weight.shape[0]}, {words}), got {tuple(mask_bits.shape)}",
+    )
+    torch._check(
+        weight.device == x.device and mask_bits.device == x.device,
+        lambda: f"{op}: x, weight and mask_bits must be on one device, got {x.device}, {weight.device}, {mask_bits.device}",
+    )
+
+
+def _check_bias(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        return
+    torch._check(
+        bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+        lambda: f"{op}: bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}",
+    )
+    torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+@torch.library.register_fake("multiflow::masked_linear")
+def _masked_linear_fake(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = "multiflow::masked_linear"
+    _check_masked_linear_args(op, x, weight, mask_bits)
+    _check_bias(op, x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def masked_linear_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, mask_bits: Tensor, output_mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`masked_linear`: ``(grad_x, grad_weight, grad_bias)``.
+
+    ``grad_x = grad_out @ (weight * mask)`` (x's shape), ``grad_weight = (grad_out^T @ x) * mask``
+    (exactly 0 at pruned places), ``grad_bias = grad_out`` summed over the leading dims;
+    float32 sums, rounded once to x's dtype. Only the outputs with ``output_mask[i]`` True
+    are computed; the others are (0,)-shaped tensors of x's dtype (a custom op returns a
+    real tensor in every slot of its tuple).
+
+    Args:
+        grad_out: (..., out_features), x's leading shape and dtype.
+        x, weight, mask_bits: as for :func:`masked_linear`.
+        output_mask: three bools: compute grad_x, grad_weight, grad_bias.
+    """
+    return torch.ops.multiflow.masked_linear_backward.default(grad_out, x, weight, mask_bits, output_mask)
+
+
+@torch.library.register_fake("multiflow::masked_linear_backward")
+def _masked_linear_backward_fake(
+    grad_out: Tensor, x: Tensor, weight: Tensor, mask_bits: Tensor, output_mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    op = "multiflow::masked_linear_backward"
+    _check_masked_linear_args(op, x, weight, mask_bits)
+    expect = (*x.shape[:-1], weight.shape[0])
+    torch._check(
+        tuple(grad_out.shape) == expect,
+        lambda: f"{op}: grad_out must have shape x.shape[:-1] + (out_features,) = {expect}, got {tuple(grad_out.shape)}",
+    )
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    skipped = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if output_mask[0] else skipped,
+        x.new_empty(weight.shape) if output_mask[1] else x.new_empty(0),
+        x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0),
+    )
+
+
+def _masked_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, mask_bits, bias = inputs
+    ctx.save_for_backward(x, weight, mask_bits)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward_autograd(ctx, grad_out: Tensor):
+    x, weight, mask_bits = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], ctx.has_bias and needs[3]]
+    grad_x, grad_w, grad_b = masked_linear_backward(grad_out.contiguous(), x, weight, mask_bits, output_mask)
+    return (
+        grad_x if output_mask[0] else None,
+        grad_w if output_mask[1] else None,
+        None,  # mask_bits: integer, not differentiable
+        grad_b if output_mask[2] else None,
+    )
+
+
+torch.library.register_autograd(
+    "multiflow::masked_linear", _masked_linear_backward_autograd, setup_context=_masked_linear_setup_context
+)

@@ -174,3 +174,34 @@ def unpack_mask(bits: Tensor, cols: int) -> Tensor:
 # =======================================================================================
 # Matmul: masked_linear
 # =======================================================================================
+def masked_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    """weight * mask with the mask unpacked from ``mask_bits``; pruned places are exactly 0."""
+    mask = unpack_mask(mask_bits, weight.shape[1])
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ (weight * mask).T + bias, summed in float32, rounded once to x's dtype."""
+    y = x.float() @ masked_weight(weight, mask_bits).float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def masked_linear_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, mask_bits: Tensor, output_mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) of :func:`masked_linear`, in float32 rounded to x's
+    dtype; grad_weight is exactly 0 where the mask is False. Outputs that ``output_mask``
+    leaves out are (0,)-shaped tensors, as the op returns them."""
+    g = grad_out.reshape(-1, weight.shape[0]).float()
+    xs = x.reshape(-1, weight.shape[1]).float()
+    skipped = x.new_empty(0)
+    grad_x = (g @ masked_weight(weight, mask_bits).float()).reshape(x.shape).to(x.dtype) if output_mask[0] else skipped
+    if output_mask[1]:
+        mask = unpack_mask(mask_bits, weight.shape[1])
+        grad_w = torch.where(mask, g.T @ xs, torch.zeros((), device=x.device)).to(x.dtype)
+    else:
+        grad_w = skipped
+    grad_b = g.sum(0).to(x.dtype) if output_mask[2] else skipped
+    return grad_x, grad_w, grad_b

@@ -35,6 +35,7 @@
 #include "cpu/flow_tile_impl.h"
 #include "cpu/select_tile_impl.h"
 #include "cpu/maskpack_tile_impl.h"
+#include "cpu/masked_tile_impl.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -12,3 +12,4 @@
 #include "cpu/flow_tile_impl.h"
 #include "cpu/select_tile_impl.h"
 #include "cpu/maskpack_tile_impl.h"
+#include "cpu/masked_tile_impl.h"

@@ -3,7 +3,8 @@
 Each one is registered as the CUDA implementation of its op where it beats the
 CUDA C++ kernel in csrc/cuda/ (the other is kept for comparison in benchmarks).
 
-Registered here: flow_importance and flow_scores (flow.py). The kernel modules are
+Registered here: flow_importance and flow_scores (flow.py), masked_linear and
+masked_linear_backward (masked_linear.py: there is no CUDA C++ kernel for them). The kernel modules are
 imported on the first CUDA call, not here: importing multiflow_kernels never
 imports triton (machines without it, or without a GPU, pay nothing), and a test
 can still choose TRITON_INTERPRET=1 before the kernels are defined.
@@ -30,3 +31,16 @@ if HAS_TRITON:
 
     torch.library.register_kernel("multiflow::flow_importance", "cuda", _flow_importance_cuda)
     torch.library.register_kernel("multiflow::flow_scores", "cuda", _flow_scores_cuda)
+
+    def _masked_linear_cuda(x, weight, mask_bits, bias):
+        from .masked_linear import masked_linear_triton
+
+        return masked_linear_triton(x, weight, mask_bits, bias)
+
+    def _masked_linear_backward_cuda(grad_out, x, weight, mask_bits, output_mask):
+        from .masked_linear import masked_linear_backward_triton
+
+        return masked_linear_backward_triton(grad_out, x, weight, mask_bits, output_mask)
+
+    torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
+    torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
