@@ -17,11 +17,18 @@ except ImportError as e:
         "Build it from the repository root with:  pip install --no-build-isolation -e ."
     ) from e
 
-from . import ops, reference  # noqa: E402
+from . import nn, ops, reference  # noqa: E402
+from .nn import SparseLinear, load_sparse, memory_report, save_sparse, sparsify  # noqa: E402
 from . import triton  # noqa: E402, F401  (registers the Triton CUDA kernels; never imports triton itself)
 
 __all__ = [
     "__version__",
     "ops",
     "reference",
+    "nn",
+    "SparseLinear",
+    "sparsify",
+    "save_sparse",
+    "load_sparse",
+    "memory_report",
 ]

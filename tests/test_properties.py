@@ -155,3 +155,27 @@ def test_masks_bit_identical_across_thread_counts(threads):
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(ref[n], got[n]) for n in weights)
+
+
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=4), st.integers(1, 5), st.floats(0, 1),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1))
+def test_sparsify_equals_masked_dense(widths, batch, density, dtype, seed):
+    import copy
+
+    import multiflow_kernels as mk
+
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers).to(dtype)
+    masks = {f"{i}.weight": torch.rand(m.weight.shape) < density
+             for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)}
+    dense = copy.deepcopy(model)
+    multiflow.Masks(masks).apply(dense)
+    mk.sparsify(model, masks)
+    x = torch.randn(batch, widths[0]).to(dtype)
+    with torch.no_grad():
+        got, ref = model(x).double(), dense(x).double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - ref).norm() <= tol * max(ref.norm(), 1e-6)

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pr.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    sp = sub.add_parser("sparsify", help="replace the masked nn.Linear layers of a model by sparse ones, "
+                                          "save it and print the memory report")
+    sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
+    sp.add_argument("maskfile", help="a mask file written by multiflow prune")
+    sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None)
+    sp.add_argument("--format", default="masked", help="sparse format (implemented: masked)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of a built-in model (must match the pruning run)")
+    sp.add_argument("--out", default="sparse_model.safetensors", help="output safetensors file")
+    sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     ins = sub.add_parser("inspect", help="print a mask file's summary")
     ins.add_argument("maskfile")
     ins.add_argument("--no-layers", action="store_true", help="only the per-modality table")
@@ -307,6 +317,21 @@ def _prune(args, rank: int, world: int) -> int:
     return 0
 
 
+def cmd_sparsify(args) -> int:
+    import multiflow_kernels as mk
+
+    from .masks import Masks
+    from .models import build_model
+
+    masks = Masks.load(args.maskfile)
+    model = build_model(args.model, task=args.task, seed=args.seed)
+    mk.sparsify(model, masks, format=args.format)
+    path = mk.save_sparse(model, args.out)
+    print(mk.memory_report(model))
+    print(f"wrote {path} ({len(masks)} sparse layers, format {args.format})")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .masks import Masks
 
@@ -324,6 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args)
+        if args.command == "sparsify":
+            return cmd_sparsify(args)
         return cmd_inspect(args)
     except KeyboardInterrupt:
         print(f"multiflow: interrupted while {_Stage.now}; no partial file was written "

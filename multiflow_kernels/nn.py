@@ -1,0 +1,215 @@
+"""``SparseLinear``, a drop-in ``nn.Linear`` whose weight is pruned by a mask, and the tools
+to turn a pruned model into one: ``sparsify``, ``save_sparse`` / ``load_sparse``,
+``memory_report``.
+
+Formats:
+
+``masked``  dense weight + 1 bit per weight (``pack_mask`` layout); the mask is applied
+            inside the ``masked_linear`` kernels, forward and backward, so pruned weights get
+            exactly zero gradient and never revive under an optimizer (sparse fine-tuning).
+
+The compressed formats (``bitmap``: kept values + bitmap + offsets; ``2:4``: sparse tensor
+core layout) are not implemented yet: asking for them raises ``ValueError``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from ._io import atomic_write
+
+__all__ = ["SparseLinear", "sparsify", "save_sparse", "load_sparse", "memory_report", "FORMATS"]
+
+FORMATS = ("masked",)
+PLANNED_FORMATS = ("bitmap", "2:4", "auto")
+_META_KEY = "multiflow_kernels"
+_FORMAT_VERSION = 1
+
+
+def _check_format(format: str) -> str:
+    if format in FORMATS:
+        return format
+    if format in PLANNED_FORMATS:
+        raise ValueError(f"format {format!r} is not implemented yet; available: {list(FORMATS)}")
+    raise ValueError(f"unknown sparse format {format!r}; available: {list(FORMATS)}")
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ (W * M).T + b`` with the weight stored in a sparse ``format``.
+
+    Build one with :meth:`from_dense`; the constructor makes an empty layer of the right
+    shapes (what :func:`load_sparse` fills).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "masked",
+                 device=None, dtype=None):
+        super().__init__()
+        self.format = _check_format(format)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_buffer("mask_bits", torch.zeros(out_features, (in_features + 31) // 32, dtype=torch.int32,
+                                                      device=device))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, format: str = "masked") -> "SparseLinear":
+        """The sparse twin of ``linear`` keeping the weights where ``mask`` is True."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_dense needs an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight's {tuple(linear.weight.shape)}")
+        w = linear.weight.detach()
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, format=format,
+                  device=w.device, dtype=w.dtype)
+        mask = mask.to(w.device)
+        with torch.no_grad():
+            out.weight.copy_(w.masked_fill(~mask, 0))
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias.detach())
+            out.mask_bits.copy_(ops.pack_mask(mask))
+        return out
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The keep-mask, unpacked (bool, out x in)."""
+        return ops.unpack_mask(self.mask_bits, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective dense weight ``W * M``."""
+        return self.weight.detach().masked_fill(~self.mask, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_linear(x, self.weight, self.mask_bits, self.bias)
+
+    def storage_bytes(self) -> int:
+        """Bytes of every tensor that holds the weight (bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.mask_bits))
+
+    def extra_repr(self) -> str:
+        kept = int(self.mask.sum()) if self.mask_bits.device.type != "meta" else -1
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format!r}, kept={kept}")
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "masked") -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose ``<module>.weight`` has a mask by a
+    :class:`SparseLinear`; returns the model. Raises ValueError naming every mask that does
+    not fit (not an ``nn.Linear`` weight, unknown name, wrong shape or dtype), before
+    changing anything."""
+    _check_format(format)
+    linears = _linear_modules(model)
+    params = dict(model.named_parameters())
+    problems = []
+    for name, m in masks.items():
+        mod_name = name[: -len(".weight")] if name.endswith(".weight") else None
+        if mod_name is None or mod_name not in linears:
+            kind = "not in the model" if name not in params else "not the weight of an nn.Linear"
+            problems.append(f"{name} ({kind})")
+        elif not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            problems.append(f"{name} (mask is not a bool tensor)")
+        elif tuple(m.shape) != tuple(linears[mod_name].weight.shape):
+            problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(linears[mod_name].weight.shape)})")
+    if problems:
+        raise ValueError(f"masks do not fit {type(model).__name__}: {problems}")
+    for name, m in masks.items():
+        mod_name = name[: -len(".weight")]
+        parent_name, _, child = mod_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseLinear.from_dense(linears[mod_name], m, format=format))
+    return model
+
+
+def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def _layout(model: nn.Module) -> dict:
+    return {n: {"format": m.format, "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None} for n, m in _sparse_layers(model).items()}
+
+
+def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the whole model state (sparse layers in their format, every other parameter and
+    buffer) to one safetensors file, atomically, with the format of each layer recorded."""
+    from safetensors.torch import save_model
+
+    layout = _layout(model)
+    if not layout:
+        raise ValueError(f"{type(model).__name__} has no SparseLinear layer: call sparsify(model, masks) first")
+    meta = {_META_KEY: json.dumps({"format_version": _FORMAT_VERSION, "layers": layout})}
+    return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a file written by :func:`save_sparse` into ``model``, which must already be
+    sparsified with the same layout (same layers and formats); tensors are copied into the
+    existing sparse storage, no dense weight is materialised."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sparse model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"cannot read sparse model file {path}: not a valid safetensors file ({e})") from None
+    if _META_KEY not in header:
+        raise ValueError(f"{path} is not a multiflow_kernels sparse model file (no '{_META_KEY}' metadata)")
+    saved = json.loads(header[_META_KEY])["layers"]
+    ours = _layout(model)
+    if saved != ours:
+        diff = sorted(set(saved) ^ set(ours)) or [n for n in saved if saved[n] != ours.get(n)]
+        raise ValueError(f"{path} was saved from a model sparsified differently; layers that differ: {diff[:20]}")
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"cannot load {path} into {type(model).__name__}: {e}") from None
+    return model
+
+
+class MemoryReport(dict):
+    """``layers`` (name -> format, dense and sparse weight bytes) and totals; ``str()`` is a table."""
+
+    def __str__(self) -> str:
+        rows = self["layers"]
+        width = max([len(n) for n in rows] + [5])
+        lines = [f"{'layer':<{width}} {'format':<7} {'dense MiB':>10} {'sparse MiB':>11} {'ratio':>6}"]
+        for n, r in rows.items():
+            lines.append(f"{n:<{width}} {r['format']:<7} {r['dense_bytes'] / 2**20:>10.3f} "
+                         f"{r['sparse_bytes'] / 2**20:>11.3f} {r['ratio']:>6.3f}")
+        t = self["total"]
+        lines.append(f"{'total (sparse layers)':<{width}} {'':<7} {t['dense_bytes'] / 2**20:>10.3f} "
+                     f"{t['sparse_bytes'] / 2**20:>11.3f} {t['ratio']:>6.3f}")
+        lines.append(f"model parameters and buffers: {t['model_bytes'] / 2**20:.3f} MiB")
+        return "\n".join(lines)
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Dense vs sparse weight bytes per sparse layer and in total."""
+    layers = {}
+    for n, m in _sparse_layers(model).items():
+        dense = m.weight.numel() * m.weight.element_size()
+        sparse = m.storage_bytes()
+        layers[n] = {"format": m.format, "dense_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense if dense else 0.0}
+    dense = sum(r["dense_bytes"] for r in layers.values())
+    sparse = sum(r["sparse_bytes"] for r in layers.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return MemoryReport(layers=layers, total={"dense_bytes": dense, "sparse_bytes": sparse,
+                                              "ratio": sparse / dense if dense else 0.0, "model_bytes": model_bytes})
