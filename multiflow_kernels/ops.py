@@ -590,3 +590,8 @@ def _masked_linear_backward_autograd(ctx, grad_out: Tensor):
 torch.library.register_autograd(
     "multiflow::masked_linear", _masked_linear_backward_autograd, setup_context=_masked_linear_setup_context
 )
+
+
+# =======================================================================================
+# Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear (entry points + fake kernels)
+# =======================================================================================

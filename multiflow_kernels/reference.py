@@ -205,3 +205,8 @@ def masked_linear_backward(
         grad_w = skipped
     grad_b = g.sum(0).to(x.dtype) if output_mask[2] else skipped
     return grad_x, grad_w, grad_b
+
+
+# =======================================================================================
+# Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear
+# =======================================================================================
