@@ -41,11 +41,14 @@ def _check_format(format: str) -> str:
     raise ValueError(f"unknown sparse format {format!r}; available: {list(FORMATS)}")
 
 
+_BITMAP_BUFFERS = ("values", "bits", "row_ptr", "block_ptr")
+
+
 class SparseLinear(nn.Module):
     """``y = x @ (W * M).T + b`` with the weight stored in a sparse ``format``.
 
     Build one with :meth:`from_dense`; the constructor makes an empty layer of the right
-    shapes (what :func:`load_sparse` fills).
+    shapes (what :func:`load_sparse` and ``load_state_dict`` fill).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "masked",
@@ -55,10 +58,17 @@ class SparseLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+        words = (in_features + 31) // 32
+        if self.format == "masked":
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+            self.register_buffer("mask_bits", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        else:  # bitmap: kept values + bitmap + offsets, no dense weight anywhere
+            self.register_buffer("values", torch.zeros(0, **kw))
+            self.register_buffer("bits", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+            self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
+            self.register_buffer("block_ptr", torch.zeros(out_features, (in_features + 511) // 512, dtype=torch.int32,
+                                                          device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self.register_buffer("mask_bits", torch.zeros(out_features, (in_features + 31) // 32, dtype=torch.int32,
-                                                      device=device))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, format: str = "masked") -> "SparseLinear":
@@ -74,32 +84,57 @@ class SparseLinear(nn.Module):
                   device=w.device, dtype=w.dtype)
         mask = mask.to(w.device)
         with torch.no_grad():
-            out.weight.copy_(w.masked_fill(~mask, 0))
+            if out.format == "masked":
+                out.weight.copy_(w.masked_fill(~mask, 0))
+                out.mask_bits.copy_(ops.pack_mask(mask))
+            else:
+                for name, t in zip(_BITMAP_BUFFERS, ops.bitmap_pack(w, mask)):
+                    setattr(out, name, t)
             if linear.bias is not None:
                 out.bias.copy_(linear.bias.detach())
-            out.mask_bits.copy_(ops.pack_mask(mask))
         return out
 
     @property
     def mask(self) -> torch.Tensor:
         """The keep-mask, unpacked (bool, out x in)."""
-        return ops.unpack_mask(self.mask_bits, self.in_features)
+        return ops.unpack_mask(self.mask_bits if self.format == "masked" else self.bits, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The effective dense weight ``W * M``."""
-        return self.weight.detach().masked_fill(~self.mask, 0)
+        if self.format == "masked":
+            return self.weight.detach().masked_fill(~self.mask, 0)
+        return ops.bitmap_unpack(self.values, self.bits, self.row_ptr, self.block_ptr, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, self.weight, self.mask_bits, self.bias)
+        if self.format == "masked":
+            return ops.masked_linear(x, self.weight, self.mask_bits, self.bias)
+        return ops.bitmap_linear(x, self.values, self.bits, self.row_ptr, self.block_ptr, self.in_features, self.bias)
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        if self.format == "masked":
+            return [self.weight, self.mask_bits]
+        return [getattr(self, n) for n in _BITMAP_BUFFERS]
 
     def storage_bytes(self) -> int:
         """Bytes of every tensor that holds the weight (bias excluded)."""
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.mask_bits))
+        return sum(t.numel() * t.element_size() for t in self._weight_tensors())
+
+    def dense_bytes(self) -> int:
+        """Bytes the dense weight would take in this layer's dtype."""
+        dtype = self.weight.dtype if self.format == "masked" else self.values.dtype
+        return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the number of kept values is data, not shape: size the buffer from the checkpoint
+        if self.format != "masked" and prefix + "values" in state_dict:
+            saved = state_dict[prefix + "values"]
+            if saved.shape != self.values.shape:
+                self.values = torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        kept = int(self.mask.sum()) if self.mask_bits.device.type != "meta" else -1
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format!r}, kept={kept}")
+                f"format={self.format!r}")
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -205,7 +240,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
     """Dense vs sparse weight bytes per sparse layer and in total."""
     layers = {}
     for n, m in _sparse_layers(model).items():
-        dense = m.weight.numel() * m.weight.element_size()
+        dense = m.dense_bytes()
         sparse = m.storage_bytes()
         layers[n] = {"format": m.format, "dense_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense if dense else 0.0}
     dense = sum(r["dense_bytes"] for r in layers.values())
