@@ -152,10 +152,11 @@ def test_linear_uniform_masks(kind, dtype):
     check_linear(x, w, mask, torch.randn(9).to(dtype))
 
 
-@pytest.mark.parametrize("m", [1, 16, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 70])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_many_tokens_and_rows(m, dtype):
-    """Several parallel row blocks and 512-column segments, none of them full."""
+    """Several parallel row blocks and 512-column segments, none of them full; M <= 4 takes
+    the AVX-512 float32 register path, larger M the decoded-segment path."""
     w, mask = make_weight(100, 1300, dtype, seed=3)
     x = torch.randn(m, 1300).to(dtype)
     check_linear(x, w, mask, torch.randn(100).to(dtype))
@@ -247,7 +248,8 @@ out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for name in ("f32", "f16", "bf16"):
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
     fmt = ops.bitmap_pack(w.to(dtype), mask)
-    out[name] = (fmt, ops.bitmap_unpack(*fmt, w.shape[1]), ops.bitmap_linear(x.to(dtype), *fmt, w.shape[1], b.to(dtype)))
+    ys = [ops.bitmap_linear(x[:m].to(dtype), *fmt, w.shape[1], b.to(dtype)) for m in (1, 3, 5)]
+    out[name] = (fmt, ops.bitmap_unpack(*fmt, w.shape[1]), ys)
 torch.save(out, sys.argv[2])
 """
 
@@ -260,11 +262,13 @@ def test_every_isa_path(isa, tmp_path):
     got = run_with_isa(isa, ISA_SCRIPT, (w, mask, x, b), tmp_path)
     for name, dtype in (("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)):
         wd, xd, bd = w.to(dtype), x.to(dtype), b.to(dtype)
-        fmt, dense, y = got[name]
+        fmt, dense, ys = got[name]
         for g, r in zip(fmt, reference.bitmap_pack(wd, mask)):
             assert torch.equal(g, r), f"{name} pack ({isa})"
         wm = torch.where(mask, wd, torch.zeros((), dtype=dtype))
         assert torch.equal(dense, wm), f"{name} unpack ({isa})"
-        exact = F.linear(xd.double(), wm.double(), bd.double())
-        scale = F.linear(xd.double().abs(), wm.double().abs(), bd.double().abs())
-        assert_earned(y, exact, F.linear(xd, wm, bd), scale, dtype, f"{name} y ({isa})")
+        for m, y in zip((1, 3, 5), ys):
+            xm = xd[:m]
+            exact = F.linear(xm.double(), wm.double(), bd.double())
+            scale = F.linear(xm.double().abs(), wm.double().abs(), bd.double().abs())
+            assert_earned(y, exact, F.linear(xm, wm, bd), scale, dtype, f"{name} y, M = {m} ({isa})")

@@ -67,9 +67,19 @@ int64_t row_count(const int32_t* row_words, int64_t words) {
   return n;
 }
 
+// Raises the error for row r (r < 0: no bad row).
+void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
+  const int32_t* bits = p.bits.const_data_ptr<int32_t>();
+  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int64_t words = p.bits.size(1);
+  TORCH_CHECK(
+      r < 0, op, ": row_ptr does not match bits: row ", r, " has ", r < 0 ? 0 : row_count(bits + r * words, words),
+      " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
+}
+
 // Every row's kept count in bits must match row_ptr (the kernels trust it to
-// stay inside values). One pass over the words: 1/9 of the bytes of float32
-// values at 75% sparsity.
+// stay inside values): one pass over the words, before unpack writes anything
+// (bitmap_linear checks each row just before it reads it instead).
 void check_row_counts(const char* op, const BitmapProblem& p) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
@@ -84,10 +94,7 @@ void check_row_counts(const char* op, const BitmapProblem& p) {
       }
     }
   });
-  const int64_t r = bad.load();
-  TORCH_CHECK(
-      r < 0, op, ": row_ptr does not match bits: row ", r, " has ", r < 0 ? 0 : row_count(bits + r * words, words),
-      " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
+  report_bad_row(op, p, bad.load());
 }
 
 template <typename Fn>
@@ -211,7 +218,6 @@ at::Tensor bitmap_linear_cpu(
     int64_t in_features,
     const std::optional<at::Tensor>& bias) {
   const BitmapProblem p = prepare_bitmap_linear(x, values, bits, row_ptr, block_ptr, in_features, bias);
-  check_row_counts("multiflow::bitmap_linear", p);
   const int64_t m = p.m, n = p.rows, k = p.cols;
   const int64_t words = p.bits.size(1);
   const int64_t ldx = words * 32;
@@ -235,10 +241,18 @@ at::Tensor bitmap_linear_cpu(
     const scalar_t* v = p.values.const_data_ptr<scalar_t>();
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    std::atomic<int64_t> bad{-1};
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(m * kBitmapScratchPerRow);
       std::vector<float> acc(m);
       for (int64_t r = begin; r < end; ++r) {
+        // The row's count checked against its words just before the kernel
+        // reads them (they are in L1 then): the kernel never leaves the row's values.
+        if (rp[r + 1] - rp[r] != row_count(b + r * words, words)) {
+          int64_t expect = -1;
+          bad.compare_exchange_strong(expect, r);
+          return;
+        }
         row(v + rp[r], b + r * words, words, xp, m, ldx, scratch.data(), acc.data());
         const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
         for (int64_t i = 0; i < m; ++i) {
@@ -246,6 +260,7 @@ at::Tensor bitmap_linear_cpu(
         }
       }
     });
+    report_bad_row("multiflow::bitmap_linear", p, bad.load());
   });
   return y.view(p.out_shape);
 }

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -30,12 +31,18 @@ namespace multiflow::cpu {
 namespace {
 namespace bitmap {
 
-// Portable popcount / count-trailing-zeros (the TUs are not built with -mpopcnt).
+// popcount / count-trailing-zeros. Under the AVX2 / AVX-512 target pragmas GCC
+// emits popcnt for the builtin (SSE4.2 comes with them); only the AVX-512 float
+// decode uses popcount.
 inline int popcount32(uint32_t u) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_popcount(u);
+#else
   u = u - ((u >> 1) & 0x55555555u);
   u = (u & 0x33333333u) + ((u >> 2) & 0x33333333u);
   u = (u + (u >> 4)) & 0x0F0F0F0Fu;
   return static_cast<int>((u * 0x01010101u) >> 24);
+#endif
 }
 
 inline int ctz32(uint32_t u) {  // u != 0
@@ -79,6 +86,51 @@ inline const float* decode_segment(const float* v, const int32_t* bits, int64_t 
   }
   return v;
 }
+
+// Few rows of x (M <= kRegisterRows): no dense segment at all. Each word
+// expands straight into two registers, which meet every row of x there; the
+// 2 * R accumulators stay in registers for the whole weight row.
+constexpr int64_t kRegisterRows = 4;
+
+template <int R>
+inline int64_t row_dot_registers(
+    const float* values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
+  __m512 acc0[R];
+  __m512 acc1[R];
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
+  }
+  const float* v = values;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t u = static_cast<uint32_t>(bits[w]);
+    if (u == 0) {
+      continue;
+    }
+    const uint32_t lo = u & 0xFFFFu;
+    const uint32_t hi = u >> 16;
+    const __m512 w0 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(lo), v);
+    v += popcount32(lo);
+    const __m512 w1 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(hi), v);
+    v += popcount32(hi);
+    for (int i = 0; i < R; ++i) {
+      const float* xi = x + i * ldx + 32 * w;
+      acc0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc1[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    alignas(64) float lanes[32];
+    _mm512_store_ps(lanes, acc0[i]);
+    _mm512_store_ps(lanes + 16, acc1[i]);
+    float s = 0.0f;
+    for (int l = 0; l < 32; ++l) {
+      s += lanes[l];
+    }
+    out[i] = s;
+  }
+  return v - values;
+}
 #endif
 
 // scratch[i] accumulators += dense . x_i over `cols` (a multiple of 32) columns.
@@ -109,6 +161,18 @@ int64_t row_dot(
     float* scratch,
     float* out) {
   static_assert(32 % (2 * kLanes) == 0, "a word's 32 columns are whole vector pairs");
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const float* vf = static_cast<const float*>(values);
+    switch (m) {
+      case 1: return row_dot_registers<1>(vf, bits, words, x, ldx, out);
+      case 2: return row_dot_registers<2>(vf, bits, words, x, ldx, out);
+      case 3: return row_dot_registers<3>(vf, bits, words, x, ldx, out);
+      case 4: return row_dot_registers<4>(vf, bits, words, x, ldx, out);
+      default: break;
+    }
+  }
+#endif
   alignas(64) float dense[kBitmapSegWords * 32];
   std::fill(scratch, scratch + m * kBitmapScratchPerRow, 0.0f);
   const T* start = static_cast<const T*>(values);
