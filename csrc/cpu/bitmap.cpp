@@ -243,20 +243,26 @@ at::Tensor bitmap_linear_cpu(
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     std::atomic<int64_t> bad{-1};
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(m * kBitmapScratchPerRow);
-      std::vector<float> acc(m);
-      for (int64_t r = begin; r < end; ++r) {
-        // The row's count checked against its words just before the kernel
-        // reads them (they are in L1 then): the kernel never leaves the row's values.
-        if (rp[r + 1] - rp[r] != row_count(b + r * words, words)) {
-          int64_t expect = -1;
-          bad.compare_exchange_strong(expect, r);
-          return;
+      std::vector<float> scratch(m * kBitmapRowsPerCall * kBitmapScratchPerRow);
+      std::vector<float> acc(m * kBitmapRowsPerCall);
+      for (int64_t r0 = begin; r0 < end; r0 += kBitmapRowsPerCall) {
+        const int64_t nr = std::min(kBitmapRowsPerCall, end - r0);
+        // The rows' counts checked against their words just before the kernel
+        // reads them (they are in L1 then): the kernel never leaves a row's values.
+        for (int64_t r = r0; r < r0 + nr; ++r) {
+          if (rp[r + 1] - rp[r] != row_count(b + r * words, words)) {
+            int64_t expect = -1;
+            bad.compare_exchange_strong(expect, r);
+            return;
+          }
         }
-        row(v + rp[r], b + r * words, words, xp, m, ldx, scratch.data(), acc.data());
-        const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
-        for (int64_t i = 0; i < m; ++i) {
-          out[i * n + r] = static_cast<scalar_t>(acc[i] + bias_r);
+        row(v, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t r = r0 + j;
+          const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
+          for (int64_t i = 0; i < m; ++i) {
+            out[i * n + r] = static_cast<scalar_t>(acc[j * m + i] + bias_r);
+          }
         }
       }
     });

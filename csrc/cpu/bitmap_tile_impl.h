@@ -8,8 +8,11 @@
 //                    elsewhere (masked-off lanes are not read: no overrun);
 //   everything else  zero the segment, then one scalar store per set bit
 //                    (count-trailing-zeros walk), widening half / bf16 exactly.
-// Then each row of x is dotted with the segment, two vector accumulators per
-// row kept in scratch (loaded and stored once per segment).
+// Then each row of x is dotted with the segments of up to kBitmapRowsPerCall
+// weight rows at once (each load of x feeds all of them), two vector
+// accumulators per (x row, weight row) kept in scratch (loaded and stored once
+// per segment). AVX-512 float32 with M <= 4 skips the segment: see
+// row_dot_registers.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -93,7 +96,7 @@ inline const float* decode_segment(const float* v, const int32_t* bits, int64_t 
 constexpr int64_t kRegisterRows = 4;
 
 template <int R>
-inline int64_t row_dot_registers(
+inline void row_dot_registers(
     const float* values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
   __m512 acc0[R];
   __m512 acc1[R];
@@ -129,30 +132,44 @@ inline int64_t row_dot_registers(
     }
     out[i] = s;
   }
-  return v - values;
 }
 #endif
 
-// scratch[i] accumulators += dense . x_i over `cols` (a multiple of 32) columns.
-inline void dot_segment(const float* dense, int64_t cols, const float* x, int64_t m, int64_t ldx, float* scratch) {
-  static_assert(2 * kLanes <= kBitmapScratchPerRow, "scratch holds two vectors per row");
+// For each row i of x and weight row j < R: the two accumulators at
+// scratch[(i * R + j) * kBitmapScratchPerRow] += dense[j] . x_i over `cols` (a
+// multiple of 32) columns. Each load of x feeds R weight rows.
+template <int R>
+inline void dot_segment(
+    const float (*dense)[kBitmapSegWords * 32], int64_t cols, const float* x, int64_t m, int64_t ldx, float* scratch) {
+  static_assert(2 * kLanes <= kBitmapScratchPerRow, "scratch holds two vectors per (x row, weight row)");
   for (int64_t i = 0; i < m; ++i) {
-    float* acc_i = scratch + i * kBitmapScratchPerRow;
-    FloatVec acc0 = FloatVec::loadu(acc_i);
-    FloatVec acc1 = FloatVec::loadu(acc_i + kLanes);
-    const float* xi = x + i * ldx;
-    for (int64_t j = 0; j < cols; j += 2 * kLanes) {
-      acc0 = at::vec::fmadd(FloatVec::loadu(dense + j), FloatVec::loadu(xi + j), acc0);
-      acc1 = at::vec::fmadd(FloatVec::loadu(dense + j + kLanes), FloatVec::loadu(xi + j + kLanes), acc1);
+    float* acc_i = scratch + i * R * kBitmapScratchPerRow;
+    FloatVec acc0[R];
+    FloatVec acc1[R];
+    for (int j = 0; j < R; ++j) {
+      acc0[j] = FloatVec::loadu(acc_i + j * kBitmapScratchPerRow);
+      acc1[j] = FloatVec::loadu(acc_i + j * kBitmapScratchPerRow + kLanes);
     }
-    acc0.store(acc_i);
-    acc1.store(acc_i + kLanes);
+    const float* xi = x + i * ldx;
+    for (int64_t c = 0; c < cols; c += 2 * kLanes) {
+      const FloatVec x0 = FloatVec::loadu(xi + c);
+      const FloatVec x1 = FloatVec::loadu(xi + c + kLanes);
+      for (int j = 0; j < R; ++j) {
+        acc0[j] = at::vec::fmadd(FloatVec::loadu(dense[j] + c), x0, acc0[j]);
+        acc1[j] = at::vec::fmadd(FloatVec::loadu(dense[j] + c + kLanes), x1, acc1[j]);
+      }
+    }
+    for (int j = 0; j < R; ++j) {
+      acc0[j].store(acc_i + j * kBitmapScratchPerRow);
+      acc1[j].store(acc_i + j * kBitmapScratchPerRow + kLanes);
+    }
   }
 }
 
-template <typename T>
-int64_t row_dot(
-    const void* values,
+template <typename T, int R>
+void rows_dot_segments(
+    const T* values,
+    const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     const float* x,
@@ -160,44 +177,77 @@ int64_t row_dot(
     int64_t ldx,
     float* scratch,
     float* out) {
+  alignas(64) float dense[R][kBitmapSegWords * 32];
+  std::fill(scratch, scratch + m * R * kBitmapScratchPerRow, 0.0f);
+  const T* v[R];
+  for (int j = 0; j < R; ++j) {
+    v[j] = values + row_ptr[j];
+  }
+  for (int64_t w0 = 0; w0 < words; w0 += kBitmapSegWords) {
+    const int64_t nw = std::min(kBitmapSegWords, words - w0);
+    for (int j = 0; j < R; ++j) {
+      v[j] = decode_segment(v[j], bits + j * words + w0, nw, dense[j]);
+    }
+    dot_segment<R>(dense, nw * 32, x + w0 * 32, m, ldx, scratch);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int j = 0; j < R; ++j) {
+      const float* acc = scratch + (i * R + j) * kBitmapScratchPerRow;
+      float s = 0.0f;
+      for (int64_t l = 0; l < 2 * kLanes; ++l) {
+        s += acc[l];
+      }
+      out[j * m + i] = s;
+    }
+  }
+}
+
+template <typename T>
+void rows_dot(
+    const void* values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    int64_t m,
+    int64_t ldx,
+    float* scratch,
+    float* out) {
   static_assert(32 % (2 * kLanes) == 0, "a word's 32 columns are whole vector pairs");
+  const T* vals = static_cast<const T*>(values);
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    const float* vf = static_cast<const float*>(values);
-    switch (m) {
-      case 1: return row_dot_registers<1>(vf, bits, words, x, ldx, out);
-      case 2: return row_dot_registers<2>(vf, bits, words, x, ldx, out);
-      case 3: return row_dot_registers<3>(vf, bits, words, x, ldx, out);
-      case 4: return row_dot_registers<4>(vf, bits, words, x, ldx, out);
-      default: break;
+    if (m <= kRegisterRows) {
+      for (int64_t j = 0; j < n_rows; ++j) {
+        const float* vf = vals + row_ptr[j];
+        const int32_t* bj = bits + j * words;
+        switch (m) {
+          case 1: row_dot_registers<1>(vf, bj, words, x, ldx, out + j * m); break;
+          case 2: row_dot_registers<2>(vf, bj, words, x, ldx, out + j * m); break;
+          case 3: row_dot_registers<3>(vf, bj, words, x, ldx, out + j * m); break;
+          case 4: row_dot_registers<4>(vf, bj, words, x, ldx, out + j * m); break;
+          default: break;
+        }
+      }
+      return;
     }
   }
 #endif
-  alignas(64) float dense[kBitmapSegWords * 32];
-  std::fill(scratch, scratch + m * kBitmapScratchPerRow, 0.0f);
-  const T* start = static_cast<const T*>(values);
-  const T* v = start;
-  for (int64_t w0 = 0; w0 < words; w0 += kBitmapSegWords) {
-    const int64_t nw = std::min(kBitmapSegWords, words - w0);
-    v = decode_segment(v, bits + w0, nw, dense);
-    dot_segment(dense, nw * 32, x + w0 * 32, m, ldx, scratch);
+  switch (n_rows) {
+    case 4: rows_dot_segments<T, 4>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 3: rows_dot_segments<T, 3>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 2: rows_dot_segments<T, 2>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 1: rows_dot_segments<T, 1>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    default: break;
   }
-  for (int64_t i = 0; i < m; ++i) {
-    const float* acc_i = scratch + i * kBitmapScratchPerRow;
-    float s = 0.0f;
-    for (int64_t l = 0; l < 2 * kLanes; ++l) {
-      s += acc_i[l];
-    }
-    out[i] = s;
-  }
-  return v - start;
 }
 
 }  // namespace bitmap
 }  // namespace
 
 BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
-  return BitmapTiles{&bitmap::row_dot<float>, &bitmap::row_dot<c10::Half>, &bitmap::row_dot<c10::BFloat16>};
+  return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>};
 }
 
 }  // namespace multiflow::cpu
