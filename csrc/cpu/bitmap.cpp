@@ -25,6 +25,7 @@
 
 #include "bitmap.h"
 #include "cpu/bitmap_tile.h"
+#include "cpu/dispatch_activation.h"
 #include "cpu/isa.h"
 #include "maskpack.h"
 
@@ -199,16 +200,6 @@ at::Tensor bitmap_unpack_cpu(
   return out;
 }
 
-template <typename Fn>
-void dispatch_activation(at::ScalarType t, const Fn& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "multiflow::bitmap_linear: unsupported dtype ", t);
-  }
-}
-
 at::Tensor bitmap_linear_cpu(
     const at::Tensor& x,
     const at::Tensor& values,
@@ -233,7 +224,7 @@ at::Tensor bitmap_linear_cpu(
   const float* xp = xf.const_data_ptr<float>();
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
-  dispatch_activation(p.x.scalar_type(), [&](auto zero) {
+  dispatch_activation("multiflow::bitmap_linear", p.x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
     const BitmapRowFn row = std::is_same_v<scalar_t, float>       ? tiles().row_f32
                             : std::is_same_v<scalar_t, c10::Half> ? tiles().row_f16
