@@ -6,6 +6,8 @@
 //   AVX-512 float32  per 16-bit half of a word, _mm512_maskz_expandloadu_ps puts
 //                    the next popcount(half) values at the set lanes, zeros
 //                    elsewhere (masked-off lanes are not read: no overrun);
+//   AVX2 float32     per byte of a word, a masked load of popcount(byte) values
+//                    and a permute from a 256-entry table, zeros elsewhere;
 //   everything else  zero the segment, then one scalar store per set bit
 //                    (count-trailing-zeros walk), widening half / bf16 exactly.
 // Then each row of x is dotted with the segments of up to kBitmapRowsPerCall
@@ -22,7 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -75,6 +77,49 @@ inline const T* decode_segment(const T* v, const int32_t* bits, int64_t n_words,
   }
   return v;
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2 has no expand: for each byte k of a word, the 8 lanes take
+// values[permute[k][l]] where bit l of k is set (permute[k][l] = set bits of k
+// below l), zero elsewhere. The load is masked to popcount(k) lanes, so nothing
+// past the row's values is read.
+struct ExpandTable {
+  int32_t permute[256][8];
+};
+
+constexpr ExpandTable make_expand_table() {
+  ExpandTable t{};
+  for (int k = 0; k < 256; ++k) {
+    int next = 0;
+    for (int l = 0; l < 8; ++l) {
+      t.permute[k][l] = ((k >> l) & 1) ? next++ : 0;
+    }
+  }
+  return t;
+}
+
+alignas(32) constexpr ExpandTable kExpand = make_expand_table();
+
+inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t w = 0; w < n_words; ++w) {
+    const uint32_t u = static_cast<uint32_t>(bits[w]);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t k = (u >> (8 * q)) & 0xFFu;
+      const int n = popcount32(k);
+      const __m256i load_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+      const __m256 packed = _mm256_maskload_ps(v, load_mask);
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.permute[k]));
+      const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
+      const __m256 lanes = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(keep));
+      _mm256_storeu_ps(dense + 32 * w + 8 * q, lanes);
+      v += n;
+    }
+  }
+  return v;
+}
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
