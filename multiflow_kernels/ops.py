@@ -595,3 +595,140 @@ torch.library.register_autograd(
 # =======================================================================================
 # Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear (entry points + fake kernels)
 # =======================================================================================
+# The weight is stored as its kept values plus the mask's bits and two offset tables;
+# bitmap_linear decodes it inside the kernel, so a 75%-sparse float32 weight moves
+# about 9 bits per weight instead of 32.
+
+
+def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compress ``weight`` (out, in) under the bool keep-``mask`` into the bitmap format.
+
+    Returns ``(values, bits, row_ptr, block_ptr)``:
+
+    - values: (nnz,), weight's dtype: the kept weights in row-major order;
+    - bits: int32 (out, ceil(in / 32)), exactly :func:`pack_mask` of mask;
+    - row_ptr: int64 (out + 1,): index in values of row r's first kept weight (row_ptr[out] = nnz);
+    - block_ptr: int32 (out, ceil(in / 512)): kept weights of row r in columns [0, 512 b).
+
+    Args:
+        weight: (out_features, in_features), float32, float16 or bfloat16.
+        mask: bool, weight's shape.
+    """
+    return torch.ops.multiflow.bitmap_pack.default(weight, mask)
+
+
+@torch.library.register_fake("multiflow::bitmap_pack")
+def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    op = "multiflow::bitmap_pack"
+    torch._check(
+        weight.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: weight must be float32, float16 or bfloat16, got {weight.dtype}"
+    )
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    torch._check(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor, got {mask.dtype}")
+    torch._check(
+        mask.shape == weight.shape, lambda: f"{op}: mask must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}"
+    )
+    out, cols = weight.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (
+        weight.new_empty((nnz,)),
+        weight.new_empty((out, (cols + 31) // 32), dtype=torch.int32),
+        weight.new_empty((out + 1,), dtype=torch.int64),
+        weight.new_empty((out, (cols + 511) // 512), dtype=torch.int32),
+    )
+
+
+def bitmap_unpack(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
+    """The dense weight (out_features, in_features) of the bitmap format: values at the
+    kept places, zeros elsewhere; ``bitmap_unpack(*bitmap_pack(W, M), in) == W * M`` exactly."""
+    return torch.ops.multiflow.bitmap_unpack.default(values, bits, row_ptr, block_ptr, in_features)
+
+
+def _check_bitmap_format(
+    op: str, values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int
+) -> None:
+    torch._check(in_features >= 0, lambda: f"{op}: in_features must be >= 0, got {in_features}")
+    torch._check(
+        values.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: values must be float32, float16 or bfloat16, got {values.dtype}"
+    )
+    torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    torch._check(bits.dtype == torch.int32, lambda: f"{op}: bits must be an int32 tensor (pack_mask's output), got {bits.dtype}")
+    words = (in_features + 31) // 32
+    torch._check(
+        bits.dim() == 2 and bits.shape[1] == words,
+        lambda: f"{op}: bits must have shape (out_features, ceil(in_features / 32)) = (out_features, {words}), "
+        f"got {tuple(bits.shape)}",
+    )
+    rows = bits.shape[0]
+    torch._check(row_ptr.dtype == torch.int64, lambda: f"{op}: row_ptr must be an int64 tensor, got {row_ptr.dtype}")
+    torch._check(
+        row_ptr.dim() == 1 and row_ptr.shape[0] == rows + 1,
+        lambda: f"{op}: row_ptr must have shape (out_features + 1,) = ({rows + 1},), got {tuple(row_ptr.shape)}",
+    )
+    torch._check(block_ptr.dtype == torch.int32, lambda: f"{op}: block_ptr must be an int32 tensor, got {block_ptr.dtype}")
+    blocks = (in_features + 511) // 512
+    torch._check(
+        block_ptr.dim() == 2 and block_ptr.shape[0] == rows and block_ptr.shape[1] == blocks,
+        lambda: f"{op}: block_ptr must have shape (out_features, ceil(in_features / 512)) = ({rows}, {blocks}), "
+        f"got {tuple(block_ptr.shape)}",
+    )
+    torch._check(
+        bits.device == values.device and row_ptr.device == values.device and block_ptr.device == values.device,
+        lambda: f"{op}: values, bits, row_ptr and block_ptr must be on one device",
+    )
+
+
+@torch.library.register_fake("multiflow::bitmap_unpack")
+def _bitmap_unpack_fake(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
+    _check_bitmap_format("multiflow::bitmap_unpack", values, bits, row_ptr, block_ptr, in_features)
+    return values.new_empty((bits.shape[0], in_features))
+
+
+def bitmap_linear(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``y = x @ W.T + bias`` with W (out_features, in_features) the weight of the bitmap
+    format (see :func:`bitmap_pack`), decoded inside the kernel (no dense copy of W).
+    Sums run in float32; the result is rounded once to x's dtype.
+
+    Args:
+        x: (..., in_features), values' dtype (float32, float16 or bfloat16).
+        values, bits, row_ptr, block_ptr: :func:`bitmap_pack`'s output.
+        in_features: the number of columns of W.
+        bias: None or (out_features,), x's dtype.
+    """
+    return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+
+@torch.library.register_fake("multiflow::bitmap_linear")
+def _bitmap_linear_fake(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    op = "multiflow::bitmap_linear"
+    _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
+    torch._check(
+        x.shape[-1] == in_features,
+        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
+    )
+    rows = bits.shape[0]
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == rows,
+            lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
+        )
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    return x.new_empty((*x.shape[:-1], rows))

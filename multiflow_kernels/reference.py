@@ -210,3 +210,39 @@ def masked_linear_backward(
 # =======================================================================================
 # Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear
 # =======================================================================================
+def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(values, bits, row_ptr, block_ptr) of weight (out, in) under the bool keep-mask."""
+    out, cols = weight.shape
+    values = weight[mask]  # row-major order
+    counts = mask.sum(1, dtype=torch.int64)
+    row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=weight.device)
+    row_ptr[1:] = counts.cumsum(0)
+    blocks = (cols + 511) // 512
+    kept_before = torch.cat([torch.zeros(out, 1, dtype=torch.int64, device=weight.device), mask.long().cumsum(1)], 1)
+    block_ptr = kept_before[:, torch.arange(blocks, device=weight.device) * 512].to(torch.int32)
+    return values, pack_mask(mask), row_ptr, block_ptr
+
+
+def bitmap_unpack(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
+    """The dense weight (out, in_features): values at the kept places, zeros elsewhere."""
+    mask = unpack_mask(bits, in_features)
+    dense = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    dense[mask] = values
+    return dense
+
+
+def bitmap_linear(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """y = x @ W.T + bias with W = bitmap_unpack(...), summed in compute_dtype (float32, or
+    float64 for an exact reference), rounded once to x's dtype."""
+    w = bitmap_unpack(values, bits, row_ptr, block_ptr, in_features)
+    y = torch.nn.functional.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+    return y.to(x.dtype)

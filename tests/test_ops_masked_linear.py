@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _earned import assert_earned
 from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
@@ -40,18 +41,6 @@ def make_case(leading, n_in, n_out, dtype, with_bias, seed=0, kind="mixed"):
 
 def dense_forward(x, w, mask, b):
     return F.linear(x, w * mask.to(w.dtype), b)
-
-
-def assert_earned(got, exact, plain, scale, dtype, what):
-    """|got - exact| <= 4 |plain - exact| + 4 eps(dtype) scale, elementwise maximum."""
-    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(exact.shape)}"
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype} vs {dtype}"
-    if exact.numel() == 0:
-        return
-    err = (got.double() - exact).abs().max().item()
-    plain_err = (plain.double() - exact).abs().max().item()
-    bound = 4 * plain_err + 4 * torch.finfo(dtype).eps * scale.max().item()
-    assert err <= bound, f"{what}: kernel error {err:.3g} > bound {bound:.3g} (plain torch error {plain_err:.3g})"
 
 
 def check_forward(x, w, mask, b):

@@ -36,6 +36,7 @@
 #include "cpu/select_tile_impl.h"
 #include "cpu/maskpack_tile_impl.h"
 #include "cpu/masked_tile_impl.h"
+#include "cpu/bitmap_tile_impl.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -13,3 +13,4 @@
 #include "cpu/select_tile_impl.h"
 #include "cpu/maskpack_tile_impl.h"
 #include "cpu/masked_tile_impl.h"
+#include "cpu/bitmap_tile_impl.h"

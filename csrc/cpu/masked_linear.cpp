@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "ceil_div.h"
+#include "cpu/dispatch_activation.h"
 #include "cpu/isa.h"
 #include "cpu/masked_tile.h"
 #include "masked_linear.h"
@@ -139,16 +140,6 @@ auto masked_weight(const scalar_t* w, const int32_t* bits, int64_t k, int64_t wo
   };
 }
 
-template <typename Fn>
-void dispatch_activation(at::ScalarType t, const Fn& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "multiflow::masked_linear: unsupported dtype ", t);
-  }
-}
-
 at::Tensor masked_linear_cpu(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -158,7 +149,7 @@ at::Tensor masked_linear_cpu(
   at::Tensor y = at::empty({p.m, p.n}, p.x.options());
   const at::Tensor xf = as_float(p.x);
   const int64_t words = p.mask_bits.size(1);
-  dispatch_activation(p.x.scalar_type(), [&](auto zero) {
+  dispatch_activation("multiflow::masked_linear", p.x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
@@ -192,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   const at::Tensor gf = as_float(p.grad_out);
   const int64_t words = p.mask_bits.size(1);
   const int64_t m = p.m, n = p.n, k = p.k;
-  dispatch_activation(p.x.scalar_type(), [&](auto zero) {
+  dispatch_activation("multiflow::masked_linear_backward", p.x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
     const int32_t* bits = p.mask_bits.const_data_ptr<int32_t>();
     if (output_mask[0]) {

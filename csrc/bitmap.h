@@ -1,0 +1,67 @@
+// bitmap_pack / bitmap_unpack / bitmap_linear, the device-independent half:
+// argument checks (naming the argument at fault) and the views every backend reads.
+//
+// The bitmap format of a weight W (out, in) with keep-mask M (the schema's
+// contract, csrc/ops.cpp):
+//   values    (nnz,), W's dtype: the kept weights, row-major;
+//   bits      int32 (out, ceil(in / 32)) = pack_mask(M) (csrc/maskpack.h);
+//   row_ptr   int64 (out + 1,): index in values of row r's first kept weight;
+//   block_ptr int32 (out, ceil(in / 512)): kept weights of row r before column 512 b.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace multiflow {
+
+// Columns per block_ptr entry.
+inline constexpr int64_t kBitmapBlockCols = 512;
+
+inline int64_t bitmap_blocks(int64_t cols) {
+  return (cols + kBitmapBlockCols - 1) / kBitmapBlockCols;
+}
+
+struct BitmapPackProblem {
+  at::Tensor weight;  // (rows, cols), contiguous
+  at::Tensor mask;    // (rows, cols) bool, contiguous
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+struct BitmapProblem {
+  // Contiguous views of the format.
+  at::Tensor values;
+  at::Tensor bits;
+  at::Tensor row_ptr;
+  at::Tensor block_ptr;
+  int64_t rows = 0;  // out_features
+  int64_t cols = 0;  // in_features
+  // bitmap_linear only: x as (m, cols) contiguous, bias (rows,) or undefined.
+  at::Tensor x;
+  at::Tensor bias;
+  int64_t m = 0;
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + (rows,)
+};
+
+BitmapPackProblem prepare_bitmap_pack(const at::Tensor& weight, const at::Tensor& mask);
+
+BitmapProblem prepare_bitmap_unpack(
+    const at::Tensor& values,
+    const at::Tensor& bits,
+    const at::Tensor& row_ptr,
+    const at::Tensor& block_ptr,
+    int64_t in_features);
+
+BitmapProblem prepare_bitmap_linear(
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const at::Tensor& bits,
+    const at::Tensor& row_ptr,
+    const at::Tensor& block_ptr,
+    int64_t in_features,
+    const std::optional<at::Tensor>& bias);
+
+}  // namespace multiflow

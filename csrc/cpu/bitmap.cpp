@@ -1,0 +1,273 @@
+// bitmap_pack / bitmap_unpack / bitmap_linear on CPU.
+//
+// pack and unpack copy elements by their bits (2 or 4 bytes, whatever the
+// float type: the round trip is exact, NaN and -0.0 included), parallel over
+// rows; pack counts each row's kept weights from the packed words first and
+// takes the exclusive prefix sum for row_ptr.
+//
+// bitmap_linear is for the memory-bound regime (few tokens): each parallel
+// task owns a block of output rows and streams their values and bits once;
+// the per-ISA row kernel (bitmap_tile_impl.h) decodes a row segment into L1
+// and dots it with every row of x. x is widened to float32 once, into rows
+// padded with zeros to whole words. No dense copy of the weight is made.
+//
+// Determinism: every output element is summed by one task in a fixed order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "bitmap.h"
+#include "cpu/bitmap_tile.h"
+#include "cpu/dispatch_activation.h"
+#include "cpu/isa.h"
+#include "maskpack.h"
+
+namespace multiflow::cpu {
+namespace {
+
+// Output rows per parallel task.
+constexpr int64_t kRowGrain = 16;
+
+const BitmapTiles& tiles() {
+  static const BitmapTiles table = MULTIFLOW_ISA_TABLE(bitmap_tiles);
+  return table;
+}
+
+inline int popcount32(uint32_t u) {
+  u = u - ((u >> 1) & 0x55555555u);
+  u = (u & 0x33333333u) + ((u >> 2) & 0x33333333u);
+  u = (u + (u >> 4)) & 0x0F0F0F0Fu;
+  return static_cast<int>((u * 0x01010101u) >> 24);
+}
+
+inline int ctz32(uint32_t u) {  // u != 0
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(u);
+#else
+  int n = 0;
+  while (!(u & 1u)) {
+    u >>= 1;
+    ++n;
+  }
+  return n;
+#endif
+}
+
+int64_t row_count(const int32_t* row_words, int64_t words) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    n += popcount32(static_cast<uint32_t>(row_words[w]));
+  }
+  return n;
+}
+
+// Raises the error for row r (r < 0: no bad row).
+void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
+  const int32_t* bits = p.bits.const_data_ptr<int32_t>();
+  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int64_t words = p.bits.size(1);
+  TORCH_CHECK(
+      r < 0, op, ": row_ptr does not match bits: row ", r, " has ", r < 0 ? 0 : row_count(bits + r * words, words),
+      " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
+}
+
+// Every row's kept count in bits must match row_ptr (the kernels trust it to
+// stay inside values): one pass over the words, before unpack writes anything
+// (bitmap_linear checks each row just before it reads it instead).
+void check_row_counts(const char* op, const BitmapProblem& p) {
+  const int32_t* bits = p.bits.const_data_ptr<int32_t>();
+  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int64_t words = p.bits.size(1);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, p.rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (rp[r + 1] - rp[r] != row_count(bits + r * words, words)) {
+        int64_t expect = -1;
+        bad.compare_exchange_strong(expect, r);
+        return;
+      }
+    }
+  });
+  report_bad_row(op, p, bad.load());
+}
+
+template <typename Fn>
+void dispatch_element_bytes(at::ScalarType t, const Fn& fn) {
+  if (c10::elementSize(t) == 4) {
+    fn(uint32_t{});
+  } else {
+    fn(uint16_t{});
+  }
+}
+
+at::Tensor pack_mask_op(const at::Tensor& mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("multiflow::pack_mask", "")
+                       .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
+    const at::Tensor& weight,
+    const at::Tensor& mask) {
+  const BitmapPackProblem p = prepare_bitmap_pack(weight, mask);
+  const at::Tensor bits = pack_mask_op(p.mask);
+  const int64_t rows = p.rows, cols = p.cols;
+  const int64_t words = packed_words(cols);
+  const int64_t blocks = bitmap_blocks(cols);
+  const int32_t* b = bits.const_data_ptr<int32_t>();
+
+  at::Tensor row_ptr = at::empty({rows + 1}, weight.options().dtype(at::kLong));
+  int64_t* rp = row_ptr.mutable_data_ptr<int64_t>();
+  rp[0] = 0;
+  at::parallel_for(0, rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      rp[r + 1] = row_count(b + r * words, words);
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {  // exclusive prefix sum: serial, `rows` additions
+    rp[r + 1] += rp[r];
+  }
+
+  at::Tensor values = at::empty({rp[rows]}, weight.options());
+  at::Tensor block_ptr = at::empty({rows, blocks}, weight.options().dtype(at::kInt));
+  int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
+  dispatch_element_bytes(weight.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    const E* w = static_cast<const E*>(p.weight.const_data_ptr());
+    E* v = static_cast<E*>(values.mutable_data_ptr());
+    at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const E* w_row = w + r * cols;
+        const int32_t* b_row = b + r * words;
+        int64_t idx = rp[r];
+        for (int64_t wd = 0; wd < words; ++wd) {
+          if (wd % (kBitmapBlockCols / 32) == 0) {
+            bp[r * blocks + wd / (kBitmapBlockCols / 32)] = static_cast<int32_t>(idx - rp[r]);
+          }
+          uint32_t u = static_cast<uint32_t>(b_row[wd]);
+          while (u) {
+            v[idx++] = w_row[32 * wd + ctz32(u)];
+            u &= u - 1;
+          }
+        }
+      }
+    });
+  });
+  return {values, bits, row_ptr, block_ptr};
+}
+
+at::Tensor bitmap_unpack_cpu(
+    const at::Tensor& values,
+    const at::Tensor& bits,
+    const at::Tensor& row_ptr,
+    const at::Tensor& block_ptr,
+    int64_t in_features) {
+  const BitmapProblem p = prepare_bitmap_unpack(values, bits, row_ptr, block_ptr, in_features);
+  check_row_counts("multiflow::bitmap_unpack", p);
+  at::Tensor out = at::zeros({p.rows, p.cols}, p.values.options());
+  const int64_t words = p.bits.size(1), cols = p.cols;
+  const int32_t* b = p.bits.const_data_ptr<int32_t>();
+  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  dispatch_element_bytes(p.values.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    const E* v = static_cast<const E*>(p.values.const_data_ptr());
+    E* o = static_cast<E*>(out.mutable_data_ptr());
+    at::parallel_for(0, p.rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t idx = rp[r];
+        for (int64_t wd = 0; wd < words; ++wd) {
+          uint32_t u = static_cast<uint32_t>(b[r * words + wd]);
+          while (u) {
+            const int64_t c = 32 * wd + ctz32(u);
+            const E e = v[idx++];
+            if (c < cols) {  // padding bits (not pack_mask's) must not write past the row
+              o[r * cols + c] = e;
+            }
+            u &= u - 1;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor bitmap_linear_cpu(
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const at::Tensor& bits,
+    const at::Tensor& row_ptr,
+    const at::Tensor& block_ptr,
+    int64_t in_features,
+    const std::optional<at::Tensor>& bias) {
+  const BitmapProblem p = prepare_bitmap_linear(x, values, bits, row_ptr, block_ptr, in_features, bias);
+  const int64_t m = p.m, n = p.rows, k = p.cols;
+  const int64_t words = p.bits.size(1);
+  const int64_t ldx = words * 32;
+  at::Tensor y = at::empty({m, n}, p.x.options());
+  if (m == 0 || n == 0) {
+    return y.view(p.out_shape);
+  }
+  // x widened to float32, rows padded with zeros to whole words.
+  at::Tensor xf = at::zeros({m, ldx}, p.x.options().dtype(at::kFloat));
+  if (k > 0) {
+    xf.narrow(1, 0, k).copy_(p.x);
+  }
+  const float* xp = xf.const_data_ptr<float>();
+  const int32_t* b = p.bits.const_data_ptr<int32_t>();
+  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  dispatch_activation("multiflow::bitmap_linear", p.x.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const BitmapRowFn row = std::is_same_v<scalar_t, float>       ? tiles().row_f32
+                            : std::is_same_v<scalar_t, c10::Half> ? tiles().row_f16
+                                                                  : tiles().row_bf16;
+    const scalar_t* v = p.values.const_data_ptr<scalar_t>();
+    const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    std::atomic<int64_t> bad{-1};
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(m * kBitmapRowsPerCall * kBitmapScratchPerRow);
+      std::vector<float> acc(m * kBitmapRowsPerCall);
+      for (int64_t r0 = begin; r0 < end; r0 += kBitmapRowsPerCall) {
+        const int64_t nr = std::min(kBitmapRowsPerCall, end - r0);
+        // The rows' counts checked against their words just before the kernel
+        // reads them (they are in L1 then): the kernel never leaves a row's values.
+        for (int64_t r = r0; r < r0 + nr; ++r) {
+          if (rp[r + 1] - rp[r] != row_count(b + r * words, words)) {
+            int64_t expect = -1;
+            bad.compare_exchange_strong(expect, r);
+            return;
+          }
+        }
+        row(v, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t r = r0 + j;
+          const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
+          for (int64_t i = 0; i < m; ++i) {
+            out[i * n + r] = static_cast<scalar_t>(acc[j * m + i] + bias_r);
+          }
+        }
+      }
+    });
+    report_bad_row("multiflow::bitmap_linear", p, bad.load());
+  });
+  return y.view(p.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(multiflow, CPU, m) {
+  m.impl("bitmap_pack", &bitmap_pack_cpu);
+  m.impl("bitmap_unpack", &bitmap_unpack_cpu);
+  m.impl("bitmap_linear", &bitmap_linear_cpu);
+}
+
+}  // namespace multiflow::cpu

@@ -1,0 +1,54 @@
+// bitmap_linear on CPU: the interface between the driver (bitmap.cpp, which
+// splits the output rows into parallel blocks and writes the epilogue) and the
+// per-ISA row kernel (bitmap_tile_impl.h, compiled once per ISA, see isa.h).
+#pragma once
+
+#include <cstdint>
+
+namespace multiflow::cpu {
+
+// A row is decoded kBitmapSegWords words (512 columns, one block_ptr block) at
+// a time into a dense float32 segment on the stack (L1), which every row of x
+// then reads: the decode is paid once per weight row, whatever M.
+inline constexpr int64_t kBitmapSegWords = 16;
+
+// Weight rows one call of the kernel takes (their segments share the loads of x).
+inline constexpr int64_t kBitmapRowsPerCall = 4;
+
+// Floats of scratch per (row of x, weight row): two accumulators of the
+// widest ISA's 16 lanes.
+inline constexpr int64_t kBitmapScratchPerRow = 32;
+
+// out[j * m + i] = sum_c W_j[c] * x[i * ldx + c] for i < m and j < n_rows
+// (1 <= n_rows <= kBitmapRowsPerCall), in float32, where W_j is weight row j of
+// the bitmap format: its kept weights start at values + row_ptr[j] (values of
+// type T = float, c10::Half or c10::BFloat16, widened exactly), its mask words
+// at bits + j * words, and row_ptr[j + 1] - row_ptr[j] is their popcount (the
+// caller has checked). x rows hold words * 32 floats (zero past in_features),
+// so padding bits only ever meet zeros. scratch: m * n_rows *
+// kBitmapScratchPerRow floats. Each output is summed in a fixed order
+// (segments ascending, a fixed lane split inside) whatever n_rows and the
+// thread count.
+using BitmapRowFn = void (*)(
+    const void* values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    int64_t m,
+    int64_t ldx,
+    float* scratch,
+    float* out);
+
+struct BitmapTiles {
+  BitmapRowFn row_f32;
+  BitmapRowFn row_f16;
+  BitmapRowFn row_bf16;
+};
+
+BitmapTiles bitmap_tiles_default();
+BitmapTiles bitmap_tiles_avx2();
+BitmapTiles bitmap_tiles_avx512();
+
+}  // namespace multiflow::cpu

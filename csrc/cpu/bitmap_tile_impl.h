@@ -1,0 +1,298 @@
+// The row kernel of bitmap_linear on CPU, for one ISA. Included only by the
+// isa_*.cpp files, after they set CPU_CAPABILITY (no include guard on purpose:
+// once per ISA translation unit). See isa.h and bitmap_tile.h.
+//
+// Decoding a segment of 16 words into dense float32 lanes:
+//   AVX-512 float32  per 16-bit half of a word, _mm512_maskz_expandloadu_ps puts
+//                    the next popcount(half) values at the set lanes, zeros
+//                    elsewhere (masked-off lanes are not read: no overrun);
+//   AVX2 float32     per byte of a word, a masked load of popcount(byte) values
+//                    and a permute from a 256-entry table, zeros elsewhere;
+//   everything else  zero the segment, then one scalar store per set bit
+//                    (count-trailing-zeros walk), widening half / bf16 exactly.
+// Then each row of x is dotted with the segments of up to kBitmapRowsPerCall
+// weight rows at once (each load of x feeds all of them), two vector
+// accumulators per (x row, weight row) kept in scratch (loaded and stored once
+// per segment). AVX-512 float32 with M <= 4 skips the segment: see
+// row_dot_registers.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "cpu/bitmap_tile.h"
+#include "cpu/isa.h"
+#include "cpu/vec_load_impl.h"
+
+namespace multiflow::cpu {
+namespace {
+namespace bitmap {
+
+// popcount / count-trailing-zeros. Under the AVX2 / AVX-512 target pragmas GCC
+// emits popcnt for the builtin (SSE4.2 comes with them); only the AVX-512 float
+// decode uses popcount.
+inline int popcount32(uint32_t u) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_popcount(u);
+#else
+  u = u - ((u >> 1) & 0x55555555u);
+  u = (u & 0x33333333u) + ((u >> 2) & 0x33333333u);
+  u = (u + (u >> 4)) & 0x0F0F0F0Fu;
+  return static_cast<int>((u * 0x01010101u) >> 24);
+#endif
+}
+
+inline int ctz32(uint32_t u) {  // u != 0
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(u);
+#else
+  int n = 0;
+  while (!(u & 1u)) {
+    u >>= 1;
+    ++n;
+  }
+  return n;
+#endif
+}
+
+// dense[32 w + b] = the next value for every set bit b of bits[w], 0 elsewhere.
+template <typename T>
+inline const T* decode_segment(const T* v, const int32_t* bits, int64_t n_words, float* dense) {
+  std::fill(dense, dense + 32 * n_words, 0.0f);
+  for (int64_t w = 0; w < n_words; ++w) {
+    uint32_t u = static_cast<uint32_t>(bits[w]);
+    float* d = dense + 32 * w;
+    while (u) {
+      d[ctz32(u)] = static_cast<float>(*v++);
+      u &= u - 1;
+    }
+  }
+  return v;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2 has no expand: for each byte k of a word, the 8 lanes take
+// values[permute[k][l]] where bit l of k is set (permute[k][l] = set bits of k
+// below l), zero elsewhere. The load is masked to popcount(k) lanes, so nothing
+// past the row's values is read.
+struct ExpandTable {
+  int32_t permute[256][8];
+};
+
+constexpr ExpandTable make_expand_table() {
+  ExpandTable t{};
+  for (int k = 0; k < 256; ++k) {
+    int next = 0;
+    for (int l = 0; l < 8; ++l) {
+      t.permute[k][l] = ((k >> l) & 1) ? next++ : 0;
+    }
+  }
+  return t;
+}
+
+alignas(32) constexpr ExpandTable kExpand = make_expand_table();
+
+inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t w = 0; w < n_words; ++w) {
+    const uint32_t u = static_cast<uint32_t>(bits[w]);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t k = (u >> (8 * q)) & 0xFFu;
+      const int n = popcount32(k);
+      const __m256i load_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+      const __m256 packed = _mm256_maskload_ps(v, load_mask);
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.permute[k]));
+      const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
+      const __m256 lanes = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(keep));
+      _mm256_storeu_ps(dense + 32 * w + 8 * q, lanes);
+      v += n;
+    }
+  }
+  return v;
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
+  for (int64_t w = 0; w < n_words; ++w) {
+    const uint32_t u = static_cast<uint32_t>(bits[w]);
+    const uint32_t lo = u & 0xFFFFu;
+    const uint32_t hi = u >> 16;
+    _mm512_storeu_ps(dense + 32 * w, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(lo), v));
+    v += popcount32(lo);
+    _mm512_storeu_ps(dense + 32 * w + 16, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(hi), v));
+    v += popcount32(hi);
+  }
+  return v;
+}
+
+// Few rows of x (M <= kRegisterRows): no dense segment at all. Each word
+// expands straight into two registers, which meet every row of x there; the
+// 2 * R accumulators stay in registers for the whole weight row.
+constexpr int64_t kRegisterRows = 4;
+
+template <int R>
+inline void row_dot_registers(
+    const float* values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
+  __m512 acc0[R];
+  __m512 acc1[R];
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
+  }
+  const float* v = values;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t u = static_cast<uint32_t>(bits[w]);
+    if (u == 0) {
+      continue;
+    }
+    const uint32_t lo = u & 0xFFFFu;
+    const uint32_t hi = u >> 16;
+    const __m512 w0 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(lo), v);
+    v += popcount32(lo);
+    const __m512 w1 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(hi), v);
+    v += popcount32(hi);
+    for (int i = 0; i < R; ++i) {
+      const float* xi = x + i * ldx + 32 * w;
+      acc0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc1[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    alignas(64) float lanes[32];
+    _mm512_store_ps(lanes, acc0[i]);
+    _mm512_store_ps(lanes + 16, acc1[i]);
+    float s = 0.0f;
+    for (int l = 0; l < 32; ++l) {
+      s += lanes[l];
+    }
+    out[i] = s;
+  }
+}
+#endif
+
+// For each row i of x and weight row j < R: the two accumulators at
+// scratch[(i * R + j) * kBitmapScratchPerRow] += dense[j] . x_i over `cols` (a
+// multiple of 32) columns. Each load of x feeds R weight rows.
+template <int R>
+inline void dot_segment(
+    const float (*dense)[kBitmapSegWords * 32], int64_t cols, const float* x, int64_t m, int64_t ldx, float* scratch) {
+  static_assert(2 * kLanes <= kBitmapScratchPerRow, "scratch holds two vectors per (x row, weight row)");
+  for (int64_t i = 0; i < m; ++i) {
+    float* acc_i = scratch + i * R * kBitmapScratchPerRow;
+    FloatVec acc0[R];
+    FloatVec acc1[R];
+    for (int j = 0; j < R; ++j) {
+      acc0[j] = FloatVec::loadu(acc_i + j * kBitmapScratchPerRow);
+      acc1[j] = FloatVec::loadu(acc_i + j * kBitmapScratchPerRow + kLanes);
+    }
+    const float* xi = x + i * ldx;
+    for (int64_t c = 0; c < cols; c += 2 * kLanes) {
+      const FloatVec x0 = FloatVec::loadu(xi + c);
+      const FloatVec x1 = FloatVec::loadu(xi + c + kLanes);
+      for (int j = 0; j < R; ++j) {
+        acc0[j] = at::vec::fmadd(FloatVec::loadu(dense[j] + c), x0, acc0[j]);
+        acc1[j] = at::vec::fmadd(FloatVec::loadu(dense[j] + c + kLanes), x1, acc1[j]);
+      }
+    }
+    for (int j = 0; j < R; ++j) {
+      acc0[j].store(acc_i + j * kBitmapScratchPerRow);
+      acc1[j].store(acc_i + j * kBitmapScratchPerRow + kLanes);
+    }
+  }
+}
+
+template <typename T, int R>
+void rows_dot_segments(
+    const T* values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    const float* x,
+    int64_t m,
+    int64_t ldx,
+    float* scratch,
+    float* out) {
+  alignas(64) float dense[R][kBitmapSegWords * 32];
+  std::fill(scratch, scratch + m * R * kBitmapScratchPerRow, 0.0f);
+  const T* v[R];
+  for (int j = 0; j < R; ++j) {
+    v[j] = values + row_ptr[j];
+  }
+  for (int64_t w0 = 0; w0 < words; w0 += kBitmapSegWords) {
+    const int64_t nw = std::min(kBitmapSegWords, words - w0);
+    for (int j = 0; j < R; ++j) {
+      v[j] = decode_segment(v[j], bits + j * words + w0, nw, dense[j]);
+    }
+    dot_segment<R>(dense, nw * 32, x + w0 * 32, m, ldx, scratch);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int j = 0; j < R; ++j) {
+      const float* acc = scratch + (i * R + j) * kBitmapScratchPerRow;
+      float s = 0.0f;
+      for (int64_t l = 0; l < 2 * kLanes; ++l) {
+        s += acc[l];
+      }
+      out[j * m + i] = s;
+    }
+  }
+}
+
+template <typename T>
+void rows_dot(
+    const void* values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    int64_t m,
+    int64_t ldx,
+    float* scratch,
+    float* out) {
+  static_assert(32 % (2 * kLanes) == 0, "a word's 32 columns are whole vector pairs");
+  const T* vals = static_cast<const T*>(values);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m <= kRegisterRows) {
+      for (int64_t j = 0; j < n_rows; ++j) {
+        const float* vf = vals + row_ptr[j];
+        const int32_t* bj = bits + j * words;
+        switch (m) {
+          case 1: row_dot_registers<1>(vf, bj, words, x, ldx, out + j * m); break;
+          case 2: row_dot_registers<2>(vf, bj, words, x, ldx, out + j * m); break;
+          case 3: row_dot_registers<3>(vf, bj, words, x, ldx, out + j * m); break;
+          case 4: row_dot_registers<4>(vf, bj, words, x, ldx, out + j * m); break;
+          default: break;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  switch (n_rows) {
+    case 4: rows_dot_segments<T, 4>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 3: rows_dot_segments<T, 3>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 2: rows_dot_segments<T, 2>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 1: rows_dot_segments<T, 1>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    default: break;
+  }
+}
+
+}  // namespace bitmap
+}  // namespace
+
+BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
+  return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>};
+}
+
+}  // namespace multiflow::cpu

@@ -1,0 +1,263 @@
+"""multiflow::bitmap_pack / bitmap_unpack / bitmap_linear on CPU against plain torch.
+
+pack and unpack move bits, so they must match the reference exactly. bitmap_linear's
+tolerance is earned: the exact result is the dense masked expression in float64; the
+kernel's error must be within a small multiple of plain torch's error in the test dtype
+(F.linear on the dense masked weight), plus a few units of rounding of the output dtype
+relative to sum |x| |w|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _earned import assert_earned
+from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
+
+import multiflow_kernels  # noqa: F401  (registers the ops)
+from multiflow_kernels import ops, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IN_FEATURES = [1, 31, 33, 100, 513, 1100]
+OUT_FEATURES = [1, 7]
+LEADING = [(), (3,), (2, 5)]
+
+
+def make_weight(n_out, n_in, dtype, seed=0, kind="mixed"):
+    """Fresh random weight and mask; kind="mixed": row 0 all pruned, last row all kept
+    (where there are 3+ rows), the rest random at 75% sparsity."""
+    gen = torch.Generator().manual_seed(seed * 7919 + n_in * 101 + n_out * 13)
+    w = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    if kind == "mixed":
+        mask = torch.rand(n_out, n_in, generator=gen) < 0.25
+        if n_out >= 3:
+            mask[0] = False
+            mask[-1] = True
+    else:
+        mask = torch.full((n_out, n_in), kind == "all_kept")
+    return w, mask
+
+
+def pack(w, mask):
+    return ops.bitmap_pack(w, mask)
+
+
+# ----------------------------------------------------------------------------- pack / unpack
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_out", OUT_FEATURES)
+@pytest.mark.parametrize("n_in", IN_FEATURES)
+@pytest.mark.parametrize("kind", ["mixed", "all_kept", "all_pruned"])
+def test_pack_matches_reference_and_round_trips(n_in, n_out, dtype, kind):
+    w, mask = make_weight(n_out, n_in, dtype, kind=kind)
+    got = pack(w, mask)
+    want = reference.bitmap_pack(w, mask)
+    for name, g, r in zip(("values", "bits", "row_ptr", "block_ptr"), got, want):
+        assert g.dtype == r.dtype, name
+        assert torch.equal(g, r), name
+    assert torch.equal(got[1], ops.pack_mask(mask))
+    dense = ops.bitmap_unpack(*got, n_in)
+    masked = torch.where(mask, w, torch.zeros((), dtype=dtype))
+    assert dense.dtype == dtype
+    assert torch.equal(dense, masked)
+    assert torch.equal(reference.bitmap_unpack(*got, n_in), masked)
+
+
+def test_pack_keeps_bits_of_special_values():
+    w = torch.tensor([[-0.0, float("nan"), float("inf"), 1.0]] * 2)
+    mask = torch.tensor([[True, True, True, False], [False, True, False, True]])
+    values, bits, row_ptr, block_ptr = pack(w, mask)
+    assert torch.equal(values.view(torch.int32), torch.tensor([-0.0, float("nan"), float("inf"), float("nan"), 1.0]).view(torch.int32))
+    dense = ops.bitmap_unpack(values, bits, row_ptr, block_ptr, 4)
+    assert torch.equal(dense.view(torch.int32), torch.where(mask, w, 0.0).view(torch.int32))
+
+
+def test_empty_shapes():
+    for n_out, n_in in [(0, 5), (3, 0), (0, 0)]:
+        w, mask = make_weight(n_out, n_in, torch.float32)
+        got = pack(w, mask)
+        for g, r in zip(got, reference.bitmap_pack(w, mask)):
+            assert torch.equal(g, r)
+        assert ops.bitmap_unpack(*got, n_in).shape == (n_out, n_in)
+        x = torch.randn(2, n_in)
+        y = ops.bitmap_linear(x, *got, n_in, None)
+        assert torch.equal(y, torch.zeros(2, n_out))
+    w, mask = make_weight(4, 10, torch.float32)
+    got = pack(w, mask)
+    assert ops.bitmap_linear(torch.randn(0, 10), *got, 10, None).shape == (0, 4)
+
+
+def test_non_contiguous_inputs():
+    w = torch.randn(70, 9).T
+    mask = (torch.rand(70, 9) < 0.3).T
+    got = pack(w, mask)
+    want = pack(w.contiguous(), mask.contiguous())
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+    x = torch.randn(70, 5).T
+    assert torch.equal(ops.bitmap_linear(x, *got, 70, None), ops.bitmap_linear(x.contiguous(), *got, 70, None))
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def check_linear(x, w, mask, b, what="y"):
+    fmt = pack(w, mask)
+    n_in = w.shape[1]
+    y = ops.bitmap_linear(x, *fmt, n_in, b)
+    wm = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+    exact = F.linear(x.double(), wm.double(), None if b is None else b.double())
+    scale = F.linear(x.double().abs(), wm.double().abs(), None if b is None else b.double().abs())
+    plain = F.linear(x, wm, b)
+    assert_earned(y, exact, plain, scale, x.dtype, what)
+    assert_earned(reference.bitmap_linear(x, *fmt, n_in, b), exact, plain, scale, x.dtype, "reference " + what)
+    return y
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("leading", LEADING, ids=str)
+@pytest.mark.parametrize("n_out", OUT_FEATURES)
+@pytest.mark.parametrize("n_in", IN_FEATURES)
+def test_linear_matches_dense_masked_linear(n_in, n_out, leading, dtype, with_bias):
+    w, mask = make_weight(n_out, n_in, dtype, seed=1)
+    gen = torch.Generator().manual_seed(n_in + 31 * n_out)
+    x = torch.randn(*leading, n_in, generator=gen).to(dtype)
+    b = torch.randn(n_out, generator=gen).to(dtype) if with_bias else None
+    y = check_linear(x, w, mask, b)
+    assert y.shape == (*leading, n_out)
+    if n_out >= 3:  # row 0 is all pruned: exactly the bias (or 0)
+        expect = b[0] if b is not None else torch.zeros((), dtype=dtype)
+        assert torch.equal(y[..., 0], expect.expand(y[..., 0].shape))
+
+
+@pytest.mark.parametrize("kind", ["all_kept", "all_pruned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_uniform_masks(kind, dtype):
+    w, mask = make_weight(9, 700, dtype, kind=kind)
+    x = torch.randn(4, 700).to(dtype)
+    check_linear(x, w, mask, torch.randn(9).to(dtype))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 70])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_many_tokens_and_rows(m, dtype):
+    """Several parallel row blocks and 512-column segments, none of them full; M <= 4 takes
+    the AVX-512 float32 register path, larger M the decoded-segment path."""
+    w, mask = make_weight(100, 1300, dtype, seed=3)
+    x = torch.randn(m, 1300).to(dtype)
+    check_linear(x, w, mask, torch.randn(100).to(dtype))
+
+
+# ----------------------------------------------------------------------------- opcheck, errors, determinism
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    w, mask = make_weight(7, 600, dtype, seed=4)
+    torch.library.opcheck(torch.ops.multiflow.bitmap_pack.default, (w, mask))
+    fmt = pack(w, mask)
+    torch.library.opcheck(torch.ops.multiflow.bitmap_unpack.default, (*fmt, 600))
+    x = torch.randn(2, 3, 600).to(dtype)
+    for b in (None, torch.randn(7).to(dtype)):
+        torch.library.opcheck(torch.ops.multiflow.bitmap_linear.default, (x, *fmt, 600, b))
+
+
+def test_bad_inputs_name_the_argument():
+    w, mask = make_weight(5, 40, torch.float32)
+    values, bits, row_ptr, block_ptr = pack(w, mask)
+    x = torch.randn(3, 40)
+    b = torch.randn(5)
+    pack_cases = [
+        ((w.double(), mask), "weight must be float32, float16 or bfloat16"),
+        ((w[0], mask[0]), "weight must have shape"),
+        ((w, mask.int()), "mask must be a bool"),
+        ((w, mask[:4]), "mask must have weight's shape"),
+    ]
+    for args, message in pack_cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.bitmap_pack(*args)
+    bad_row_ptr = row_ptr.clone()
+    bad_row_ptr[1] += 1
+    bad_row_ptr[2:] += 1
+    format_cases = [
+        ((values.double(), bits, row_ptr, block_ptr, 40), "values must be float32"),
+        ((values[None], bits, row_ptr, block_ptr, 40), "values must be 1-D"),
+        ((values[:-1], bits, row_ptr, block_ptr, 40), "values must have row_ptr\\[-1\\]"),
+        ((values, bits.long(), row_ptr, block_ptr, 40), "bits must be an int32"),
+        ((values, bits[:, :1], row_ptr, block_ptr, 40), "bits must have shape"),
+        ((values, bits, row_ptr.int(), block_ptr, 40), "row_ptr must be an int64"),
+        ((values, bits, row_ptr[:-1], block_ptr, 40), "row_ptr must have shape"),
+        ((values, bits, row_ptr, block_ptr.long(), 40), "block_ptr must be an int32"),
+        ((values, bits, row_ptr, block_ptr[:3], 40), "block_ptr must have shape"),
+        ((values, bits, row_ptr, block_ptr, 70), "bits must have shape"),
+        ((values, bits, row_ptr, block_ptr, -1), "in_features must be >= 0"),
+        ((torch.cat([values, values[:1]]), bits, bad_row_ptr, block_ptr, 40), "row_ptr does not match bits"),
+    ]
+    for args, message in format_cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.bitmap_unpack(*args)
+        with pytest.raises(RuntimeError, match=message):
+            ops.bitmap_linear(x, *args, None)
+    linear_cases = [
+        ((x.half(), values, bits, row_ptr, block_ptr, 40, b), "x must have values' dtype"),
+        ((x[:, :30], values, bits, row_ptr, block_ptr, 40, b), "in_features mismatch"),
+        ((x, values, bits, row_ptr, block_ptr, 40, b[:3]), "bias must have shape"),
+        ((x, values, bits, row_ptr, block_ptr, 40, b.half()), "bias must have x's dtype"),
+    ]
+    for args, message in linear_cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.bitmap_linear(*args)
+
+
+def test_same_result_at_any_thread_count():
+    w, mask = make_weight(300, 1100, torch.float32, seed=2)
+    x = torch.randn(37, 1100)
+    b = torch.randn(300)
+
+    def run():
+        fmt = pack(w, mask)
+        return fmt, ops.bitmap_linear(x, *fmt, 1100, b)
+
+    first, *rest = results_at_thread_counts(run, (1, 2, 1))
+    for other in rest:
+        for a, c in zip(first[0], other[0]):
+            assert torch.equal(a, c)
+        assert torch.equal(first[1], other[1])
+
+
+ISA_SCRIPT = """
+import sys, torch
+import multiflow_kernels
+from multiflow_kernels import ops
+w, mask, x, b = torch.load(sys.argv[1])
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for name in ("f32", "f16", "bf16"):
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+    fmt = ops.bitmap_pack(w.to(dtype), mask)
+    ys = [ops.bitmap_linear(x[:m].to(dtype), *fmt, w.shape[1], b.to(dtype)) for m in (1, 3, 5)]
+    out[name] = (fmt, ops.bitmap_unpack(*fmt, w.shape[1]), ys)
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_every_isa_path(isa, tmp_path):
+    w, mask = make_weight(70, 1100, torch.float32, seed=6)
+    x = torch.randn(5, 1100)
+    b = torch.randn(70)
+    got = run_with_isa(isa, ISA_SCRIPT, (w, mask, x, b), tmp_path)
+    for name, dtype in (("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)):
+        wd, xd, bd = w.to(dtype), x.to(dtype), b.to(dtype)
+        fmt, dense, ys = got[name]
+        for g, r in zip(fmt, reference.bitmap_pack(wd, mask)):
+            assert torch.equal(g, r), f"{name} pack ({isa})"
+        wm = torch.where(mask, wd, torch.zeros((), dtype=dtype))
+        assert torch.equal(dense, wm), f"{name} unpack ({isa})"
+        for m, y in zip((1, 3, 5), ys):
+            xm = xd[:m]
+            exact = F.linear(xm.double(), wm.double(), bd.double())
+            scale = F.linear(xm.double().abs(), wm.double().abs(), bd.double().abs())
+            assert_earned(y, exact, F.linear(xm, wm, bd), scale, dtype, f"{name} y, M = {m} ({isa})")
