@@ -8,8 +8,13 @@ Formats:
             inside the ``masked_linear`` kernels, forward and backward, so pruned weights get
             exactly zero gradient and never revive under an optimizer (sparse fine-tuning).
 
-The compressed formats (``bitmap``: kept values + bitmap + offsets; ``2:4``: sparse tensor
-core layout) are not implemented yet: asking for them raises ``ValueError``.
+``bitmap``  kept values in row order + 1 bit per weight + row / 512-column offsets
+            (``bitmap_pack`` layout), decoded inside ``bitmap_linear``: the memory-saving
+            inference format (about 0.29x the dense float32 bytes, 0.32x fp16, at 75%).
+            No dense weight is kept; not trainable. CPU kernel only so far.
+
+The 2:4 format (sparse tensor cores) and ``format="auto"`` are not implemented yet: asking
+for them raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ from ._io import atomic_write
 
 __all__ = ["SparseLinear", "sparsify", "save_sparse", "load_sparse", "memory_report", "FORMATS"]
 
-FORMATS = ("masked",)
-PLANNED_FORMATS = ("bitmap", "2:4", "auto")
+FORMATS = ("masked", "bitmap")
+PLANNED_FORMATS = ("2:4", "auto")
 _META_KEY = "multiflow_kernels"
 _FORMAT_VERSION = 1
 

@@ -182,5 +182,5 @@ def test_sparsify_command(tmp_path, capsys):
     assert "total (sparse layers)" in printed and str(target) in printed
     model = mk.sparsify(build_blip_tiny(seed=3), Masks.load(maskfile))
     mk.load_sparse(model, target)  # the file loads into a model sparsified with the same masks
-    assert main(["sparsify", "blip-tiny", str(maskfile), "--format", "bitmap", "--out", str(tmp_path / "b")]) != 0
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--format", "2:4", "--out", str(tmp_path / "b")]) != 0
     assert "not implemented yet" in capsys.readouterr().err
