@@ -184,3 +184,22 @@ def test_sparsify_command(tmp_path, capsys):
     mk.load_sparse(model, target)  # the file loads into a model sparsified with the same masks
     assert main(["sparsify", "blip-tiny", str(maskfile), "--format", "2:4", "--out", str(tmp_path / "b")]) != 0
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_corrupt_data_json_is_one_line(tmp_path, capsys):
+    (tmp_path / "data.json").write_text("[{not json")
+    rc = main(["prune", "--no-progress", "--data", str(tmp_path / "data.json"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "data.json" in err and "Traceback" not in err
+
+
+def test_unwritable_output_folder(tmp_path, monkeypatch):
+    import os
+
+    from multiflow_kernels._io import atomic_write
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(PermissionError, match="not writable"):
+        atomic_write(tmp_path / "x.safetensors", lambda tmp: Path(tmp).write_text("x"))
+    assert list(tmp_path.iterdir()) == []
