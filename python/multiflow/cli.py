@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
     sp.add_argument("maskfile", help="a mask file written by multiflow prune")
     sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None)
-    sp.add_argument("--format", default="masked", help="sparse format (implemented: masked)")
+    sp.add_argument("--format", default="masked", help="sparse format: masked (fine-tuning) or bitmap (compressed, inference)")
     sp.add_argument("--seed", type=int, default=0, help="seed of a built-in model (must match the pruning run)")
     sp.add_argument("--out", default="sparse_model.safetensors", help="output safetensors file")
     sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
