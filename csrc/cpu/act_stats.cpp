@@ -18,6 +18,7 @@
 #include "act_stats.h"
 #include "ceil_div.h"
 #include "cpu/act_stats_tile.h"
+#include "cpu/dispatch_activation.h"
 #include "cpu/isa.h"
 
 namespace multiflow::cpu {
@@ -38,16 +39,7 @@ const SqSumTiles& tiles() {
 }
 
 SqSumTileFn tile_for(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return tiles().f32;
-    case at::kHalf:
-      return tiles().f16;
-    case at::kBFloat16:
-      return tiles().bf16;
-    default:
-      TORCH_CHECK(false, "multiflow::sq_sum_accumulate_: no CPU kernel for x of dtype ", dtype);
-  }
+  return for_activation_dtype("multiflow::sq_sum_accumulate_ (x)", tiles(), dtype);
 }
 
 void sq_sum_accumulate_cpu(

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "ceil_div.h"
+#include "cpu/dispatch_activation.h"
 #include "cpu/flow_tile.h"
 #include "cpu/isa.h"
 #include "flow.h"
@@ -60,16 +61,7 @@ const FlowTiles& tiles() {
 }
 
 const FlowTileFns& fns_for(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return tiles().f32;
-    case at::kHalf:
-      return tiles().f16;
-    case at::kBFloat16:
-      return tiles().bf16;
-    default:
-      TORCH_CHECK(false, "multiflow flow ops: no CPU kernel for weights of dtype ", dtype);
-  }
+  return for_activation_dtype("multiflow flow ops (weights)", tiles(), dtype);
 }
 
 // reference.pow2_scale given max|t| (NaN when t has a NaN): 2^-e with

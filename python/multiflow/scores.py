@@ -1,4 +1,6 @@
-"""Scoring rules of MULTIFLOW and its baselines: each one reads like its equation.
+"""Scoring rules of the baselines: each one reads like its equation. MULTIFLOW's flow score
+is the ``flow_importance`` / ``flow_scores`` op family (plain-torch twin, every rounding step
+spelled out: ``multiflow_kernels.reference.flow_importance``).
 
 Every function takes one layer's weight ``w`` (out x in) and what the method needs
 (``a``: the activation statistic of DESIGN.md, length ``in``; ``grad``: an accumulated
@@ -17,12 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from multiflow_kernels.reference import flow_scores as flow_scores_reference
 from multiflow_kernels.reference import pow2_scale
 
 __all__ = [
     "pow2_normalise",
-    "flow_scores",
     "magnitude_scores",
     "l2_normalised_scores",
     "lamp_scores",
@@ -36,16 +36,6 @@ def pow2_normalise(t: torch.Tensor) -> torch.Tensor:
     """Return ``t * 2**-e`` (exact) with ``e`` chosen so that ``max|t|`` lies in [0.5, 1)
     (``e`` clamped to [-126, 126]); all-zero and non-finite tensors are unchanged."""
     return t * pow2_scale(t)
-
-
-def flow_scores(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """MULTIFLOW information-flow score ``S_ij = imp_out_i * |W_ij| * imp_in_j``.
-
-    ``A_ij = |W_ij| sqrt(a_j)``, ``imp_out_i = mean_j A_ij``, ``imp_in_j = mean_i A_ij``, with
-    the power-of-two rescaling above; the plain-torch twin of the ``flow_scores`` kernel
-    (``multiflow_kernels.reference.flow_importance`` spells out every rounding step).
-    """
-    return flow_scores_reference([w], [a])[0]
 
 
 def magnitude_scores(w: torch.Tensor) -> torch.Tensor:
