@@ -34,7 +34,7 @@ namespace multiflow {
 // Columns per metadata word.
 inline constexpr int64_t kSparse24WordCols = 16;
 
-inline int64_t sparse24_words(int64_t cols) {
+constexpr int64_t sparse24_words(int64_t cols) {  // constexpr: callable in device code too
   return (cols + kSparse24WordCols - 1) / kSparse24WordCols;
 }
 
