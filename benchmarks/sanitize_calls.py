@@ -53,6 +53,25 @@ def main() -> int:
     bits = ops.pack_mask(m)
     assert torch.equal(bits, R.pack_mask(m)) and torch.equal(ops.unpack_mask(bits, 70), m)
     calls += 2
+
+    # 2:4: pack / unpack, and linear on each path: warp-per-row (few rows), mma.sp
+    # (float16 / bfloat16, in % 16 == 0), decode + cuBLAS (float32 many rows, in % 16 != 0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for out_f, in_f in ((70, 48), (33, 100)):
+            w = torch.randn(out_f, in_f, generator=g).to(dev, dtype)
+            m24 = ops.nm_mask(torch.rand(out_f, in_f, generator=g).to(dev), 2, 4)
+            values, meta = ops.sparse24_pack(w, m24)
+            rv, rm = R.sparse24_pack(w, m24)
+            assert torch.equal(values, rv) and torch.equal(meta, rm)
+            assert torch.equal(ops.sparse24_unpack(values, meta), R.sparse24_unpack(rv, rm))
+            bias = torch.randn(out_f, generator=g).to(dev, dtype)
+            for rows in (1, 5, 16, 17, 130):
+                xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
+                got = ops.sparse24_linear(xx, values, meta, bias)
+                want = R.sparse24_linear(xx, values, meta, bias)
+                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+                calls += 1
+            calls += 2
     torch.cuda.synchronize()
     print(f"{calls} calls checked")
     return 0

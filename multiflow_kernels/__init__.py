@@ -17,13 +17,14 @@ except ImportError as e:
         "Build it from the repository root with:  pip install --no-build-isolation -e ."
     ) from e
 
-from . import nn, ops, reference  # noqa: E402
+from . import formats, nn, ops, reference  # noqa: E402
 from .nn import SparseLinear, load_sparse, memory_report, save_sparse, sparsify  # noqa: E402
 from . import triton  # noqa: E402, F401  (registers the Triton CUDA kernels; never imports triton itself)
 
 __all__ = [
     "__version__",
     "ops",
+    "formats",
     "reference",
     "nn",
     "SparseLinear",

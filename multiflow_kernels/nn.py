@@ -1,20 +1,7 @@
-"""``SparseLinear``, a drop-in ``nn.Linear`` whose weight is pruned by a mask, and the tools
-to turn a pruned model into one: ``sparsify``, ``save_sparse`` / ``load_sparse``,
-``memory_report``.
-
-Formats:
-
-``masked``  dense weight + 1 bit per weight (``pack_mask`` layout); the mask is applied
-            inside the ``masked_linear`` kernels, forward and backward, so pruned weights get
-            exactly zero gradient and never revive under an optimizer (sparse fine-tuning).
-
-``bitmap``  kept values in row order + 1 bit per weight + row / 512-column offsets
-            (``bitmap_pack`` layout), decoded inside ``bitmap_linear``: the memory-saving
-            inference format (about 0.29x the dense float32 bytes, 0.32x fp16, at 75%).
-            No dense weight is kept; not trainable. CPU kernel only so far.
-
-The 2:4 format (sparse tensor cores) and ``format="auto"`` are not implemented yet: asking
-for them raises ``ValueError``.
+"""``SparseLinear``, a drop-in ``nn.Linear`` whose weight is pruned by a mask and stored in
+a sparse format (``masked``, ``bitmap``, ``2:4``: see :mod:`multiflow_kernels.formats`), and
+the tools to turn a pruned model into one: ``sparsify`` (also ``format="auto"``),
+``save_sparse`` / ``load_sparse``, ``memory_report``.
 """
 from __future__ import annotations
 
@@ -22,107 +9,88 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from . import ops
+from . import formats
 from ._io import atomic_write
+from .formats import FORMATS
 
 __all__ = ["SparseLinear", "sparsify", "save_sparse", "load_sparse", "memory_report", "FORMATS"]
 
-FORMATS = ("masked", "bitmap")
-PLANNED_FORMATS = ("2:4", "auto")
 _META_KEY = "multiflow_kernels"
 _FORMAT_VERSION = 1
-
-
-def _check_format(format: str) -> str:
-    if format in FORMATS:
-        return format
-    if format in PLANNED_FORMATS:
-        raise ValueError(f"format {format!r} is not implemented yet; available: {list(FORMATS)}")
-    raise ValueError(f"unknown sparse format {format!r}; available: {list(FORMATS)}")
-
-
-_BITMAP_BUFFERS = ("values", "bits", "row_ptr", "block_ptr")
 
 
 class SparseLinear(nn.Module):
     """``y = x @ (W * M).T + b`` with the weight stored in a sparse ``format``.
 
     Build one with :meth:`from_dense`; the constructor makes an empty layer of the right
-    shapes (what :func:`load_sparse` and ``load_state_dict`` fill).
+    shapes (what :func:`load_sparse` and ``load_state_dict`` fill). ``masked`` keeps a
+    trainable ``weight`` parameter; ``bitmap`` and ``2:4`` keep only buffers (inference).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "masked",
                  device=None, dtype=None):
         super().__init__()
-        self.format = _check_format(format)
+        self.format = formats.check_format(format)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        kw = {"device": device, "dtype": dtype}
-        words = (in_features + 31) // 32
-        if self.format == "masked":
-            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
-            self.register_buffer("mask_bits", torch.zeros(out_features, words, dtype=torch.int32, device=device))
-        else:  # bitmap: kept values + bitmap + offsets, no dense weight anywhere
-            self.register_buffer("values", torch.zeros(0, **kw))
-            self.register_buffer("bits", torch.zeros(out_features, words, dtype=torch.int32, device=device))
-            self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
-            self.register_buffer("block_ptr", torch.zeros(out_features, (in_features + 511) // 512, dtype=torch.int32,
-                                                          device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        for name, t in formats.empty(self.format, self.out_features, self.in_features,
+                                     device=device, dtype=dtype).items():
+            if name == "weight":
+                self.weight = nn.Parameter(t)
+            else:
+                self.register_buffer(name, t)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, format: str = "masked") -> "SparseLinear":
-        """The sparse twin of ``linear`` keeping the weights where ``mask`` is True."""
+        """The sparse twin of ``linear`` keeping the weights where ``mask`` is True.
+        ``format="2:4"`` needs a 2:4 mask (ValueError naming the rows otherwise)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_dense needs an nn.Linear, got {type(linear).__name__}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if tuple(mask.shape) != tuple(linear.weight.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight's {tuple(linear.weight.shape)}")
+        formats.check_format(format)
         w = linear.weight.detach()
+        mask = mask.to(w.device)
+        packed = formats.pack(format, w, mask)  # before building: a bad mask leaves nothing behind
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, format=format,
                   device=w.device, dtype=w.dtype)
-        mask = mask.to(w.device)
         with torch.no_grad():
-            if out.format == "masked":
-                out.weight.copy_(w.masked_fill(~mask, 0))
-                out.mask_bits.copy_(ops.pack_mask(mask))
-            else:
-                for name, t in zip(_BITMAP_BUFFERS, ops.bitmap_pack(w, mask)):
+            for name, t in packed.items():
+                if name == "weight":
+                    out.weight.copy_(t)
+                else:
                     setattr(out, name, t)
             if linear.bias is not None:
                 out.bias.copy_(linear.bias.detach())
         return out
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in formats.buffers(self.format)}
+
     @property
     def mask(self) -> torch.Tensor:
-        """The keep-mask, unpacked (bool, out x in)."""
-        return ops.unpack_mask(self.mask_bits if self.format == "masked" else self.bits, self.in_features)
+        """The stored positions, unpacked (bool, out x in): the keep-mask for ``masked`` and
+        ``bitmap``; for ``2:4`` also the zero-filled positions of groups that kept fewer than 2."""
+        return formats.stored_mask(self.format, self._tensors(), self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The effective dense weight ``W * M``."""
-        if self.format == "masked":
-            return self.weight.detach().masked_fill(~self.mask, 0)
-        return ops.bitmap_unpack(self.values, self.bits, self.row_ptr, self.block_ptr, self.in_features)
+        with torch.no_grad():
+            return formats.unpack(self.format, self._tensors(), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format == "masked":
-            return ops.masked_linear(x, self.weight, self.mask_bits, self.bias)
-        return ops.bitmap_linear(x, self.values, self.bits, self.row_ptr, self.block_ptr, self.in_features, self.bias)
-
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        if self.format == "masked":
-            return [self.weight, self.mask_bits]
-        return [getattr(self, n) for n in _BITMAP_BUFFERS]
+        return formats.linear(self.format, x, self._tensors(), self.in_features, self.bias)
 
     def storage_bytes(self) -> int:
         """Bytes of every tensor that holds the weight (bias excluded)."""
-        return sum(t.numel() * t.element_size() for t in self._weight_tensors())
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def dense_bytes(self) -> int:
         """Bytes the dense weight would take in this layer's dtype."""
@@ -130,8 +98,8 @@ class SparseLinear(nn.Module):
         return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the number of kept values is data, not shape: size the buffer from the checkpoint
-        if self.format != "masked" and prefix + "values" in state_dict:
+        # the number of kept values of a bitmap is data, not shape: size the buffer from the checkpoint
+        if self.format == "bitmap" and prefix + "values" in state_dict:
             saved = state_dict[prefix + "values"]
             if saved.shape != self.values.shape:
                 self.values = torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device)
@@ -146,15 +114,21 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "masked") -> nn.Module:
+def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "masked", *,
+             rows: int = 1) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose ``<module>.weight`` has a mask by a
-    :class:`SparseLinear`; returns the model. Raises ValueError naming every mask that does
-    not fit (not an ``nn.Linear`` weight, unknown name, wrong shape or dtype), before
-    changing anything."""
-    _check_format(format)
+    :class:`SparseLinear` in ``format``; returns the model.
+
+    ``format="auto"`` picks per layer with :func:`multiflow_kernels.formats.choose_format`
+    for the layer's device and dtype and ``rows``, the expected rows of x per call.
+    Raises ValueError naming every mask that does not fit (not an ``nn.Linear`` weight,
+    unknown name, wrong shape or dtype, not 2:4 for ``format="2:4"``), before changing
+    anything."""
+    formats.check_format(format, allow_auto=True)
     linears = _linear_modules(model)
     params = dict(model.named_parameters())
     problems = []
+    chosen = {}
     for name, m in masks.items():
         mod_name = name[: -len(".weight")] if name.endswith(".weight") else None
         if mod_name is None or mod_name not in linears:
@@ -164,13 +138,22 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
             problems.append(f"{name} (mask is not a bool tensor)")
         elif tuple(m.shape) != tuple(linears[mod_name].weight.shape):
             problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(linears[mod_name].weight.shape)})")
+        else:
+            w = linears[mod_name].weight
+            fmt = formats.choose_format(m, w.dtype, w.device, rows) if format == formats.AUTO else format
+            if fmt == "2:4":
+                try:
+                    formats.check_24(m, name)
+                except ValueError as e:
+                    problems.append(str(e))
+            chosen[mod_name] = fmt
     if problems:
         raise ValueError(f"masks do not fit {type(model).__name__}: {problems}")
     for name, m in masks.items():
         mod_name = name[: -len(".weight")]
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear.from_dense(linears[mod_name], m, format=format))
+        setattr(parent, child, SparseLinear.from_dense(linears[mod_name], m, format=chosen[mod_name]))
     return model
 
 

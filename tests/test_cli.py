@@ -183,7 +183,11 @@ def test_sparsify_command(tmp_path, capsys):
     model = mk.sparsify(build_blip_tiny(seed=3), Masks.load(maskfile))
     mk.load_sparse(model, target)  # the file loads into a model sparsified with the same masks
     assert main(["sparsify", "blip-tiny", str(maskfile), "--format", "2:4", "--out", str(tmp_path / "b")]) != 0
-    assert "not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not 2:4" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--format", "auto", "--out", str(tmp_path / "c")]) == 0
+    assert "format auto: bitmap" in capsys.readouterr().out
 
 
 def test_corrupt_data_json_is_one_line(tmp_path, capsys):

@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
     sp.add_argument("maskfile", help="a mask file written by multiflow prune")
     sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None)
-    sp.add_argument("--format", default="masked", help="sparse format: masked (fine-tuning) or bitmap (compressed, inference)")
+    sp.add_argument("--format", default="masked", choices=["masked", "bitmap", "2:4", "auto"],
+                    help="sparse format: masked (dense + mask bits, fine-tuning), bitmap (compressed, inference), "
+                         "2:4 (sparse tensor cores; needs masks from --nm 2:4) or auto (per layer, the fastest "
+                         "kernel for the device and --rows)")
+    sp.add_argument("--rows", type=int, default=1,
+                    help="with --format auto: expected rows of x per call (tokens x batch), default 1")
     sp.add_argument("--seed", type=int, default=0, help="seed of a built-in model (must match the pruning run)")
     sp.add_argument("--out", default="sparse_model.safetensors", help="output safetensors file")
     sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -325,10 +330,12 @@ def cmd_sparsify(args) -> int:
 
     masks = Masks.load(args.maskfile)
     model = build_model(args.model, task=args.task, seed=args.seed)
-    mk.sparsify(model, masks, format=args.format)
+    mk.sparsify(model, masks, format=args.format, rows=args.rows)
     path = mk.save_sparse(model, args.out)
     print(mk.memory_report(model))
-    print(f"wrote {path} ({len(masks)} sparse layers, format {args.format})")
+    used = sorted({m.format for m in model.modules() if isinstance(m, mk.SparseLinear)})
+    print(f"wrote {path} ({len(masks)} sparse layers, format {args.format}"
+          + (f": {', '.join(used)})" if args.format == "auto" else ")"))
     return 0
 
 

@@ -1,0 +1,173 @@
+"""Sparse weight formats: how a pruned ``nn.Linear`` weight is stored, packed, unpacked
+and multiplied. :class:`multiflow_kernels.nn.SparseLinear` holds one of these.
+
+``masked``  the dense weight (a trainable ``nn.Parameter``) + 1 bit per weight
+            (``pack_mask`` layout). ``masked_linear`` applies the mask inside the kernel,
+            forward and backward: pruned weights get exactly zero gradient (sparse
+            fine-tuning). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
+
+``bitmap``  the kept values in row order + 1 bit per weight + row and 512-column offsets
+            (``bitmap_pack`` layout); ``bitmap_linear`` decodes it inside the kernel.
+            Storage at 75% sparsity: 0.28x dense float32, 0.31x float16 / bfloat16.
+
+``2:4``     at most 2 kept weights in every 4 consecutive ones of a row (``nm=(2, 4)``
+            masks): half the values + 4 bits of positions per 4 weights, in the layout the
+            sparse tensor cores read (``sparse24_pack``); ``sparse24_linear`` runs them
+            on ``mma.sp`` (CUDA, float16 / bfloat16, sm_80+). Storage: 0.5625x dense
+            float16 / bfloat16, 0.53x float32. ``in_features`` must be a multiple of 4.
+
+``auto`` (:func:`choose_format`) picks per layer the format whose kernel is fastest for
+the device, dtype and expected rows of ``x``; the rule and the measurements behind it are
+in ``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["FORMATS", "buffers", "empty", "pack", "unpack", "linear", "stored_mask", "check_24", "choose_format"]
+
+FORMATS = ("masked", "bitmap", "2:4")
+AUTO = "auto"
+
+# The tensors of each format, in the order the ops take them. "weight" (masked) is the
+# layer's trainable parameter; every other tensor is a buffer.
+_TENSORS = {
+    "masked": ("weight", "mask_bits"),
+    "bitmap": ("values", "bits", "row_ptr", "block_ptr"),
+    "2:4": ("values", "metadata"),
+}
+
+
+def check_format(format: str, *, allow_auto: bool = False) -> str:
+    """``format`` if it is a known format name, else ValueError listing the known ones."""
+    if format in FORMATS or (allow_auto and format == AUTO):
+        return format
+    if format == AUTO:
+        raise ValueError("format 'auto' chooses a format per layer: pass it to sparsify(); a SparseLinear "
+                         f"holds one of {list(FORMATS)}")
+    known = list(FORMATS) + ([AUTO] if allow_auto else [])
+    raise ValueError(f"unknown sparse format {format!r}; available: {known}")
+
+
+def buffers(format: str) -> tuple[str, ...]:
+    """Names of the tensors that hold a weight in ``format``."""
+    return _TENSORS[check_format(format)]
+
+
+def empty(format: str, out_features: int, in_features: int, *, device=None, dtype=None) -> dict[str, Tensor]:
+    """Zero-filled tensors of the right shapes for an empty layer (what ``load_state_dict``
+    then fills). The bitmap's ``values`` start empty: their length is data, not shape."""
+    check_format(format)
+    kw = {"device": device, "dtype": dtype}
+    words = (in_features + 31) // 32
+    if format == "masked":
+        return {"weight": torch.zeros(out_features, in_features, **kw),
+                "mask_bits": torch.zeros(out_features, words, dtype=torch.int32, device=device)}
+    if format == "bitmap":
+        return {"values": torch.zeros(0, **kw),
+                "bits": torch.zeros(out_features, words, dtype=torch.int32, device=device),
+                "row_ptr": torch.zeros(out_features + 1, dtype=torch.int64, device=device),
+                "block_ptr": torch.zeros(out_features, (in_features + 511) // 512, dtype=torch.int32, device=device)}
+    _check_24_features(in_features)
+    return {"values": torch.zeros(out_features, in_features // 2, **kw),
+            "metadata": torch.zeros(out_features, (in_features + 15) // 16, dtype=torch.int16, device=device)}
+
+
+def _check_24_features(in_features: int) -> None:
+    if in_features % 4:
+        raise ValueError(f"the 2:4 format needs in_features to be a multiple of 4, got {in_features}")
+
+
+def check_24(mask: Tensor, name: str = "mask") -> None:
+    """ValueError naming the rows of ``mask`` (bool, out x in) that keep more than 2 of
+    4 consecutive weights, or if ``in`` is not a multiple of 4."""
+    _check_24_features(mask.shape[-1])
+    over = mask.reshape(mask.shape[0], -1, 4).sum(-1).gt(2).any(-1)
+    if bool(over.any()):
+        rows = over.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+        raise ValueError(f"{name} is not 2:4: {len(rows)} row(s) keep more than 2 of 4 consecutive weights "
+                         f"(rows {shown}); prune with nm=(2, 4)")
+
+
+def is_24(mask: Tensor) -> bool:
+    """Whether ``mask`` keeps at most 2 of every 4 consecutive weights of each row."""
+    return mask.shape[-1] % 4 == 0 and not bool(mask.reshape(mask.shape[0], -1, 4).sum(-1).gt(2).any())
+
+
+def pack(format: str, weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """The tensors of ``format`` holding ``weight * mask`` (weight (out, in), mask bool)."""
+    check_format(format)
+    if format == "masked":
+        return {"weight": weight.masked_fill(~mask, 0), "mask_bits": ops.pack_mask(mask)}
+    if format == "bitmap":
+        return dict(zip(_TENSORS["bitmap"], ops.bitmap_pack(weight, mask)))
+    check_24(mask)
+    return dict(zip(_TENSORS["2:4"], ops.sparse24_pack(weight, mask)))
+
+
+def _args(format: str, tensors: Mapping[str, Tensor]) -> list[Tensor]:
+    return [tensors[n] for n in _TENSORS[format]]
+
+
+def unpack(format: str, tensors: Mapping[str, Tensor], in_features: int) -> Tensor:
+    """The dense weight ``W * M`` (out, in) of a packed weight."""
+    check_format(format)
+    if format == "masked":
+        return tensors["weight"].masked_fill(~stored_mask(format, tensors, in_features), 0)
+    if format == "bitmap":
+        return ops.bitmap_unpack(*_args(format, tensors), in_features)
+    return ops.sparse24_unpack(*_args(format, tensors))
+
+
+def stored_mask(format: str, tensors: Mapping[str, Tensor], in_features: int) -> Tensor:
+    """The positions the format stores (bool, out x in). For masked and bitmap this is the
+    keep-mask itself; 2:4 stores exactly 2 positions per 4 columns, so a group that kept
+    fewer weights also names the zero-filled positions it was padded with."""
+    check_format(format)
+    if format == "masked":
+        return ops.unpack_mask(tensors["mask_bits"], in_features)
+    if format == "bitmap":
+        return ops.unpack_mask(tensors["bits"], in_features)
+    return ops.sparse24_unpack(torch.ones_like(tensors["values"]), tensors["metadata"]) != 0
+
+
+def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: int,
+           bias: Tensor | None = None) -> Tensor:
+    """``x @ (W * M).T + bias`` on the format's kernel."""
+    if format == "masked":
+        return ops.masked_linear(x, tensors["weight"], tensors["mask_bits"], bias)
+    if format == "bitmap":
+        return ops.bitmap_linear(x, *_args(format, tensors), in_features, bias)
+    return ops.sparse24_linear(x, *_args(format, tensors), bias)
+
+
+# Rows of x up to which the bitmap kernel is chosen on CUDA (the memory-bound regime its
+# decode-in-registers kernel is built for); above it the masked kernel's tensor-core GEMM.
+AUTO_CUDA_BITMAP_MAX_ROWS = 16
+
+
+def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1) -> str:
+    """The format ``auto`` picks for one layer: its keep-``mask``, weight ``dtype``, the
+    ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
+
+    - CPU: ``bitmap``. Measured here (2-core AVX-512, float32, BLIP shapes, sparsity 0.3 to
+      0.75, 1 to 128 rows): bitmap_linear is 1.3x to 10x faster than masked_linear at every
+      point, so masked (for fine-tuning) is never the faster kernel.
+    - CUDA: ``2:4`` when the mask is 2:4 and the dtype float16 / bfloat16 (sparse tensor
+      cores for many rows, a decode kernel reading 0.56x the dense bytes for few);
+      otherwise ``bitmap`` up to ``AUTO_CUDA_BITMAP_MAX_ROWS`` rows and ``masked`` above.
+      This CUDA rule follows the bytes each kernel moves; it has not been measured on a GPU
+      yet (see benchmarks/RESULTS.md).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "bitmap"
+    if dtype in (torch.float16, torch.bfloat16) and is_24(mask):
+        return "2:4"
+    return "bitmap" if rows <= AUTO_CUDA_BITMAP_MAX_ROWS else "masked"

@@ -1,0 +1,94 @@
+"""The CUDA kernels of the 2:4 format (csrc/cuda/sparse24.cu) against the CPU op and the
+plain-torch twin. Every test here needs an NVIDIA GPU (marked ``cuda``; skipped without one).
+
+sparse24_linear has three CUDA paths, each covered: a warp per output row (rows of x <=
+16, any dtype), mma.sp sparse tensor cores (float16 / bfloat16, more rows, in % 16 == 0,
+16-byte aligned), and decode + cuBLAS (float32 with more rows, in % 16 != 0, unaligned x).
+"""
+import pytest
+import torch
+
+import multiflow_kernels  # noqa: F401
+from multiflow_kernels import ops
+from multiflow_kernels import reference as R
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(64, 64), (70, 48), (33, 100), (130, 1040), (1, 4), (17, 32)]
+
+
+def _problem(out_f, in_f, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    mask = ops.nm_mask(torch.rand(out_f, in_f, generator=g), 2, 4)
+    mask[0, : min(in_f, 8)] = False  # groups that keep fewer than 2
+    return w, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_unpack_match_cpu_bitwise(dtype, shape):
+    w, mask = _problem(*shape, dtype)
+    values, meta = ops.sparse24_pack(w, mask)
+    cv, cm = ops.sparse24_pack(w.cuda(), mask.cuda())
+    assert torch.equal(cv.cpu(), values) and torch.equal(cm.cpu(), meta)
+    dense = ops.sparse24_unpack(cv, cm)
+    assert dense.is_cuda and torch.equal(dense.cpu(), w.masked_fill(~mask, 0))
+
+
+def test_pack_rejects_non_24_mask_on_cuda():
+    w, mask = _problem(12, 32, torch.float16)
+    mask[3, :4] = True
+    mask[7, 28:] = True
+    with pytest.raises(ValueError, match=r"not 2:4.*3, 7"):
+        ops.sparse24_pack(w.cuda(), mask.cuda())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [0, 1, 3, 16, 17, 64, 129])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_reference(dtype, shape, rows, with_bias):
+    out_f, in_f = shape
+    w, mask = _problem(out_f, in_f, dtype, seed=rows)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    x = torch.randn(rows, in_f).to(dtype).cuda()
+    bias = torch.randn(out_f).to(dtype).cuda() if with_bias else None
+    got = ops.sparse24_linear(x, values, meta, bias)
+    want = R.sparse24_linear(x, values, meta, bias)
+    assert got.shape == (rows, out_f) and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_leading_dims_and_unaligned_x(dtype):
+    w, mask = _problem(96, 128, dtype)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    x = torch.randn(4, 9, 128).to(dtype).cuda()
+    torch.testing.assert_close(ops.sparse24_linear(x, values, meta, None).float(),
+                               R.sparse24_linear(x, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+    flat = torch.randn(40 * 128 + 1).to(dtype).cuda()
+    unaligned = flat[1:].view(40, 128)  # 2 bytes off a 16-byte boundary: the decode + cuBLAS path
+    torch.testing.assert_close(ops.sparse24_linear(unaligned, values, meta, None).float(),
+                               R.sparse24_linear(unaligned, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_deterministic():
+    w, mask = _problem(256, 512, torch.float16)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    for rows in (2, 300):
+        x = torch.randn(rows, 512).half().cuda()
+        assert torch.equal(ops.sparse24_linear(x, values, meta, None), ops.sparse24_linear(x, values, meta, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck_cuda(dtype):
+    w, mask = _problem(40, 64, dtype)
+    w, mask = w.cuda(), mask.cuda()
+    values, meta = ops.sparse24_pack(w, mask)
+    x = torch.randn(20, 64).to(dtype).cuda()
+    torch.library.opcheck(torch.ops.multiflow.sparse24_pack.default, (w, mask))
+    torch.library.opcheck(torch.ops.multiflow.sparse24_unpack.default, (values, meta))
+    torch.library.opcheck(torch.ops.multiflow.sparse24_linear.default, (x, values, meta, None))

@@ -1,0 +1,122 @@
+"""SparseLinear in the 2:4 format, format="auto", and 2:4 through sparsify / checkpoints / CLI."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import multiflow
+import multiflow_kernels as mk
+from multiflow_kernels import formats
+
+
+def _nm_mask(out_f, in_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return mk.ops.nm_mask(torch.rand(out_f, in_f, generator=g), 2, 4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(13, 44), (7, 600), (1, 4)])
+def test_24_forward_equals_masked_dense(dtype, tol, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0]).to(dtype)
+    mask = _nm_mask(*shape)
+    mask[0, :8] = False  # groups keeping fewer than 2: padded with zeros
+    sp = mk.SparseLinear.from_dense(lin, mask, format="2:4")
+    x = torch.randn(3, 2, shape[1]).to(dtype)
+    ref = nn.functional.linear(x.double(), (lin.weight * mask).double(), lin.bias.double())
+    out = sp(x)
+    assert out.dtype == dtype and out.shape == (3, 2, shape[0])
+    assert ((out.double() - ref).norm() / max(ref.norm(), 1e-12)).item() <= tol
+    assert torch.equal(sp.dense_weight(), lin.weight.detach().masked_fill(~mask, 0))
+    stored = sp.mask  # every kept weight is stored; exactly 2 positions per group of 4
+    assert bool(stored[mask].all()) and torch.equal(stored.reshape(shape[0], -1, 4).sum(-1),
+                                                   torch.full((shape[0], shape[1] // 4), 2))
+    assert not hasattr(sp, "weight")
+
+
+def test_24_storage_goal_fp16():
+    lin = nn.Linear(3072, 768).half()
+    sp = mk.SparseLinear.from_dense(lin, _nm_mask(768, 3072), format="2:4")
+    ratio = sp.storage_bytes() / sp.dense_bytes()
+    assert ratio <= 0.57, ratio
+    assert sp.storage_bytes() == 768 * 1536 * 2 + 768 * 192 * 2
+
+
+def test_24_state_dict_and_to():
+    lin = nn.Linear(48, 5)
+    sp = mk.SparseLinear.from_dense(lin, _nm_mask(5, 48), format="2:4")
+    fresh = mk.SparseLinear(48, 5, format="2:4")
+    fresh.load_state_dict(sp.state_dict())
+    x = torch.randn(4, 48)
+    assert torch.equal(fresh(x), sp(x))
+    bf = copy.deepcopy(sp).to(torch.bfloat16)
+    assert bf.values.dtype == torch.bfloat16 and bf.metadata.dtype == torch.int16
+    assert bf(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_24_rejects_masks_that_are_not_24():
+    lin = nn.Linear(16, 6)
+    mask = _nm_mask(6, 16)
+    mask[2, 0:4] = True
+    mask[5, 12:15] = True
+    with pytest.raises(ValueError, match=r"not 2:4.*rows 2, 5"):
+        mk.SparseLinear.from_dense(lin, mask, format="2:4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mk.SparseLinear.from_dense(nn.Linear(10, 3), torch.zeros(3, 10, dtype=torch.bool), format="2:4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mk.SparseLinear(10, 3, format="2:4")
+
+
+def test_choose_format_rule():
+    unstructured = torch.rand(8, 16) > 0.25
+    nm = _nm_mask(8, 16)
+    assert formats.choose_format(unstructured, torch.float32, "cpu", 1) == "bitmap"
+    assert formats.choose_format(nm, torch.float16, "cpu", 4096) == "bitmap"
+    assert formats.choose_format(nm, torch.float16, "cuda", 1) == "2:4"
+    assert formats.choose_format(nm, torch.float32, "cuda", 1) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 1) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096) == "masked"
+
+
+def test_sparsify_24_blip_and_auto(tmp_path, blip_factory, calib_batches):
+    model = blip_factory("retrieval")
+    masks = multiflow.prune(model, calib_batches, 0.5, nm=(2, 4), progress=False)
+    dense = masks.apply(copy.deepcopy(model))
+    auto = mk.sparsify(copy.deepcopy(model), masks, format="auto")
+    assert {m.format for m in auto.modules() if isinstance(m, mk.SparseLinear)} == {"bitmap"}  # CPU rule
+    mk.sparsify(model, masks, format="2:4")
+    b = calib_batches[0]
+    with torch.no_grad():
+        kw = dict(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"])
+        got, ref, got_auto = model(**kw).itm_score, dense(**kw).itm_score, auto(**kw).itm_score
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
+    assert ((got_auto - ref).norm() / ref.norm()).item() <= 1e-5
+    path = mk.save_sparse(model, tmp_path / "m.safetensors")
+    other = mk.sparsify(blip_factory("retrieval", seed=4), masks, format="2:4")
+    mk.load_sparse(other, path)
+    for (n, x), (_, y) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_sparsify_24_rejects_unstructured_masks_before_changing_anything(blip_factory, calib_batches):
+    model = blip_factory("retrieval")
+    masks = multiflow.prune(model, calib_batches, 0.75, progress=False)
+    with pytest.raises(ValueError, match="not 2:4"):
+        mk.sparsify(model, masks, format="2:4")
+    assert not any(isinstance(m, mk.SparseLinear) for m in model.modules())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 64, 300])
+def test_24_layer_cuda(dtype, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(768, 200).to(dtype).cuda()
+    mask = _nm_mask(200, 768).cuda()
+    sp = mk.SparseLinear.from_dense(lin, mask, format="2:4")
+    x = torch.randn(rows, 768, device="cuda").to(dtype)
+    ref = nn.functional.linear(x.double(), (lin.weight * mask).double(), lin.bias.double())
+    out = sp(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= tol
