@@ -8,6 +8,8 @@ Registered here as the ops' CUDA kernels:
 - flow_importance and flow_scores (flow.py);
 - masked_linear and masked_linear_backward (masked_linear.py: there is no CUDA C++
   kernel for them);
+- bitmap_linear (bitmap_linear.py: a gemv path for a few rows of x, a tiled tl.dot
+  path above; no CUDA C++ kernel);
 - bitmap_pack and bitmap_unpack (bitmap_format.py: compositions of torch CUDA ops,
   no Triton, so they are registered even without triton installed).
 
@@ -66,3 +68,10 @@ if HAS_TRITON:
 
     torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
     torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
+
+    def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
+        from .bitmap_linear import bitmap_linear_triton
+
+        return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+    torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)
