@@ -50,6 +50,7 @@ is checked against [0, nnz)). The CPU op and bitmap_unpack check the counts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -146,7 +147,10 @@ def bitmap_linear_triton(
         bits = bits.contiguous()
         block_ptr = block_ptr.contiguous()
         b = bias.contiguous() if bias is not None else y  # any pointer: never read without HAS_BIAS
-        args = (x2, values.contiguous(), bits, row_ptr.contiguous(), block_ptr, b, y, m, n, k, bits.shape[1], block_ptr.shape[1], values.numel())
+        args = (
+            x2, values.contiguous(), bits, row_ptr.contiguous(), block_ptr, b, y,
+            m, n, k, bits.shape[1], block_ptr.shape[1], values.numel(),
+        )
         if path is None:
             path = "gemv" if m <= GEMV_MAX_M else "tiled"
         if path == "gemv":
@@ -158,8 +162,10 @@ def bitmap_linear_triton(
             block_m = min(max(triton.next_power_of_2(m), 16), 64)
             block_n, block_k, num_warps = TILED_BLOCK_N, TILED_BLOCK_K, TILED_NUM_WARPS
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _kernel[grid](
-            *args, HAS_BIAS=bias is not None, USE_DOT=path == "tiled", WIDEN=_widen(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        )
+        # Triton launches on the current device: make it x's (a model on cuda:1).
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _kernel[grid](
+                *args, HAS_BIAS=bias is not None, USE_DOT=path == "tiled", WIDEN=_widen(),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            )
     return y.reshape(*x.shape[:-1], n)
