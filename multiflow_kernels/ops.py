@@ -617,9 +617,8 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return torch.ops.multiflow.bitmap_pack.default(weight, mask)
 
 
-@torch.library.register_fake("multiflow::bitmap_pack")
-def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    op = "multiflow::bitmap_pack"
+def _check_bitmap_pack_args(op: str, weight: Tensor, mask: Tensor) -> None:
+    """bitmap_pack's argument contract (the fake kernel and the CUDA composite, triton/bitmap_format.py)."""
     torch._check(
         weight.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: weight must be float32, float16 or bfloat16, got {weight.dtype}"
     )
@@ -628,6 +627,12 @@ def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Ten
     torch._check(
         mask.shape == weight.shape, lambda: f"{op}: mask must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}"
     )
+    torch._check(mask.device == weight.device, lambda: f"{op}: mask is on {mask.device} but weight is on {weight.device}")
+
+
+@torch.library.register_fake("multiflow::bitmap_pack")
+def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_bitmap_pack_args("multiflow::bitmap_pack", weight, mask)
     out, cols = weight.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (
@@ -716,7 +721,21 @@ def _bitmap_linear_fake(
     in_features: int,
     bias: Tensor | None = None,
 ) -> Tensor:
-    op = "multiflow::bitmap_linear"
+    _check_bitmap_linear_args("multiflow::bitmap_linear", x, values, bits, row_ptr, block_ptr, in_features, bias)
+    return x.new_empty((*x.shape[:-1], bits.shape[0]))
+
+
+def _check_bitmap_linear_args(
+    op: str,
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None,
+) -> None:
+    """bitmap_linear's argument contract (the fake kernel and the Triton launcher)."""
     _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
     torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
@@ -724,6 +743,7 @@ def _bitmap_linear_fake(
         x.shape[-1] == in_features,
         lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
     )
+    torch._check(x.device == values.device, lambda: f"{op}: x is on {x.device} but values is on {values.device}")
     rows = bits.shape[0]
     if bias is not None:
         torch._check(
@@ -731,4 +751,4 @@ def _bitmap_linear_fake(
             lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
         )
         torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-    return x.new_empty((*x.shape[:-1], rows))
+        torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")

@@ -3,12 +3,20 @@
 Each one is registered as the CUDA implementation of its op where it beats the
 CUDA C++ kernel in csrc/cuda/ (the other is kept for comparison in benchmarks).
 
-Registered here: flow_importance and flow_scores (flow.py), masked_linear and
-masked_linear_backward (masked_linear.py: there is no CUDA C++ kernel for them). The kernel modules are
-imported on the first CUDA call, not here: importing multiflow_kernels never
-imports triton (machines without it, or without a GPU, pay nothing), and a test
-can still choose TRITON_INTERPRET=1 before the kernels are defined.
-act_stats.py (sq_sum_accumulate_triton) is for benchmarks only, not registered.
+Registered here as the ops' CUDA kernels:
+
+- flow_importance and flow_scores (flow.py);
+- masked_linear and masked_linear_backward (masked_linear.py: there is no CUDA C++
+  kernel for them);
+- bitmap_linear (bitmap_linear.py: a gemv path for a few rows of x, a tiled tl.dot
+  path above; no CUDA C++ kernel);
+- bitmap_pack and bitmap_unpack (bitmap_format.py: compositions of torch CUDA ops,
+  no Triton, so they are registered even without triton installed).
+
+The kernel modules are imported on the first CUDA call, not here: importing
+multiflow_kernels never imports triton (machines without it, or without a GPU, pay
+nothing), and a test can still choose TRITON_INTERPRET=1 before the kernels are
+defined. act_stats.py (sq_sum_accumulate_triton) is for benchmarks only, not registered.
 """
 
 import importlib.util
@@ -16,6 +24,22 @@ import importlib.util
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _bitmap_pack_cuda(weight, mask):
+    from .bitmap_format import bitmap_pack_torch
+
+    return bitmap_pack_torch(weight, mask)
+
+
+def _bitmap_unpack_cuda(values, bits, row_ptr, block_ptr, in_features):
+    from .bitmap_format import bitmap_unpack_torch
+
+    return bitmap_unpack_torch(values, bits, row_ptr, block_ptr, in_features)
+
+
+torch.library.register_kernel("multiflow::bitmap_pack", "cuda", _bitmap_pack_cuda)
+torch.library.register_kernel("multiflow::bitmap_unpack", "cuda", _bitmap_unpack_cuda)
 
 if HAS_TRITON:
 
@@ -44,3 +68,10 @@ if HAS_TRITON:
 
     torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
     torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
+
+    def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
+        from .bitmap_linear import bitmap_linear_triton
+
+        return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+    torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)
