@@ -2,14 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include "dtypes.h"
 #include "maskpack.h"
 
 namespace multiflow {
 namespace {
-
-bool is_weight_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 // The format's own contract, shared by unpack and linear.
 void check_format(
