@@ -2,7 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 #include "dtypes.h"
+#include "linear_input.h"
 #include "maskpack.h"
 
 namespace multiflow {
@@ -116,33 +119,13 @@ BitmapProblem prepare_bitmap_linear(
     const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "multiflow::bitmap_linear";
   check_format(op, values, bits, row_ptr, block_ptr, in_features);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
-  TORCH_CHECK(
-      x.scalar_type() == values.scalar_type(),
-      op, ": x must have values' dtype ", values.scalar_type(), ", got ", x.scalar_type());
-  TORCH_CHECK(
-      x.size(-1) == in_features,
-      op, ": in_features mismatch: x.shape[-1] = ", x.size(-1), " but in_features = ", in_features);
-  TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but values is on ", values.device());
   BitmapProblem p;
   fill_format(p, values, bits, row_ptr, block_ptr, in_features);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(
-        bias->dim() == 1 && bias->size(0) == p.rows,
-        op, ": bias must have shape (out_features,) = (", p.rows, ",), got ", bias->sizes());
-    TORCH_CHECK(
-        bias->scalar_type() == x.scalar_type(),
-        op, ": bias must have x's dtype ", x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
-    p.bias = bias->contiguous();
-  }
-  p.m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
-    p.m *= x.size(d);
-  }
-  p.x = x.reshape({p.m, in_features}).contiguous();
-  p.out_shape = x.sizes().vec();
-  p.out_shape.back() = p.rows;
+  LinearInput in = prepare_linear_input(op, x, bias, values, in_features, p.rows);
+  p.x = std::move(in.x);
+  p.bias = std::move(in.bias);
+  p.m = in.m;
+  p.out_shape = std::move(in.out_shape);
   return p;
 }
 
