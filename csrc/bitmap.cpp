@@ -2,10 +2,8 @@
 
 #include <ATen/ATen.h>
 
-#include <utility>
-
 #include "dtypes.h"
-#include "linear_input.h"
+#include "format_args.h"
 #include "maskpack.h"
 
 namespace multiflow {
@@ -79,16 +77,7 @@ void fill_format(
 
 BitmapPackProblem prepare_bitmap_pack(const at::Tensor& weight, const at::Tensor& mask) {
   constexpr const char* op = "multiflow::bitmap_pack";
-  TORCH_CHECK(
-      is_weight_dtype(weight.scalar_type()),
-      op, ": weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape (out_features, in_features), got ", weight.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK(
-      mask.sizes() == weight.sizes(),
-      op, ": mask must have weight's shape ", weight.sizes(), ", got ", mask.sizes());
-  TORCH_CHECK(
-      mask.device() == weight.device(), op, ": mask is on ", mask.device(), " but weight is on ", weight.device());
+  check_pack_input(op, weight, mask);
   BitmapPackProblem p;
   p.weight = weight.contiguous();
   p.mask = mask.contiguous();
@@ -121,11 +110,7 @@ BitmapProblem prepare_bitmap_linear(
   check_format(op, values, bits, row_ptr, block_ptr, in_features);
   BitmapProblem p;
   fill_format(p, values, bits, row_ptr, block_ptr, in_features);
-  LinearInput in = prepare_linear_input(op, x, bias, values, in_features, p.rows);
-  p.x = std::move(in.x);
-  p.bias = std::move(in.bias);
-  p.m = in.m;
-  p.out_shape = std::move(in.out_shape);
+  set_linear_input(p, prepare_linear_input(op, x, bias, values, in_features, p.rows));
   return p;
 }
 

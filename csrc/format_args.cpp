@@ -1,8 +1,23 @@
-#include "linear_input.h"
+#include "format_args.h"
 
 #include <ATen/ATen.h>
 
+#include "dtypes.h"
+
 namespace multiflow {
+
+void check_pack_input(const char* op, const at::Tensor& weight, const at::Tensor& mask) {
+  TORCH_CHECK(
+      is_weight_dtype(weight.scalar_type()),
+      op, ": weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape (out_features, in_features), got ", weight.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK(
+      mask.sizes() == weight.sizes(),
+      op, ": mask must have weight's shape ", weight.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(
+      mask.device() == weight.device(), op, ": mask is on ", mask.device(), " but weight is on ", weight.device());
+}
 
 LinearInput prepare_linear_input(
     const char* op,
