@@ -617,9 +617,8 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return torch.ops.multiflow.bitmap_pack.default(weight, mask)
 
 
-@torch.library.register_fake("multiflow::bitmap_pack")
-def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    op = "multiflow::bitmap_pack"
+def _check_weight_and_mask(op: str, weight: Tensor, mask: Tensor) -> None:
+    """The arguments of a packing op: a 2-D float weight and a bool mask of its shape."""
     torch._check(
         weight.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: weight must be float32, float16 or bfloat16, got {weight.dtype}"
     )
@@ -628,6 +627,12 @@ def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Ten
     torch._check(
         mask.shape == weight.shape, lambda: f"{op}: mask must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}"
     )
+    torch._check(mask.device == weight.device, lambda: f"{op}: mask is on {mask.device} but weight is on {weight.device}")
+
+
+@torch.library.register_fake("multiflow::bitmap_pack")
+def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_weight_and_mask("multiflow::bitmap_pack", weight, mask)
     out, cols = weight.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (
@@ -706,6 +711,24 @@ def bitmap_linear(
     return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
+def _check_linear_input(op: str, x: Tensor, values: Tensor, in_features: int, rows: int, bias: Tensor | None) -> None:
+    """x and bias of a linear op over a compressed weight (as csrc/linear_input.h checks them)."""
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
+    torch._check(
+        x.shape[-1] == in_features,
+        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
+    )
+    torch._check(x.device == values.device, lambda: f"{op}: x is on {x.device} but values is on {values.device}")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == rows,
+            lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
+        )
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
 @torch.library.register_fake("multiflow::bitmap_linear")
 def _bitmap_linear_fake(
     x: Tensor,
@@ -718,17 +741,7 @@ def _bitmap_linear_fake(
 ) -> Tensor:
     op = "multiflow::bitmap_linear"
     _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
-    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
-    torch._check(
-        x.shape[-1] == in_features,
-        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
-    )
     rows = bits.shape[0]
-    if bias is not None:
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == rows,
-            lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
-        )
-        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    _check_linear_input(op, x, values, in_features, rows, bias)
     return x.new_empty((*x.shape[:-1], rows))
+

@@ -210,6 +210,13 @@ def masked_linear_backward(
 # =======================================================================================
 # Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear
 # =======================================================================================
+def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """x @ w.T + bias summed in compute_dtype, rounded once to x's dtype: the linear ops over
+    a compressed weight, once the weight is decoded."""
+    y = torch.nn.functional.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+    return y.to(x.dtype)
+
+
 def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values, bits, row_ptr, block_ptr) of weight (out, in) under the bool keep-mask."""
     out, cols = weight.shape
@@ -243,6 +250,5 @@ def bitmap_linear(
 ) -> Tensor:
     """y = x @ W.T + bias with W = bitmap_unpack(...), summed in compute_dtype (float32, or
     float64 for an exact reference), rounded once to x's dtype."""
-    w = bitmap_unpack(values, bits, row_ptr, block_ptr, in_features)
-    y = torch.nn.functional.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
-    return y.to(x.dtype)
+    return dense_linear(x, bitmap_unpack(values, bits, row_ptr, block_ptr, in_features), bias, compute_dtype)
+
