@@ -2,14 +2,12 @@
 
 #include <ATen/ATen.h>
 
+#include "dtypes.h"
+#include "format_args.h"
 #include "maskpack.h"
 
 namespace multiflow {
 namespace {
-
-bool is_weight_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 // The format's own contract, shared by unpack and linear.
 void check_format(
@@ -79,16 +77,7 @@ void fill_format(
 
 BitmapPackProblem prepare_bitmap_pack(const at::Tensor& weight, const at::Tensor& mask) {
   constexpr const char* op = "multiflow::bitmap_pack";
-  TORCH_CHECK(
-      is_weight_dtype(weight.scalar_type()),
-      op, ": weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape (out_features, in_features), got ", weight.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK(
-      mask.sizes() == weight.sizes(),
-      op, ": mask must have weight's shape ", weight.sizes(), ", got ", mask.sizes());
-  TORCH_CHECK(
-      mask.device() == weight.device(), op, ": mask is on ", mask.device(), " but weight is on ", weight.device());
+  check_pack_input(op, weight, mask);
   BitmapPackProblem p;
   p.weight = weight.contiguous();
   p.mask = mask.contiguous();
@@ -119,33 +108,9 @@ BitmapProblem prepare_bitmap_linear(
     const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "multiflow::bitmap_linear";
   check_format(op, values, bits, row_ptr, block_ptr, in_features);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
-  TORCH_CHECK(
-      x.scalar_type() == values.scalar_type(),
-      op, ": x must have values' dtype ", values.scalar_type(), ", got ", x.scalar_type());
-  TORCH_CHECK(
-      x.size(-1) == in_features,
-      op, ": in_features mismatch: x.shape[-1] = ", x.size(-1), " but in_features = ", in_features);
-  TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but values is on ", values.device());
   BitmapProblem p;
   fill_format(p, values, bits, row_ptr, block_ptr, in_features);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(
-        bias->dim() == 1 && bias->size(0) == p.rows,
-        op, ": bias must have shape (out_features,) = (", p.rows, ",), got ", bias->sizes());
-    TORCH_CHECK(
-        bias->scalar_type() == x.scalar_type(),
-        op, ": bias must have x's dtype ", x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
-    p.bias = bias->contiguous();
-  }
-  p.m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
-    p.m *= x.size(d);
-  }
-  p.x = x.reshape({p.m, in_features}).contiguous();
-  p.out_shape = x.sizes().vec();
-  p.out_shape.back() = p.rows;
+  set_linear_input(p, prepare_linear_input(op, x, bias, values, in_features, p.rows));
   return p;
 }
 

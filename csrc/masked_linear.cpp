@@ -2,18 +2,15 @@
 
 #include <ATen/ATen.h>
 
+#include "dtypes.h"
 #include "maskpack.h"
 
 namespace multiflow {
 namespace {
 
-bool is_activation_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits) {
   TORCH_CHECK(
-      is_activation_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+      is_weight_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., in_features), got a 0-d tensor");
   TORCH_CHECK(
       weight.dim() == 2, op, ": weight must have shape (out_features, in_features), got shape ", weight.sizes());

@@ -64,6 +64,17 @@ TORCH_LIBRARY(multiflow, m) {
   m.def("bitmap_unpack(Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features) -> Tensor");
   // y = x @ W.T + bias with W decoded from the bitmap format inside the kernel.
   m.def("bitmap_linear(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
+
+  // 2:4 semi-structured weights (csrc/sparse24.h): W (out, in), in % 4 == 0, keeps at most 2
+  // of every 4 consecutive weights of a row. values (out, in/2), W's dtype: each chunk of 4
+  // columns' kept weights in column order, filled up to 2 with zeros at the lowest unused
+  // positions; metadata int16 (out, ceil(in/16)): 4 bits per chunk at bit 4*(q%4) of word
+  // q/4, the two positions (first < second) in bits 0-1 and 2-3, as mma.sp reads them.
+  // pack raises ValueError naming the rows where the mask is not 2:4.
+  m.def("sparse24_pack(Tensor weight, Tensor mask) -> (Tensor values, Tensor metadata)");
+  m.def("sparse24_unpack(Tensor values, Tensor metadata) -> Tensor");
+  // y = x @ W.T + bias with W decoded from the 2:4 format inside the kernel (in = 2 * values.size(1)).
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor metadata, Tensor? bias) -> Tensor");
 }
 
 #if defined(MULTIFLOW_PYTHON_MODULE)

@@ -2,12 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include "dtypes.h"
+
 namespace multiflow {
 namespace {
-
-bool is_value_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 // `first` names the tensor that set `device` (values[0], w_scale).
 void check_same_device(
@@ -30,7 +28,7 @@ FlatValues prepare_values(const char* op, at::TensorList values) {
   for (size_t l = 0; l < values.size(); ++l) {
     const at::Tensor& t = values[l];
     TORCH_CHECK(
-        is_value_dtype(t.scalar_type()),
+        is_weight_dtype(t.scalar_type()),
         op, ": values[", l, "] must be float32, float16 or bfloat16, got ", t.scalar_type());
     check_same_device(op, "values", static_cast<int64_t>(l), t, "values[0]", v.device);
     v.tensors.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
@@ -90,7 +88,7 @@ FlowLayers prepare_flow(
   for (int64_t l = 0; l < n_layers; ++l) {
     const at::Tensor& w = weights[l];
     TORCH_CHECK(
-        is_value_dtype(w.scalar_type()),
+        is_weight_dtype(w.scalar_type()),
         op, ": weights[", l, "] must be float32, float16 or bfloat16, got ", w.scalar_type());
     TORCH_CHECK(w.dim() == 2, op, ": weights[", l, "] must be 2-D (out, in), got shape ", w.sizes());
     check_same_device(op, "weights", l, w, "w_scale", f.device);
@@ -133,7 +131,7 @@ at::Tensor prepare_thresholds(const char* op, const at::Tensor& thresholds, int6
 at::Tensor prepare_nm_scores(const at::Tensor& scores, int64_t n, int64_t m) {
   constexpr const char* op = "multiflow::nm_mask";
   TORCH_CHECK(
-      is_value_dtype(scores.scalar_type()),
+      is_weight_dtype(scores.scalar_type()),
       op, ": scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
   TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (R, C), got shape ", scores.sizes());
   TORCH_CHECK(m >= 1, op, ": m must be >= 1, got m = ", m);

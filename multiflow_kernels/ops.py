@@ -617,8 +617,9 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return torch.ops.multiflow.bitmap_pack.default(weight, mask)
 
 
-def _check_bitmap_pack_args(op: str, weight: Tensor, mask: Tensor) -> None:
-    """bitmap_pack's argument contract (the fake kernel and the CUDA composite, triton/bitmap_format.py)."""
+def _check_weight_and_mask(op: str, weight: Tensor, mask: Tensor) -> None:
+    """The arguments of a packing op (fake kernels, the CUDA composite of triton/bitmap_format.py):
+    a 2-D float weight and a bool mask of its shape, on its device."""
     torch._check(
         weight.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: weight must be float32, float16 or bfloat16, got {weight.dtype}"
     )
@@ -632,7 +633,7 @@ def _check_bitmap_pack_args(op: str, weight: Tensor, mask: Tensor) -> None:
 
 @torch.library.register_fake("multiflow::bitmap_pack")
 def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_bitmap_pack_args("multiflow::bitmap_pack", weight, mask)
+    _check_weight_and_mask("multiflow::bitmap_pack", weight, mask)
     out, cols = weight.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (
@@ -711,6 +712,24 @@ def bitmap_linear(
     return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
+def _check_linear_input(op: str, x: Tensor, values: Tensor, in_features: int, rows: int, bias: Tensor | None) -> None:
+    """x and bias of a linear op over a compressed weight (as csrc/linear_input.h checks them)."""
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
+    torch._check(
+        x.shape[-1] == in_features,
+        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
+    )
+    torch._check(x.device == values.device, lambda: f"{op}: x is on {x.device} but values is on {values.device}")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == rows,
+            lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
+        )
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
 @torch.library.register_fake("multiflow::bitmap_linear")
 def _bitmap_linear_fake(
     x: Tensor,
@@ -737,18 +756,118 @@ def _check_bitmap_linear_args(
 ) -> None:
     """bitmap_linear's argument contract (the fake kernel and the Triton launcher)."""
     _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have shape (..., in_features), got a 0-d tensor")
-    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have values' dtype {values.dtype}, got {x.dtype}")
+    _check_linear_input(op, x, values, in_features, bits.shape[0], bias)
+
+
+# =======================================================================================
+# 2:4 format: sparse24_pack, sparse24_unpack, sparse24_linear (entry points + fake kernels)
+# =======================================================================================
+# A weight that keeps at most 2 of every 4 consecutive inputs is stored as its kept values
+# (half the columns) plus 4 bits of positions per 4 columns: 18 bits per 4 fp16 weights
+# instead of 64, in the layout the sparse tensor cores of sm_80+ read (csrc/sparse24.h).
+
+
+def sparse24_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Compress ``weight`` (out, in) under a 2:4 keep-``mask`` into the 2:4 format.
+
+    The row is cut into chunks of 4 consecutive columns (``in % 4 == 0``); the mask keeps
+    at most 2 weights of each chunk (:func:`nm_mask` with ``n, m = 2, 4`` makes such a
+    mask). Returns ``(values, metadata)``:
+
+    - values: (out, in / 2), weight's dtype. Chunk ``q`` of row ``r`` (columns
+      ``4q .. 4q + 3``) owns ``values[r, 2q]`` and ``values[r, 2q + 1]``: its kept weights
+      in increasing column order, copied bit for bit. A chunk that keeps fewer than 2 is
+      filled up with zeros at its lowest unused positions, so every chunk names 2 distinct
+      positions.
+    - metadata: int16 (out, ceil(in / 16)). Chunk ``q`` of row ``r`` is described by the
+      4 bits at bit ``4 * (q % 4)`` of ``metadata[r, q // 4]``: bits 0-1 hold the position
+      (0..3) in the chunk of ``values[r, 2q]``, bits 2-3 that of ``values[r, 2q + 1]``;
+      always first < second. The padding chunks of a row's last word (``in % 16 != 0``)
+      are 0. Each word is bit for bit the 16-bit half of the metadata register that
+      ``mma.sp.m16n8k32`` reads for one row and 16 columns.
+
+    Raises:
+        ValueError: where the mask keeps more than 2 of some 4 consecutive weights; the
+            message names the rows (the first few, and how many in all).
+
+    Args:
+        weight: (out_features, in_features), float32, float16 or bfloat16, in % 4 == 0.
+        mask: bool, weight's shape.
+    """
+    return torch.ops.multiflow.sparse24_pack.default(weight, mask)
+
+
+def _check_sparse24_in_features(op: str, in_features: int) -> None:
     torch._check(
-        x.shape[-1] == in_features,
-        lambda: f"{op}: in_features mismatch: x.shape[-1] = {x.shape[-1]} but in_features = {in_features}",
+        in_features % 4 == 0,
+        lambda: f"{op}: in_features must be a multiple of 4 for the 2:4 format, got {in_features}",
     )
-    torch._check(x.device == values.device, lambda: f"{op}: x is on {x.device} but values is on {values.device}")
-    rows = bits.shape[0]
-    if bias is not None:
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == rows,
-            lambda: f"{op}: bias must have shape (out_features,) = ({rows},), got {tuple(bias.shape)}",
-        )
-        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+@torch.library.register_fake("multiflow::sparse24_pack")
+def _sparse24_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    op = "multiflow::sparse24_pack"
+    _check_weight_and_mask(op, weight, mask)
+    out, cols = weight.shape
+    _check_sparse24_in_features(op, cols)
+    return weight.new_empty((out, cols // 2)), weight.new_empty((out, (cols + 15) // 16), dtype=torch.int16)
+
+
+def sparse24_unpack(values: Tensor, metadata: Tensor) -> Tensor:
+    """The dense weight (out_features, in_features = 2 * values.shape[1]) of the 2:4 format:
+    each chunk's two values at the positions its metadata names, zeros elsewhere;
+    ``sparse24_unpack(*sparse24_pack(W, M)) == W * M`` exactly."""
+    return torch.ops.multiflow.sparse24_unpack.default(values, metadata)
+
+
+def _check_sparse24_format(op: str, values: Tensor, metadata: Tensor) -> None:
+    torch._check(
+        values.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: values must be float32, float16 or bfloat16, got {values.dtype}"
+    )
+    torch._check(
+        values.dim() == 2, lambda: f"{op}: values must have shape (out_features, in_features / 2), got {tuple(values.shape)}"
+    )
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    _check_sparse24_in_features(op, cols)
+    torch._check(
+        metadata.dtype == torch.int16,
+        lambda: f"{op}: metadata must be an int16 tensor (sparse24_pack's output), got {metadata.dtype}",
+    )
+    words = (cols + 15) // 16
+    torch._check(
+        metadata.dim() == 2 and metadata.shape[0] == rows and metadata.shape[1] == words,
+        lambda: f"{op}: metadata must have shape (out_features, ceil(in_features / 16)) = ({rows}, {words}) "
+        f"for values of shape {tuple(values.shape)}, got {tuple(metadata.shape)}",
+    )
+    torch._check(
+        metadata.device == values.device, lambda: f"{op}: metadata is on {metadata.device} but values is on {values.device}"
+    )
+
+
+@torch.library.register_fake("multiflow::sparse24_unpack")
+def _sparse24_unpack_fake(values: Tensor, metadata: Tensor) -> Tensor:
+    _check_sparse24_format("multiflow::sparse24_unpack", values, metadata)
+    return values.new_empty((values.shape[0], 2 * values.shape[1]))
+
+
+def sparse24_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W.T + bias`` with W (out_features, in_features) the weight of the 2:4 format
+    (see :func:`sparse24_pack`), decoded inside the kernel (no dense copy of W). Sums run
+    in float32; the result is rounded once to x's dtype.
+
+    Args:
+        x: (..., in_features) with in_features = 2 * values.shape[1], values' dtype
+            (float32, float16 or bfloat16).
+        values, metadata: :func:`sparse24_pack`'s output.
+        bias: None or (out_features,), x's dtype.
+    """
+    return torch.ops.multiflow.sparse24_linear.default(x, values, metadata, bias)
+
+
+@torch.library.register_fake("multiflow::sparse24_linear")
+def _sparse24_linear_fake(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = "multiflow::sparse24_linear"
+    _check_sparse24_format(op, values, metadata)
+    rows = values.shape[0]
+    _check_linear_input(op, x, values, 2 * values.shape[1], rows, bias)
+    return x.new_empty((*x.shape[:-1], rows))

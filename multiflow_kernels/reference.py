@@ -210,6 +210,13 @@ def masked_linear_backward(
 # =======================================================================================
 # Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear
 # =======================================================================================
+def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """x @ w.T + bias summed in compute_dtype, rounded once to x's dtype: the linear ops over
+    a compressed weight, once the weight is decoded."""
+    y = torch.nn.functional.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+    return y.to(x.dtype)
+
+
 def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values, bits, row_ptr, block_ptr) of weight (out, in) under the bool keep-mask."""
     out, cols = weight.shape
@@ -243,6 +250,115 @@ def bitmap_linear(
 ) -> Tensor:
     """y = x @ W.T + bias with W = bitmap_unpack(...), summed in compute_dtype (float32, or
     float64 for an exact reference), rounded once to x's dtype."""
-    w = bitmap_unpack(values, bits, row_ptr, block_ptr, in_features)
-    y = torch.nn.functional.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
-    return y.to(x.dtype)
+    return dense_linear(x, bitmap_unpack(values, bits, row_ptr, block_ptr, in_features), bias, compute_dtype)
+
+
+# =======================================================================================
+# 2:4 format: sparse24_pack, sparse24_unpack, sparse24_linear
+# =======================================================================================
+def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of dtype's size: elements are moved by their bits."""
+    return torch.int32 if dtype.itemsize == 4 else torch.int16
+
+
+def _check_2_4(mask: Tensor) -> None:
+    out, cols = mask.shape
+    if cols % 4 != 0:
+        raise ValueError(f"in_features must be a multiple of 4 for the 2:4 format, got {cols}")
+    bad = (mask.reshape(out, cols // 4, 4).sum(-1) > 2).any(-1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"mask is not 2:4: rows {bad[:8]} keep more than 2 of 4 consecutive weights ({len(bad)} in total)")
+
+
+def sparse24_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(values (out, in/2), metadata int16 (out, ceil(in/16))) of weight under a 2:4 keep-mask;
+    the layout is described in ops.sparse24_pack. ValueError where the mask is not 2:4."""
+    _check_2_4(mask)
+    out, cols = weight.shape
+    device = weight.device
+    keep = mask.reshape(out, cols // 4, 4)
+    # The two smallest keys of a chunk: its kept positions, then the lowest unused ones.
+    pos = torch.arange(4, device=device)
+    key = torch.where(keep, pos, pos + 4)
+    positions = key.topk(2, dim=-1, largest=False).values.remainder(4).sort(dim=-1).values
+    bits = weight.reshape(out, cols // 4, 4).view(_bits_dtype(weight.dtype))
+    picked = torch.where(keep.gather(-1, positions), bits.gather(-1, positions), 0)
+    values = picked.reshape(out, cols // 2).view(weight.dtype)
+    codes = positions[..., 0] | (positions[..., 1] << 2)  # (out, chunks)
+    words = (cols + 15) // 16
+    padded = torch.zeros(out, 4 * words, dtype=torch.int64, device=device)
+    padded[:, : cols // 4] = codes
+    metadata = (padded.reshape(out, words, 4) << torch.arange(0, 16, 4, device=device)).sum(-1)
+    metadata = torch.where(metadata >= 2**15, metadata - 2**16, metadata).to(torch.int16)  # two's complement
+    return values, metadata
+
+
+def sparse24_positions(metadata: Tensor, in_features: int) -> Tensor:
+    """int64 (out, in/4, 2): the two positions (0..3) in its chunk of each value, from metadata."""
+    words = metadata.to(torch.int64) & 0xFFFF
+    codes = (words[:, :, None] >> torch.arange(0, 16, 4, device=metadata.device)) & 15
+    codes = codes.reshape(metadata.shape[0], 4 * metadata.shape[1])[:, : in_features // 4]
+    return torch.stack([codes & 3, codes >> 2], dim=-1)
+
+
+def sparse24_unpack(values: Tensor, metadata: Tensor) -> Tensor:
+    """The dense weight (out, in = 2 * values.shape[1]): each chunk's values at its
+    positions, zeros elsewhere."""
+    out, cols = values.shape[0], 2 * values.shape[1]
+    int_dtype = _bits_dtype(values.dtype)
+    bits = values.reshape(out, cols // 4, 2).view(int_dtype)
+    dense = torch.zeros(out, cols // 4, 4, dtype=int_dtype, device=values.device)
+    dense.scatter_(-1, sparse24_positions(metadata, cols), bits)
+    return dense.reshape(out, cols).view(values.dtype)
+
+
+def sparse24_linear(
+    x: Tensor,
+    values: Tensor,
+    metadata: Tensor,
+    bias: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """y = x @ W.T + bias with W = sparse24_unpack(values, metadata), summed in compute_dtype
+    (float32, or float64 for an exact reference), rounded once to x's dtype."""
+    return dense_linear(x, sparse24_unpack(values, metadata), bias, compute_dtype)
+
+
+def sparse24_pack_python(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """sparse24_pack written as plainly as possible, to check the layout itself: Python loops
+    over rows and chunks, Python ints, metadata words built bit by bit. Slow: tests only."""
+    out, cols = weight.shape
+    if cols % 4 != 0:
+        raise ValueError(f"in_features must be a multiple of 4 for the 2:4 format, got {cols}")
+    int_dtype = _bits_dtype(weight.dtype)
+    w_bits = weight.contiguous().view(int_dtype).tolist()  # each weight's bit pattern, as an int
+    keep = mask.tolist()
+    values, metadata, bad_rows = [], [], []
+    for r in range(out):
+        row_words = []
+        word = 0
+        for q in range(cols // 4):
+            kept = [p for p in range(4) if keep[r][4 * q + p]]
+            if len(kept) > 2 and r not in bad_rows:
+                bad_rows.append(r)
+            positions = kept[:2]
+            for p in range(4):  # fill up with the lowest unused positions
+                if len(positions) < 2 and p not in positions:
+                    positions.append(p)
+            first, second = sorted(positions)
+            for p in (first, second):
+                values.append(w_bits[r][4 * q + p] if keep[r][4 * q + p] else 0)
+            # Bits 0-1: the first position, bits 2-3: the second, at bit 4 * (q % 4).
+            for bit, value in enumerate((first & 1, first >> 1, second & 1, second >> 1)):
+                word |= value << (4 * (q % 4) + bit)
+            if q % 4 == 3:
+                row_words.append(word)
+                word = 0
+        if (cols // 4) % 4 != 0:
+            row_words.append(word)  # the last word's padding chunks stay 0
+        metadata.extend(w - 2**16 if w >= 2**15 else w for w in row_words)
+    if bad_rows:
+        raise ValueError(f"mask is not 2:4: rows {bad_rows[:8]} keep more than 2 of 4 consecutive weights")
+    values_t = torch.tensor(values, dtype=int_dtype).reshape(out, cols // 2).view(weight.dtype)
+    metadata_t = torch.tensor(metadata, dtype=torch.int16).reshape(out, (cols + 15) // 16)
+    return values_t.to(weight.device), metadata_t.to(weight.device)

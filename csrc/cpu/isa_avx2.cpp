@@ -37,6 +37,7 @@
 #include "cpu/maskpack_tile_impl.h"
 #include "cpu/masked_tile_impl.h"
 #include "cpu/bitmap_tile_impl.h"
+#include "cpu/sparse24_tile_impl.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

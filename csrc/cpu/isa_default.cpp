@@ -14,3 +14,4 @@
 #include "cpu/maskpack_tile_impl.h"
 #include "cpu/masked_tile_impl.h"
 #include "cpu/bitmap_tile_impl.h"
+#include "cpu/sparse24_tile_impl.h"

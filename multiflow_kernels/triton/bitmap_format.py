@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import _check_bitmap_format, _check_bitmap_pack_args
+from ..ops import _check_bitmap_format, _check_weight_and_mask
 
 # Columns per block_ptr entry (kBitmapBlockCols in csrc/bitmap.h).
 BLOCK_COLS = 512
@@ -32,7 +32,7 @@ _BITS_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat
 
 def bitmap_pack_torch(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """multiflow::bitmap_pack from torch ops: ``(values, bits, row_ptr, block_ptr)``."""
-    _check_bitmap_pack_args("multiflow::bitmap_pack", weight, mask)
+    _check_weight_and_mask("multiflow::bitmap_pack", weight, mask)
     weight = weight.contiguous()
     mask = mask.contiguous()
     rows, cols = weight.shape

@@ -1,0 +1,268 @@
+// sparse24_pack / sparse24_unpack / sparse24_linear on CPU.
+//
+// pack and unpack copy elements by their bits (2 or 4 bytes, whatever the
+// float type: the round trip is exact, NaN and -0.0 included), parallel over
+// rows. pack reads each chunk's 4 mask bools as a 4-bit keep pattern and looks
+// up the chunk's two positions (kept ones first, then the lowest unused); a
+// chunk that keeps more than 2 marks its row, and the op raises after the pass,
+// naming the rows, so nothing it allocated is returned.
+//
+// sparse24_linear: each parallel task owns a block of output rows and streams
+// their values and metadata from memory once; the per-ISA row kernel
+// (sparse24_tile_impl.h) decodes each metadata word into registers and dots it
+// with a block of rows of x, block after block (the task's rows stay in L2 for
+// the later blocks). x is widened to float32 once, into rows padded with zeros
+// to whole words. No dense copy of the weight is made.
+//
+// Determinism: every output element is summed by one task in a fixed order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+#include "cpu/dispatch_activation.h"
+#include "cpu/isa.h"
+#include "cpu/sparse24_tile.h"
+#include "sparse24.h"
+
+namespace multiflow::cpu {
+namespace {
+
+// Output rows per parallel task of the streaming kernel.
+constexpr int64_t kRowGrain = 16;
+
+// Bad rows the error message names.
+constexpr int64_t kRowsNamed = 8;
+
+const Sparse24Tiles& tiles() {
+  static const Sparse24Tiles table = MULTIFLOW_ISA_TABLE(sparse24_tiles);
+  return table;
+}
+
+// A chunk's 4-bit code: the position of its first value in bits 0-1, the
+// second in bits 2-3.
+inline int first_position(uint32_t code) {
+  return static_cast<int>(code & 3u);
+}
+inline int second_position(uint32_t code) {
+  return static_cast<int>((code >> 2) & 3u);
+}
+
+// For each 4-bit keep pattern of a chunk (bit p: position p kept): the code of
+// its two positions, the kept ones and then the lowest unused, in increasing
+// order; valid when it keeps at most 2.
+struct ChunkPick {
+  uint8_t code;
+  bool valid;
+};
+
+struct ChunkPicks {
+  ChunkPick pick[16];
+};
+
+constexpr ChunkPicks make_chunk_picks() {
+  ChunkPicks t{};
+  for (uint32_t keep = 0; keep < 16; ++keep) {
+    int positions[4] = {};
+    int n = 0;
+    for (int p = 0; p < 4; ++p) {
+      if ((keep >> p) & 1u) {
+        positions[n++] = p;
+      }
+    }
+    t.pick[keep].valid = n <= 2;
+    for (int p = 0; p < 4 && n < 2; ++p) {
+      if (!((keep >> p) & 1u)) {
+        positions[n++] = p;
+      }
+    }
+    const int lo = std::min(positions[0], positions[1]);
+    const int hi = std::max(positions[0], positions[1]);
+    t.pick[keep].code = static_cast<uint8_t>(lo | (hi << 2));
+  }
+  return t;
+}
+
+constexpr ChunkPicks kChunkPicks = make_chunk_picks();
+
+inline uint32_t keep_pattern(const bool* m) {
+  return static_cast<uint32_t>(m[0]) | (static_cast<uint32_t>(m[1]) << 1) | (static_cast<uint32_t>(m[2]) << 2) |
+         (static_cast<uint32_t>(m[3]) << 3);
+}
+
+// Packs one row (E: the element's bits); false when a chunk keeps more than 2.
+template <typename E>
+bool pack_row(const E* w, const bool* mask, int64_t cols, E* values, uint16_t* metadata) {
+  const int64_t chunks = cols / 4;
+  bool ok = true;
+  for (int64_t word = 0; 4 * word < chunks; ++word) {
+    uint32_t bits = 0;
+    for (int64_t q = 4 * word; q < std::min(chunks, 4 * word + 4); ++q) {
+      const uint32_t keep = keep_pattern(mask + 4 * q);
+      const ChunkPick pick = kChunkPicks.pick[keep];
+      ok &= pick.valid;
+      const int p0 = first_position(pick.code), p1 = second_position(pick.code);
+      // All ones where the position is kept, zero for a filler: no branch on the mask.
+      const auto keep0 = static_cast<E>(0u - ((keep >> p0) & 1u));
+      const auto keep1 = static_cast<E>(0u - ((keep >> p1) & 1u));
+      values[2 * q] = static_cast<E>(w[4 * q + p0] & keep0);
+      values[2 * q + 1] = static_cast<E>(w[4 * q + p1] & keep1);
+      bits |= static_cast<uint32_t>(pick.code) << (4 * (q - 4 * word));
+    }
+    metadata[word] = static_cast<uint16_t>(bits);
+  }
+  return ok;
+}
+
+// Calls fn(E{}) with E the unsigned integer of t's element size (2 or 4 bytes).
+template <typename Fn>
+void with_element_bits(at::ScalarType t, const Fn& fn) {
+  if (c10::elementSize(t) == 4) {
+    fn(uint32_t{});
+  } else {
+    fn(uint16_t{});
+  }
+}
+
+// The ValueError for the rows whose flag is set (none: no error).
+void report_bad_rows(const Sparse24PackProblem& p, const std::vector<uint8_t>& bad) {
+  std::vector<int64_t> rows;
+  int64_t n_bad = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if (bad[r]) {
+      if (n_bad < kRowsNamed) {
+        rows.push_back(r);
+      }
+      ++n_bad;
+    }
+  }
+  if (n_bad == 0) {
+    return;
+  }
+  std::ostringstream named;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    named << (i ? ", " : "") << rows[i];
+  }
+  if (n_bad > kRowsNamed) {
+    named << ", ...";
+  }
+  // The first offending chunk of the first bad row, as an example.
+  const bool* m = p.mask.const_data_ptr<bool>() + rows[0] * p.cols;
+  int64_t q = 0;
+  while (kChunkPicks.pick[keep_pattern(m + 4 * q)].valid) {
+    ++q;
+  }
+  const int kept = m[4 * q] + m[4 * q + 1] + m[4 * q + 2] + m[4 * q + 3];
+  TORCH_CHECK_VALUE(
+      false, "multiflow::sparse24_pack: mask is not 2:4: rows [", named.str(),
+      "] keep more than 2 of 4 consecutive weights (", n_bad, n_bad == 1 ? " row" : " rows", " in total; row ",
+      rows[0], " keeps ", kept, " of columns ", 4 * q, "..", 4 * q + 3, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse24_pack_cpu(const at::Tensor& weight, const at::Tensor& mask) {
+  const Sparse24PackProblem p = prepare_sparse24_pack(weight, mask);
+  const int64_t rows = p.rows, cols = p.cols, words = sparse24_words(cols);
+  at::Tensor values = at::empty({rows, cols / 2}, p.weight.options());
+  at::Tensor metadata = at::empty({rows, words}, p.weight.options().dtype(at::kShort));
+  std::vector<uint8_t> bad(rows, 0);
+  const bool* m = p.mask.const_data_ptr<bool>();
+  uint16_t* meta = reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr<int16_t>());
+  with_element_bits(p.weight.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    const E* w = static_cast<const E*>(p.weight.const_data_ptr());
+    E* v = static_cast<E*>(values.mutable_data_ptr());
+    at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        bad[r] = !pack_row(w + r * cols, m + r * cols, cols, v + r * (cols / 2), meta + r * words);
+      }
+    });
+  });
+  report_bad_rows(p, bad);
+  return {values, metadata};
+}
+
+at::Tensor sparse24_unpack_cpu(const at::Tensor& values, const at::Tensor& metadata) {
+  const Sparse24Problem p = prepare_sparse24_unpack(values, metadata);
+  const int64_t rows = p.rows, cols = p.cols, words = sparse24_words(cols);
+  at::Tensor out = at::empty({rows, cols}, p.values.options());
+  const uint16_t* meta = reinterpret_cast<const uint16_t*>(p.metadata.const_data_ptr<int16_t>());
+  with_element_bits(p.values.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    const E* v = static_cast<const E*>(p.values.const_data_ptr());
+    E* o = static_cast<E*>(out.mutable_data_ptr());
+    at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const E* v_row = v + r * (cols / 2);
+        const uint16_t* meta_row = meta + r * words;
+        E* o_row = o + r * cols;
+        for (int64_t q = 0; q < cols / 4; ++q) {
+          const uint32_t code = (static_cast<uint32_t>(meta_row[q / 4]) >> (4 * (q % 4))) & 15u;
+          E* o_chunk = o_row + 4 * q;
+          o_chunk[0] = o_chunk[1] = o_chunk[2] = o_chunk[3] = E{0};
+          o_chunk[first_position(code)] = v_row[2 * q];
+          o_chunk[second_position(code)] = v_row[2 * q + 1];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor sparse24_linear_cpu(
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const at::Tensor& metadata,
+    const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "multiflow::sparse24_linear";
+  const Sparse24Problem p = prepare_sparse24_linear(x, values, metadata, bias);
+  const int64_t m = p.m, n = p.rows, k = p.cols;
+  const int64_t words = sparse24_words(k);
+  at::Tensor y = at::empty({m, n}, p.x.options());
+  if (m == 0 || n == 0) {
+    return y.view(p.out_shape);
+  }
+  dispatch_activation(op, p.x.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* v = p.values.const_data_ptr<scalar_t>();
+    const int16_t* meta = p.metadata.const_data_ptr<int16_t>();
+    const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    // x widened to float32, rows padded with zeros to whole metadata words.
+    const int64_t ldx = words * kSparse24WordCols;
+    at::Tensor xf = at::zeros({m, ldx}, p.x.options().dtype(at::kFloat));
+    if (k > 0) {
+      xf.narrow(1, 0, k).copy_(p.x);
+    }
+    const float* xp = xf.const_data_ptr<float>();
+    const Sparse24RowsFn rows = for_activation_dtype(op, tiles(), p.x.scalar_type());
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(m * kSparse24RowsPerCall);
+      for (int64_t r0 = begin; r0 < end; r0 += kSparse24RowsPerCall) {
+        const int64_t nr = std::min(kSparse24RowsPerCall, end - r0);
+        rows(v + r0 * (k / 2), meta + r0 * words, k, nr, xp, m, ldx, acc.data());
+        for (int64_t j = 0; j < nr; ++j) {
+          const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r0 + j]) : 0.0f;
+          for (int64_t i = 0; i < m; ++i) {
+            out[i * n + r0 + j] = static_cast<scalar_t>(acc[j * m + i] + bias_r);
+          }
+        }
+      }
+    });
+  });
+  return y.view(p.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(multiflow, CPU, m) {
+  m.impl("sparse24_pack", &sparse24_pack_cpu);
+  m.impl("sparse24_unpack", &sparse24_unpack_cpu);
+  m.impl("sparse24_linear", &sparse24_linear_cpu);
+}
+
+}  // namespace multiflow::cpu

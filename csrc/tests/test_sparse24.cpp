@@ -1,0 +1,154 @@
+// sparse24_pack / sparse24_unpack / sparse24_linear through the dispatcher,
+// against plain loops (the layout of csrc/sparse24.h, written out again).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "tests/harness.h"
+
+namespace {
+
+using multiflow::test::op;
+
+std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& weight, const at::Tensor& mask) {
+  static const auto handle = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>("sparse24_pack");
+  return handle.call(weight, mask);
+}
+
+at::Tensor unpack(const at::Tensor& values, const at::Tensor& metadata) {
+  static const auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("sparse24_unpack");
+  return handle.call(values, metadata);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata, const at::Tensor& bias) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "sparse24_linear");
+  return handle.call(x, values, metadata, bias);
+}
+
+// A random 2:4 mask with 0, 1 or 2 kept per chunk, at random positions.
+at::Tensor random_mask(int64_t rows, int64_t cols) {
+  at::Tensor mask = at::zeros({rows, cols}, at::kBool);
+  const at::Tensor draws = at::randint(0, 4, {rows, cols / 4, 2}, at::kLong);
+  const at::Tensor keep = at::rand({rows, cols / 4, 2}) < 0.8;
+  auto m = mask.accessor<bool, 2>();
+  const auto d = draws.accessor<int64_t, 3>();
+  const auto k = keep.accessor<bool, 3>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < cols / 4; ++q) {
+      for (int s = 0; s < 2; ++s) {
+        m[r][4 * q + d[r][q][s]] = m[r][4 * q + d[r][q][s]] || k[r][q][s];
+      }
+    }
+  }
+  return mask;
+}
+
+// The format by hand: positions = kept ones, then the lowest unused, ascending;
+// metadata nibble q % 4 of word q / 4 = first | second << 2.
+void check_layout(const at::Tensor& weight, const at::Tensor& mask) {
+  const auto [values, metadata] = pack(weight, mask);
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  MF_CHECK(values.sizes() == at::IntArrayRef({rows, cols / 2}), "values shape ", values.sizes());
+  MF_CHECK(metadata.scalar_type() == at::kShort, "metadata dtype ", metadata.scalar_type());
+  MF_CHECK(metadata.sizes() == at::IntArrayRef({rows, (cols + 15) / 16}), "metadata shape ", metadata.sizes());
+  const at::Tensor w = weight.to(at::kFloat);
+  const at::Tensor v = values.to(at::kFloat);
+  const auto ws = w.accessor<float, 2>();
+  const auto vs = v.accessor<float, 2>();
+  const auto ms = mask.accessor<bool, 2>();
+  const auto md = metadata.accessor<int16_t, 2>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t word = 0; word < metadata.size(1); ++word) {
+      uint32_t expect = 0;
+      for (int64_t q = 4 * word; q < std::min(cols / 4, 4 * word + 4); ++q) {
+        int positions[2];
+        int n = 0;
+        for (int p = 0; p < 4 && n < 2; ++p) {
+          if (ms[r][4 * q + p]) {
+            positions[n++] = p;
+          }
+        }
+        for (int p = 0; p < 4 && n < 2; ++p) {
+          if (!ms[r][4 * q + p]) {
+            positions[n++] = p;
+          }
+        }
+        const int first = std::min(positions[0], positions[1]), second = std::max(positions[0], positions[1]);
+        expect |= static_cast<uint32_t>(first | (second << 2)) << (4 * (q % 4));
+        for (int s = 0; s < 2; ++s) {
+          const int p = s == 0 ? first : second;
+          const float want = ms[r][4 * q + p] ? ws[r][4 * q + p] : 0.0f;
+          MF_CHECK(vs[r][2 * q + s] == want, "row ", r, " chunk ", q, " value ", s, ": got ", vs[r][2 * q + s]);
+        }
+      }
+      const uint32_t got = static_cast<uint16_t>(md[r][word]);
+      MF_CHECK(got == expect, "row ", r, " word ", word, ": got ", got, ", expected ", expect);
+    }
+  }
+  const at::Tensor dense = unpack(values, metadata);
+  MF_CHECK(at::equal(dense, at::where(mask, weight, at::zeros({}, weight.options()))), "unpack(pack(W, M)) != W * M");
+}
+
+MF_TEST(sparse24_pack_layout) {
+  at::manual_seed(11);
+  for (int64_t cols : {4, 12, 16, 20, 100, 1060}) {
+    const at::Tensor mask = random_mask(7, cols);
+    check_layout(at::randn({7, cols}), mask);
+    check_layout(at::randn({7, cols}).to(at::kHalf), mask);
+    check_layout(at::randn({7, cols}).to(at::kBFloat16), mask);
+  }
+}
+
+MF_TEST(sparse24_pack_rejects_three_of_four) {
+  at::Tensor mask = random_mask(4, 32);
+  mask.index_put_({1, at::indexing::Slice(8, 12)}, true);
+  MF_CHECK_THROWS(pack(at::randn({4, 32}), mask), "mask is not 2:4: rows [1] keep more than 2 of 4");
+  MF_CHECK_THROWS(pack(at::randn({4, 30}), at::zeros({4, 30}, at::kBool)), "in_features must be a multiple of 4");
+}
+
+// y against a double loop; float32 sums of K terms, then one rounding to the dtype.
+void check_linear(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
+  const at::Tensor w = at::randn({n, k}).to(dtype);
+  const at::Tensor mask = random_mask(n, k);
+  const at::Tensor x = at::randn({m, k}).to(dtype);
+  const at::Tensor b = at::randn({n}).to(dtype);
+  const auto [values, metadata] = pack(w, mask);
+  const at::Tensor y = linear(x, values, metadata, b).to(at::kDouble);
+  const at::Tensor wd = at::where(mask, w, at::zeros({}, w.options())).to(at::kDouble);
+  const at::Tensor xd = x.to(at::kDouble), bd = b.to(at::kDouble);
+  const auto ws = wd.accessor<double, 2>();
+  const auto xs = xd.accessor<double, 2>();
+  const auto bs = bd.accessor<double, 1>();
+  const auto ys = y.accessor<double, 2>();
+  const double out_eps = dtype == at::kFloat ? 0.0 : dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < n; ++r) {
+      double exact = bs[r], scale = std::abs(bs[r]);
+      for (int64_t c = 0; c < k; ++c) {
+        exact += xs[i][c] * ws[r][c];
+        scale += std::abs(xs[i][c] * ws[r][c]);
+      }
+      const double bound = 2.0 * k * 1.2e-7 * scale + out_eps * std::abs(exact) + 1e-30;
+      MF_CHECK(std::abs(ys[i][r] - exact) <= bound, "m ", m, " row ", r, " token ", i, ": got ", ys[i][r], ", expected ",
+               exact);
+    }
+  }
+}
+
+MF_TEST(sparse24_linear_against_loops) {
+  at::manual_seed(12);
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (int64_t m : {1, 3, 5, 9}) {
+      check_linear(dtype, m, 37, 100);  // 37 rows: an odd one out; 100 = 6 * 16 + 4: a partial last word
+    }
+    check_linear(dtype, 2, 20, 1056);
+  }
+}
+
+}  // namespace
