@@ -552,9 +552,9 @@ std::tuple<at::Tensor, at::Tensor> sparse24_pack_cuda(const at::Tensor& weight, 
       list << (i ? ", " : "") << br[i];
     }
     TORCH_CHECK_VALUE(
-        false, "multiflow::sparse24_pack: mask is not 2:4: ", bad_rows.numel(),
-        " row(s) keep more than 2 of 4 consecutive weights (rows ", list.str(),
-        bad_rows.numel() > shown ? ", ...)" : ")");
+        false, "multiflow::sparse24_pack: mask is not 2:4: rows [", list.str(), bad_rows.numel() > shown ? ", ..." : "",
+        "] keep more than 2 of 4 consecutive weights (", bad_rows.numel(), bad_rows.numel() == 1 ? " row" : " rows",
+        " in total)");
   }
   return {values, metadata};
 }
