@@ -853,7 +853,9 @@ def _sparse24_unpack_fake(values: Tensor, metadata: Tensor) -> Tensor:
 def sparse24_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = x @ W.T + bias`` with W (out_features, in_features) the weight of the 2:4 format
     (see :func:`sparse24_pack`), decoded inside the kernel (no dense copy of W). Sums run
-    in float32; the result is rounded once to x's dtype.
+    in float32; the result is rounded once to x's dtype. Only the two positions each chunk
+    names are multiplied, as the sparse tensor cores do: an inf or NaN of x at a position a
+    row prunes does not reach that row (where ``F.linear`` on the dense weight gives NaN).
 
     Args:
         x: (..., in_features) with in_features = 2 * values.shape[1], values' dtype

@@ -320,7 +320,8 @@ def sparse24_linear(
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """y = x @ W.T + bias with W = sparse24_unpack(values, metadata), summed in compute_dtype
-    (float32, or float64 for an exact reference), rounded once to x's dtype."""
+    (float32, or float64 for an exact reference), rounded once to x's dtype. Dense: unlike the
+    op, a non-finite x at a pruned position makes the row NaN (equal for finite x)."""
     return dense_linear(x, sparse24_unpack(values, metadata), bias, compute_dtype)
 
 

@@ -194,17 +194,24 @@ def test_linear_many_tokens_and_rows(m, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linear_propagates_inf_and_nan_like_dense(dtype):
-    """A pruned weight is a 0 that meets x: inf in x gives NaN in every row, as in F.linear
-    on the dense masked weight; a kept NaN weight makes its row NaN."""
-    w, mask = make_weight(6, 48, dtype, seed=5)
+def test_linear_multiplies_only_named_positions(dtype):
+    """As the sparse tensor cores do: a non-finite x reaches exactly the rows that name its
+    column (a filler position is named, with value 0, and 0 * inf is NaN), not the rows
+    that prune it; a kept NaN weight makes its row NaN."""
+    w, mask = make_weight(6, 48, dtype, seed=5, kind="sparser")
     x = torch.randn(3, 48).to(dtype)
     x[1, 7] = float("inf")
     w[2, 0] = float("nan")
     mask[2, :4] = torch.tensor([True, False, False, False])
-    y = ops.sparse24_linear(x, *ops.sparse24_pack(w, mask))
-    want = F.linear(x.double(), masked(w, mask).double())
-    assert torch.equal(y.isnan(), want.isnan())
+    values, metadata = ops.sparse24_pack(w, mask)
+    y = ops.sparse24_linear(x, values, metadata)
+    columns = reference.sparse24_positions(metadata, 48) + 4 * torch.arange(12)[:, None]  # (6, 12, 2)
+    names_7 = (columns == 7).flatten(1).any(1)
+    assert 0 < int(names_7.sum()) < 6  # some rows name column 7, some do not
+    expect = torch.zeros(3, 6, dtype=torch.bool)
+    expect[1] = names_7
+    expect[:, 2] = True
+    assert torch.equal(~y.isfinite(), expect)
 
 
 # ----------------------------------------------------------------------------- opcheck, compile, errors, determinism

@@ -9,10 +9,11 @@
 //
 // sparse24_linear: each parallel task owns a block of output rows and streams
 // their values and metadata from memory once; the per-ISA row kernel
-// (sparse24_tile_impl.h) decodes each metadata word into registers and dots it
-// with a block of rows of x, block after block (the task's rows stay in L2 for
-// the later blocks). x is widened to float32 once, into rows padded with zeros
-// to whole words. No dense copy of the weight is made.
+// (sparse24_tile_impl.h) multiplies each vector of values by the x elements at
+// the positions the metadata names (gathered in registers), for a block of rows
+// of x, block after block (the task's rows stay in L2 for the later blocks). x
+// is widened to float32 once, into rows padded with zeros to whole windows of
+// the kernel. No dense copy of the weight is made.
 //
 // Determinism: every output element is summed by one task in a fixed order.
 #include <ATen/ATen.h>
@@ -25,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ceil_div.h"
 #include "cpu/dispatch_activation.h"
 #include "cpu/isa.h"
 #include "cpu/sparse24_tile.h"
@@ -232,8 +234,8 @@ at::Tensor sparse24_linear_cpu(
     const int16_t* meta = p.metadata.const_data_ptr<int16_t>();
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
-    // x widened to float32, rows padded with zeros to whole metadata words.
-    const int64_t ldx = words * kSparse24WordCols;
+    // x widened to float32, rows padded with zeros to whole windows of the kernel.
+    const int64_t ldx = ceil_div(k, kSparse24XPadCols) * kSparse24XPadCols;
     at::Tensor xf = at::zeros({m, ldx}, p.x.options().dtype(at::kFloat));
     if (k > 0) {
       xf.narrow(1, 0, k).copy_(p.x);

@@ -2,24 +2,26 @@
 // isa_*.cpp files, after they set CPU_CAPABILITY (no include guard on purpose:
 // once per ISA translation unit). See isa.h and sparse24_tile.h.
 //
-// The unit is one metadata word: 16 columns, 8 values. Decoding a word into 16
-// dense float32 lanes (zeros at the unnamed positions):
-//   AVX-512  the 8 values (widened) in one register, _mm512_maskz_expand_ps to
-//            the 16-bit lane mask of the word's positions (a 256-entry table per
-//            byte): positions are increasing, so expand puts each value in place;
-//   AVX2     per byte of the word (two chunks, 8 lanes), _mm256_permutevar8x32_ps
-//            from a 256-entry index table, lanes that name no value zeroed by
-//            the index's sign bit;
-//   default  zero 16 floats, then two scalar stores per chunk.
-// Each decoded word meets every row of x in registers: a block of R weight rows
-// x MR rows of x keeps R * MR accumulators (of 16 lanes) for the whole row, so
-// the values and metadata stream through once per block of x rows, x is loaded
-// once per word for R weight rows, and nothing is written until the row ends.
-// The memory-bound case (a few rows of x) is one block of x rows.
+// Only the named positions are multiplied, as the sparse tensor cores do: a
+// step is one vector of values (kLanes of them, widened to float32: 2 metadata
+// words on AVX-512, 1 on AVX2 and the default build), and the x element each
+// value meets is gathered from the step's window of 2 * kLanes columns of x.
+// Value k of a step sits in chunk k / 2 and its position is bits 2k .. 2k + 1
+// of the step's metadata (its words as one little-endian number), so its column
+// in the window is 4 * (k / 2) + ((bits >> 2k) & 3): a variable shift of the
+// broadcast metadata gives every lane's index at once.
+//   AVX-512  _mm512_permutex2var_ps: 16 lanes from the 32 floats of the window;
+//   AVX2     _mm256_permutevar8x32_ps in each 8-float half of the window (lanes
+//            0-3 index the low half, 4-7 the high one), then a blend;
+//   default  scalar loads of the 8 columns.
+// Each step meets every row of x in registers: a block of R weight rows x MR
+// rows of x keeps R * MR vector accumulators for the whole row, so values and
+// metadata stream through once per block of x rows, and the window of x is
+// loaded once per step for the R weight rows.
 //
-// A row's last word, when in % 16 != 0, has fewer than 8 values: they are copied
-// into a zero-padded buffer of 8 (its padding chunks named (0, 1)), so no load
-// runs past the row; the zero padding of x makes those lanes add 0.
+// A row's last step, when in % (2 * kLanes) != 0, has fewer values: they are
+// copied into a zero-padded buffer of kLanes, so no load runs past the row; x
+// is zero-padded to whole windows (kSparse24XPadCols), so those lanes add 0.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -42,20 +44,22 @@ namespace {
 namespace sparse24 {
 
 constexpr int64_t kWordCols = 16;
-constexpr int64_t kWordValues = 8;
-constexpr int kVecsPerWord = static_cast<int>(kWordCols / kLanes);  // 1 (AVX-512) or 2
-static_assert(kWordCols % kLanes == 0, "a word's 16 columns are whole vectors");
+constexpr int64_t kStepValues = kLanes;  // 16 (AVX-512) or 8
+constexpr int64_t kStepCols = 2 * kLanes;
+constexpr int64_t kStepWords = kStepCols / kWordCols;
+static_assert(kStepCols % kWordCols == 0 && kStepCols <= kSparse24XPadCols, "a step is whole metadata words");
 
-// Weight rows x rows of x per register block: R * MR * kVecsPerWord accumulators
-// (8 of AVX-512's 32 registers, 8 of AVX2's 16).
+// Weight rows x rows of x per register block: R * MR accumulators (8 of
+// AVX-512's 32 registers, 4 of AVX2's 16, which also hold the window of x and
+// the R value and index vectors).
 constexpr int kBlockW = 2;
-constexpr int kBlockX = 4 / kVecsPerWord;
+constexpr int kBlockX = kLanes == 16 ? 4 : 2;
 static_assert(kBlockW == 2, "rows_dot picks blocks of 2 or 1 weight rows");
 
-// Software prefetch of the values this many words ahead (2 KiB of float32): the
+// Software prefetch of the values this many steps ahead (2 KiB of float32): the
 // hardware prefetchers alone leave a single-token product well short of the
 // memory bandwidth when several rows stream at once.
-constexpr int64_t kPrefetchWords = 64;
+constexpr int64_t kPrefetchValues = 512;
 
 inline void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -65,133 +69,113 @@ inline void prefetch(const void* p) {
 #endif
 }
 
-// The positions of a chunk's two values in its 4-bit code.
-constexpr int first_position(uint32_t code) {
-  return static_cast<int>(code & 3u);
-}
-constexpr int second_position(uint32_t code) {
-  return static_cast<int>((code >> 2) & 3u);
-}
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// The word's 8 values widened exactly to float32 (fp16 by F16C, bf16 by a shift).
-inline __m256 load8(const float* v) {
-  return _mm256_loadu_ps(v);
-}
-inline __m256 load8(const c10::Half* v) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-}
-inline __m256 load8(const c10::BFloat16* v) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-#endif
-
 #if defined(CPU_CAPABILITY_AVX512)
-// For a metadata byte (chunks 0 and 1 of a word's half): the lanes its values
-// go to, bit 4c + p for position p of chunk c.
-struct LaneMasks {
-  uint8_t lanes[256];
+// The window of x: 32 columns in two registers; an index: 16 lanes of 0..31.
+struct Window {
+  __m512 lo, hi;
 };
+using Index = __m512i;
 
-constexpr LaneMasks make_lane_masks() {
-  LaneMasks t{};
-  for (uint32_t b = 0; b < 256; ++b) {
-    uint32_t lanes = 0;
-    for (uint32_t c = 0; c < 2; ++c) {
-      const uint32_t code = (b >> (4 * c)) & 15u;
-      lanes |= ((1u << first_position(code)) | (1u << second_position(code))) << (4 * c);
-    }
-    t.lanes[b] = static_cast<uint8_t>(lanes);
-  }
-  return t;
+inline Window load_window(const float* x) {
+  return Window{_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
 }
 
-constexpr LaneMasks kLaneMasks = make_lane_masks();
+inline Index step_index(uint32_t bits) {
+  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i chunk = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i position = _mm512_and_si512(
+      _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), shift), _mm512_set1_epi32(3));
+  return _mm512_add_epi32(chunk, position);
+}
 
-template <typename T>
-inline void decode_word(const T* v, uint32_t word, FloatVec* out) {
-  const uint32_t lo = kLaneMasks.lanes[word & 0xFFu], hi = kLaneMasks.lanes[(word >> 8) & 0xFFu];
-  const auto lanes = static_cast<__mmask16>(lo | (hi << 8));
-  // At most 2 lanes per chunk, so expand takes at most the 8 defined elements.
-  out[0] = _mm512_maskz_expand_ps(lanes, _mm512_castps256_ps512(load8(v)));
+inline FloatVec gather(const Window& x, const Index& index) {
+  return _mm512_permutex2var_ps(x.lo, index, x.hi);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// For a metadata byte: lane 4c + l takes value 2c (l the first position of
-// chunk c) or 2c + 1 (the second); other lanes have the sign bit set (zero).
-struct PermuteTable {
-  int32_t index[256][8];
+// The window of x: 16 columns in two registers; an index: lanes 0-3 into the
+// low half, 4-7 into the high half (0..7 each).
+struct Window {
+  __m256 lo, hi;
 };
+using Index = __m256i;
 
-constexpr PermuteTable make_permute_table() {
-  PermuteTable t{};
-  for (uint32_t b = 0; b < 256; ++b) {
-    for (uint32_t c = 0; c < 2; ++c) {
-      const uint32_t code = (b >> (4 * c)) & 15u;
-      for (int l = 0; l < 4; ++l) {
-        const int32_t first = static_cast<int32_t>(2 * c), second = first + 1;
-        t.index[b][4 * c + l] = l == first_position(code) ? first : l == second_position(code) ? second : INT32_MIN;
-      }
-    }
-  }
-  return t;
+inline Window load_window(const float* x) {
+  return Window{_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)};
 }
 
-alignas(32) constexpr PermuteTable kPermute = make_permute_table();
-
-inline __m256 expand_byte(__m256 values, uint32_t byte, int first_value) {
-  const __m256i index = _mm256_add_epi32(
-      _mm256_load_si256(reinterpret_cast<const __m256i*>(kPermute.index[byte])), _mm256_set1_epi32(first_value));
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(values, index), _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+inline Index step_index(uint32_t bits) {
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i chunk = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i position = _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(bits)), shift), _mm256_set1_epi32(3));
+  return _mm256_add_epi32(chunk, position);
 }
 
-template <typename T>
-inline void decode_word(const T* v, uint32_t word, FloatVec* out) {
-  const __m256 values = load8(v);
-  out[0] = expand_byte(values, word & 0xFFu, 0);
-  out[1] = expand_byte(values, (word >> 8) & 0xFFu, 4);
+inline FloatVec gather(const Window& x, const Index& index) {
+  return _mm256_blend_ps(_mm256_permutevar8x32_ps(x.lo, index), _mm256_permutevar8x32_ps(x.hi, index), 0xF0);
 }
 #else
-template <typename T>
-inline void decode_word(const T* v, uint32_t word, FloatVec* out) {
-  alignas(64) float dense[kWordCols] = {};
-  for (int c = 0; c < 4; ++c) {
-    const uint32_t code = (word >> (4 * c)) & 15u;
-    dense[4 * c + first_position(code)] = static_cast<float>(v[2 * c]);
-    dense[4 * c + second_position(code)] = static_cast<float>(v[2 * c + 1]);
+// The window of x in place; an index: the columns of the step's values.
+using Window = const float*;
+struct Index {
+  int32_t col[kStepValues];
+};
+
+inline Window load_window(const float* x) {
+  return x;
+}
+
+inline Index step_index(uint32_t bits) {
+  Index index;
+  for (int64_t k = 0; k < kStepValues; ++k) {
+    index.col[k] = static_cast<int32_t>(4 * (k / 2) + ((bits >> (2 * k)) & 3u));
   }
-  for (int k = 0; k < kVecsPerWord; ++k) {
-    out[k] = FloatVec::loadu(dense + k * kLanes);
+  return index;
+}
+
+inline FloatVec gather(Window x, const Index& index) {
+  alignas(64) float lanes[kStepValues];
+  for (int64_t k = 0; k < kStepValues; ++k) {
+    lanes[k] = x[index.col[k]];
   }
+  return FloatVec::loadu(lanes);
 }
 #endif
 
+// The step's metadata words as one number (a row's words are contiguous).
+inline uint32_t step_bits(const uint16_t* words) {
+  if constexpr (kStepWords == 2) {
+    return static_cast<uint32_t>(words[0]) | (static_cast<uint32_t>(words[1]) << 16);
+  } else {
+    return words[0];
+  }
+}
+
 // The R weight rows of a register block: their values and metadata, and their
-// last word when it is partial (tail_values: R * 8 values, zero-padded).
+// last step when it is partial (zero-padded values, the words there are).
 template <typename T>
 struct RowBlock {
   const T* values[kBlockW];
   const uint16_t* metadata[kBlockW];
-  int64_t full_words;
+  int64_t full_steps;
   bool has_tail;
-  T tail_values[kBlockW][kWordValues];
-  uint16_t tail_word[kBlockW];
+  T tail_values[kBlockW][kStepValues];
+  uint32_t tail_bits[kBlockW];
 };
 
-// acc[j][i] += W_j . x_i over one word: R decodes, then MR * kVecsPerWord loads of x.
+// acc[j][i] += the step's products of weight row j with x row i.
 template <typename T, int R, int MR>
-inline void accumulate_word(
-    const T* const* v, const uint32_t* words, const float* x, int64_t ldx, FloatVec (*acc)[MR][kVecsPerWord]) {
-  FloatVec w[R][kVecsPerWord];
+inline void accumulate_step(const T* const* v, const uint32_t* bits, const float* x, int64_t ldx, FloatVec (*acc)[MR]) {
+  FloatVec values[R];
+  Index index[R];
   for (int j = 0; j < R; ++j) {
-    decode_word(v[j], words[j], w[j]);
+    values[j] = load_as_float(v[j]);
+    index[j] = step_index(bits[j]);
   }
   for (int i = 0; i < MR; ++i) {
-    for (int k = 0; k < kVecsPerWord; ++k) {
-      const FloatVec xv = FloatVec::loadu(x + i * ldx + k * kLanes);
-      for (int j = 0; j < R; ++j) {
-        acc[j][i][k] = at::vec::fmadd(w[j][k], xv, acc[j][i][k]);
-      }
+    const Window window = load_window(x + i * ldx);
+    for (int j = 0; j < R; ++j) {
+      acc[j][i] = at::vec::fmadd(values[j], gather(window, index[j]), acc[j][i]);
     }
   }
 }
@@ -199,39 +183,33 @@ inline void accumulate_word(
 // out[j * ldo + i] = W_j . x_i for j < R, i < MR.
 template <typename T, int R, int MR>
 void dot_block(const RowBlock<T>& rows, const float* x, int64_t ldx, float* out, int64_t ldo) {
-  FloatVec acc[R][MR][kVecsPerWord];
+  FloatVec acc[R][MR];
   for (int j = 0; j < R; ++j) {
     for (int i = 0; i < MR; ++i) {
-      for (int k = 0; k < kVecsPerWord; ++k) {
-        acc[j][i][k] = FloatVec(0.0f);
-      }
+      acc[j][i] = FloatVec(0.0f);
     }
   }
   const T* v[R];
-  uint32_t words[R];
-  for (int64_t w = 0; w < rows.full_words; ++w) {
+  uint32_t bits[R];
+  for (int64_t s = 0; s < rows.full_steps; ++s) {
     for (int j = 0; j < R; ++j) {
-      v[j] = rows.values[j] + w * kWordValues;
-      words[j] = rows.metadata[j][w];
-      prefetch(v[j] + kPrefetchWords * kWordValues);
+      v[j] = rows.values[j] + s * kStepValues;
+      bits[j] = step_bits(rows.metadata[j] + s * kStepWords);
+      prefetch(v[j] + kPrefetchValues);
     }
-    accumulate_word<T, R, MR>(v, words, x + w * kWordCols, ldx, acc);
+    accumulate_step<T, R, MR>(v, bits, x + s * kStepCols, ldx, acc);
   }
   if (rows.has_tail) {
     for (int j = 0; j < R; ++j) {
       v[j] = rows.tail_values[j];
-      words[j] = rows.tail_word[j];
+      bits[j] = rows.tail_bits[j];
     }
-    accumulate_word<T, R, MR>(v, words, x + rows.full_words * kWordCols, ldx, acc);
+    accumulate_step<T, R, MR>(v, bits, x + rows.full_steps * kStepCols, ldx, acc);
   }
   for (int j = 0; j < R; ++j) {
     for (int i = 0; i < MR; ++i) {
-      FloatVec s = acc[j][i][0];
-      for (int k = 1; k < kVecsPerWord; ++k) {
-        s = s + acc[j][i][k];
-      }
       alignas(64) float lanes[kLanes];
-      s.store(lanes);
+      acc[j][i].store(lanes);
       float total = 0.0f;
       for (int64_t l = 0; l < kLanes; ++l) {
         total += lanes[l];
@@ -276,24 +254,27 @@ void rows_dot(
   // The call's weight rows in register blocks of kBlockW, their tails ready.
   constexpr int64_t kBlocks = (kSparse24RowsPerCall + kBlockW - 1) / kBlockW;
   RowBlock<T> blocks[kBlocks];
-  const int64_t full_words = cols / kWordCols;
-  // The tail word's values and chunks; its padding chunks become (0, 1) = 0b0100.
-  const int64_t tail_values = half - full_words * kWordValues;
-  const uint32_t tail_chunks_mask = (1u << (4 * (tail_values / 2))) - 1u;
+  const int64_t full_steps = cols / kStepCols;
+  const int64_t tail_values = half - full_steps * kStepValues;
+  const int64_t tail_words = words - full_steps * kStepWords;
   const int64_t n_blocks = (n_rows + kBlockW - 1) / kBlockW;
   for (int64_t b = 0; b < n_blocks; ++b) {
     RowBlock<T>& rows = blocks[b];
-    rows.full_words = full_words;
-    rows.has_tail = full_words < words;
+    rows.full_steps = full_steps;
+    rows.has_tail = tail_values > 0;
     std::memset(rows.tail_values, 0, sizeof(rows.tail_values));
     for (int64_t j = 0; j < std::min<int64_t>(kBlockW, n_rows - b * kBlockW); ++j) {
       const int64_t r = b * kBlockW + j;
       rows.values[j] = vals + r * half;
       rows.metadata[j] = meta + r * words;
       if (rows.has_tail) {
-        std::memcpy(rows.tail_values[j], rows.values[j] + full_words * kWordValues, tail_values * sizeof(T));
-        const uint32_t word = rows.metadata[j][full_words];
-        rows.tail_word[j] = static_cast<uint16_t>((word & tail_chunks_mask) | (0x4444u & ~tail_chunks_mask));
+        std::memcpy(rows.tail_values[j], rows.values[j] + full_steps * kStepValues, tail_values * sizeof(T));
+        // The padding chunks name x's zero padding: whatever their bits, they add 0.
+        uint32_t bits = 0;
+        for (int64_t w = 0; w < tail_words; ++w) {
+          bits |= static_cast<uint32_t>(rows.metadata[j][full_steps * kStepWords + w]) << (16 * w);
+        }
+        rows.tail_bits[j] = bits;
       }
     }
   }
