@@ -1,0 +1,194 @@
+"""The 2:4 format (family ``sparse24``): ``sparse24_linear`` against dense ``F.linear``
+(cuBLAS / MKL) and, on CUDA, PyTorch's own 2:4 path (``to_sparse_semi_structured``, where
+this torch and GPU support it); time vs rows of x.
+
+Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
+(+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Several weight buffers are
+rotated so the cache does not hold the weight between calls (CUDA: CUDA events, median
+after warm-up). Each time is put against the roofline of the bytes the format must move
+(weight storage + x + y, at the measured copy bandwidth) and, on CUDA, against dense in
+TFLOP/s. Prints a table, writes JSON (machine, versions, date, commit) and a PNG plot to
+--out as sparse24_<device>.{json,png}.
+
+    .venv/bin/python benchmarks/bench_sparse24.py [--device cpu|cuda] [--quick] [--dtypes float16]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
+
+SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
+          "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
+FORMATS = ("dense", "torch_2:4", "sparse24")
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _weight_buffers(shape, dtype, device, n_buffers, seed=0):
+    """``n_buffers`` independent 2:4-pruned weights in every format, and {format: why not}."""
+    from multiflow_kernels import ops
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    bufs, unavailable = [], {}
+    for _ in range(n_buffers):
+        w = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        mask = ops.nm_mask(w.abs(), 2, 4)
+        w = (w * mask).to(dtype)
+        entry = {"dense": w, "sparse24": ops.sparse24_pack(w, mask)}
+        if device.type == "cuda" and "torch_2:4" not in unavailable:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                entry["torch_2:4"] = to_sparse_semi_structured(w)
+            except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+                unavailable["torch_2:4"] = str(e).splitlines()[0][:200]
+        bufs.append(entry)
+    if device.type != "cuda":
+        unavailable["torch_2:4"] = "PyTorch's 2:4 path is CUDA only"
+    return bufs, unavailable
+
+
+def _format_fns(bufs, x):
+    from multiflow_kernels import ops
+
+    state = {"i": 0}
+
+    def pick():
+        state["i"] = (state["i"] + 1) % len(bufs)
+        return bufs[state["i"]]
+
+    return {
+        "dense": lambda: F.linear(x, pick()["dense"]),
+        "torch_2:4": lambda: F.linear(x, pick()["torch_2:4"]),
+        "sparse24": lambda: ops.sparse24_linear(x, *pick()["sparse24"], None),
+    }
+
+
+def bench_weight(shape, rows_list, dtype, device, n_buffers, bandwidth, timing):
+    out_f, in_f = shape
+    bufs, unavailable = _weight_buffers(shape, dtype, device, n_buffers)
+    w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"])}
+    w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
+    g = torch.Generator(device=device).manual_seed(1)
+    results = []
+    for rows in rows_list:
+        x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
+        io_bytes = _nbytes(x) + rows * out_f * x.element_size()
+        r = {"rows": rows, "time_s": {}, "best_s": {}, "of_roofline": {}, "tflops": {}}
+        for fmt, fn in _format_fns(bufs, x).items():
+            if fmt in unavailable:
+                continue
+            try:
+                samples = time_samples(fn, device, **timing)
+            except (NotImplementedError, RuntimeError) as e:  # e.g. torch's 2:4 needs rows a multiple of 8
+                unavailable[fmt] = str(e).splitlines()[0][:200]
+                continue
+            r["time_s"][fmt] = t = statistics.median(samples)
+            r["best_s"][fmt] = min(samples)
+            r["of_roofline"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth / t
+            r["tflops"][fmt] = 2 * rows * out_f * in_f / t / 1e12  # dense-equivalent FLOP/s
+        results.append(r)
+    del bufs
+    return {"weight_bytes": w_bytes, "bytes_ratio": w_bytes["sparse24"] / w_bytes["dense"], "rows": results,
+            "unavailable": unavailable}
+
+
+def _plot(results, shapes, out_png, device):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    dtypes = sorted({c["dtype"] for c in results})
+    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4 * len(shapes), 3.3 * len(dtypes)), squeeze=False)
+    for row_axes, dtype in zip(axes, dtypes):
+        for ax, shape_name in zip(row_axes, shapes):
+            case = next(c for c in results if c["shape"] == shape_name and c["dtype"] == dtype)
+            for fmt in FORMATS:
+                pts = [(r["rows"], r["time_s"][fmt] * 1e3) for r in case["rows"] if fmt in r["time_s"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=fmt)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{shape_name}, 2:4, {dtype}, {device}", fontsize=9)
+            ax.set_xlabel("rows of x")
+            ax.set_ylabel("ms per call")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _ms(r, fmt):
+    t = r["time_s"].get(fmt)
+    return f"{t * 1e3:.3f}" if t is not None else "-"
+
+
+def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path:
+    """The ``sparse24`` family: prints the table, writes sparse24_<device>.{json,png} to ``out``."""
+    import multiflow_kernels  # noqa: F401  (registers the ops)
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if quick:
+        shapes, rows_list = ["768x3072", "4096x4096"], [1, 16, 128]
+    else:
+        shapes = [s for s in SHAPES if cuda or s != "11008x4096"]
+        rows_list = [1, 4, 16, 64, 256, 2048, 8192] if cuda else [1, 4, 16, 64, 256]
+    dtypes = torch_dtypes(dtypes or (["float16", "bfloat16"] if cuda else ["float32"]), cuda)
+    n_buffers = 8 if cuda else 4
+    timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
+    bandwidth = copy_bandwidth(device)
+    print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), {n_buffers} weight buffers "
+          f"rotated; ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
+    print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'ours ms':>9} "
+          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9}")
+    results = []
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        for shape_name in shapes:
+            case = bench_weight(SHAPES[shape_name], rows_list, dtype, device, n_buffers, bandwidth, timing)
+            case.update(shape=shape_name, dtype=dname)
+            results.append(case)
+            for r in case["rows"]:
+                t = r["time_s"]
+                ours = t.get("sparse24")
+                vs_dense = f"{t['dense'] / ours:.2f}x" if ours else "-"
+                vs_torch = f"{t['torch_2:4'] / ours:.2f}x" if ours and "torch_2:4" in t else "-"
+                roof = f"{r['of_roofline']['sparse24']:.0%}" if ours else "-"
+                tf = f"{r['tflops']['sparse24']:.1f}" if ours else "-"
+                print(f"{shape_name:>10} {dname:>8} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'torch_2:4'):>11} "
+                      f"{_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
+                      f"{roof:>10} {tf:>9}")
+            for fmt, why in case["unavailable"].items():
+                print(f"{'':>10} {fmt} not measured: {why}")
+    out = Path(out or results_dir(quick=quick))
+    path = write_json(out, f"sparse24_{device.type}", {
+        "benchmark": "sparse24", "family": "sparse24", "device": str(device), "quick": quick,
+        "n_weight_buffers": n_buffers, "copy_bandwidth_Bps": bandwidth, "timing": timing,
+        "note": "time_s: median seconds per call, best_s: fastest sample; of_roofline = (weight storage + x + y bytes) / "
+                "copy bandwidth / time_s; tflops: dense-equivalent 2*rows*out*in / time; ours/dense > 1 means faster",
+        "results": results})
+    png = _plot(results, shapes, out / f"sparse24_{device.type}.png", device.type)
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return path
+
+
+def main():
+    family_main(run, __doc__, "2 shapes, 3 row counts (under a minute on 2 cores)")
+
+
+if __name__ == "__main__":
+    main()
