@@ -74,8 +74,14 @@ def empty(format: str, out_features: int, in_features: int, *, device=None, dtyp
                 "row_ptr": torch.zeros(out_features + 1, dtype=torch.int64, device=device),
                 "block_ptr": torch.zeros(out_features, (in_features + 511) // 512, dtype=torch.int32, device=device)}
     _check_24_features(in_features)
-    return {"values": torch.zeros(out_features, in_features // 2, **kw),
-            "metadata": torch.zeros(out_features, (in_features + 15) // 16, dtype=torch.int16, device=device)}
+    # every chunk names positions (0, 1) (nibble 0b0100): a valid pattern for the sparse
+    # tensor cores even before a checkpoint fills the layer; padding chunks stay 0
+    chunks = in_features // 4
+    nibbles = torch.zeros((in_features + 15) // 16 * 4, dtype=torch.int32)
+    nibbles[:chunks] = 0x4
+    word = (nibbles.view(-1, 4) << torch.arange(0, 16, 4, dtype=torch.int32)).sum(-1)
+    metadata = word.to(torch.int16).expand(out_features, -1).to(device).contiguous()
+    return {"values": torch.zeros(out_features, in_features // 2, **kw), "metadata": metadata}
 
 
 def _check_24_features(in_features: int) -> None:
@@ -152,22 +158,27 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
 AUTO_CUDA_BITMAP_MAX_ROWS = 16
 
 
-def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1) -> str:
+def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
+                  capability: tuple[int, int] | None = None) -> str:
     """The format ``auto`` picks for one layer: its keep-``mask``, weight ``dtype``, the
     ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
+    ``capability``: the CUDA device's compute capability (read from the device if None).
 
     - CPU: ``bitmap``. Measured here (2-core AVX-512, float32, BLIP shapes, sparsity 0.3 to
-      0.75, 1 to 128 rows): bitmap_linear is 1.3x to 10x faster than masked_linear at every
-      point, so masked (for fine-tuning) is never the faster kernel.
-    - CUDA: ``2:4`` when the mask is 2:4 and the dtype float16 / bfloat16 (sparse tensor
-      cores for many rows, a decode kernel reading 0.56x the dense bytes for few);
-      otherwise ``bitmap`` up to ``AUTO_CUDA_BITMAP_MAX_ROWS`` rows and ``masked`` above.
-      This CUDA rule follows the bytes each kernel moves; it has not been measured on a GPU
-      yet (see benchmarks/RESULTS.md).
+      0.75, 1 to 128 rows; benchmarks/RESULTS.md): bitmap_linear is faster than
+      masked_linear at every point, so masked (for fine-tuning) is never the faster kernel.
+    - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
+      multiple of 16 and the GPU sm_80 or newer (sparse tensor cores for many rows, a
+      decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap`` up to
+      ``AUTO_CUDA_BITMAP_MAX_ROWS`` rows and ``masked`` above. This CUDA rule follows the
+      bytes each kernel moves; it has not been measured on a GPU yet.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return "bitmap"
-    if dtype in (torch.float16, torch.bfloat16) and is_24(mask):
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    if (dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)
+            and mask.shape[-1] % 16 == 0 and is_24(mask)):
         return "2:4"
     return "bitmap" if rows <= AUTO_CUDA_BITMAP_MAX_ROWS else "masked"

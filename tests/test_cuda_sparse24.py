@@ -19,10 +19,15 @@ SHAPES = [(64, 64), (70, 48), (33, 100), (130, 1040), (1, 4), (17, 32)]
 
 
 def _problem(out_f, in_f, dtype, seed=0):
+    """A weight and a 2:4 mask whose chunks keep 2, 1 or 0 weights (about 60 / 30 / 10%)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g).to(dtype)
     mask = ops.nm_mask(torch.rand(out_f, in_f, generator=g), 2, 4)
-    mask[0, : min(in_f, 8)] = False  # groups that keep fewer than 2
+    chunk_keep = torch.rand(out_f, in_f // 4, generator=g)
+    one = ops.nm_mask(torch.rand(out_f, in_f, generator=g), 1, 4)
+    mask = torch.where((chunk_keep < 0.3).repeat_interleave(4, 1), one, mask)
+    mask &= ~(chunk_keep > 0.9).repeat_interleave(4, 1)
+    mask[0, : min(in_f, 8)] = False
     return w, mask
 
 
@@ -35,6 +40,32 @@ def test_pack_unpack_match_cpu_bitwise(dtype, shape):
     assert torch.equal(cv.cpu(), values) and torch.equal(cm.cpu(), meta)
     dense = ops.sparse24_unpack(cv, cm)
     assert dense.is_cuda and torch.equal(dense.cpu(), w.masked_fill(~mask, 0))
+
+
+def test_pack_keeps_bits_of_special_values_on_cuda():
+    w, mask = _problem(6, 64, torch.float16)
+    w[0, 8:16] = float("nan")
+    w[1, :] = -0.0
+    w[2, :8] = float("inf")
+    values, meta = ops.sparse24_pack(w, mask)
+    cv, cm = ops.sparse24_pack(w.cuda(), mask.cuda())
+    assert torch.equal(cv.cpu().view(torch.int16), values.view(torch.int16)) and torch.equal(cm.cpu(), meta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [3, 40])
+def test_linear_multiplies_only_named_positions(dtype, rows):
+    """An inf in x at a position every row prunes never reaches y (as on CPU), on every path."""
+    w, mask = _problem(24, 64, dtype)
+    mask[:, 5] = False
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    x = torch.randn(rows, 64).to(dtype)
+    x[:, 5] = float("inf")
+    got = ops.sparse24_linear(x.cuda(), values, meta, None).cpu()
+    want = ops.sparse24_linear(x, *ops.sparse24_pack(w, mask), None)
+    assert torch.isfinite(got).all()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_pack_rejects_non_24_mask_on_cuda():

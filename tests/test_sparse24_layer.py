@@ -73,10 +73,20 @@ def test_choose_format_rule():
     nm = _nm_mask(8, 16)
     assert formats.choose_format(unstructured, torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(nm, torch.float16, "cpu", 4096) == "bitmap"
-    assert formats.choose_format(nm, torch.float16, "cuda", 1) == "2:4"
-    assert formats.choose_format(nm, torch.float32, "cuda", 1) == "bitmap"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 1) == "bitmap"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096) == "masked"
+    h100 = (9, 0)
+    assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
+    assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "bitmap"  # no sparse tensor cores
+    assert formats.choose_format(_nm_mask(8, 20), torch.float16, "cuda", 1, h100) == "bitmap"  # in % 16 != 0
+    assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "masked"
+
+
+def test_empty_24_layer_has_valid_metadata():
+    layer = mk.SparseLinear(40, 3, format="2:4")  # 10 chunks: 2 full words + 2 chunks
+    words = layer.metadata.view(torch.uint16).to(torch.int32)
+    assert words[:, :2].eq(0x4444).all() and words[:, 2].eq(0x44).all()
+    assert torch.equal(layer(torch.randn(2, 40)), layer.bias.expand(2, 3))
 
 
 def test_sparsify_24_blip_and_auto(tmp_path, blip_factory, calib_batches):

@@ -32,8 +32,10 @@
 //    metadata set to positions (0, 1), a valid pattern.
 //
 //  * anything else (float32 with many rows: the 2:4 tensor-core path is for 16-bit
-//    types; unaligned shapes; GPUs older than sm_80): the weight is decoded to dense
-//    by the unpack kernel and multiplied with cuBLAS (at::addmm). Correct, not fast.
+//    types; unaligned shapes; GPUs older than sm_80): the warp-per-row kernel over
+//    blocks of kRowsGemv rows of x, reading the weight once per block. Correct, not
+//    fast. No path decodes to dense: each multiplies only the positions the metadata
+//    names (an inf / NaN of x at a pruned position never reaches y, as on CPU).
 //
 // Determinism: no atomics; every output element is summed by one thread (or one
 // warp, in a fixed shuffle order).
@@ -215,7 +217,7 @@ __global__ void linear_gemv_kernel(
     int64_t cols,
     bool vec) {
   const int lane = threadIdx.x & 31;
-  const int64_t words = sparse24_words(cols);
+  const int64_t words = (cols + kSparse24WordCols - 1) / kSparse24WordCols;
   const int64_t half = cols / 2;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; r < rows; r += warps) {
@@ -335,7 +337,8 @@ __global__ void __launch_bounds__(kMmaThreads) linear_mma_kernel(
     scalar_t* __restrict__ y,
     int64_t m,
     int64_t rows,
-    int64_t cols) {
+    int64_t cols,
+    int steps) {  // ceil(cols / kStepCols)
   __shared__ __align__(16) MmaTiles<scalar_t> s;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -344,11 +347,10 @@ __global__ void __launch_bounds__(kMmaThreads) linear_mma_kernel(
   const int t = lane & 3;   // lane in the group
   const int wo = (warp & 1) * 32;   // warp's features in the tile
   const int wt = (warp >> 1) * 32;  // warp's tokens in the tile
-  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kTileOut;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTok;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTileTok;  // x: tokens, up to 2^31 - 1 tiles
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kTileOut;  // y: features, up to 65535 tiles
   const int64_t half = cols / 2;
   const int64_t words = cols / kSparse24WordCols;
-  const int steps = static_cast<int>(ceil_div(cols, static_cast<int64_t>(kStepCols)));
 
   auto load_step = [&](int stage, int step) {
     const int64_t k0 = static_cast<int64_t>(step) * kStepCols;
@@ -460,6 +462,15 @@ __global__ void __launch_bounds__(kMmaThreads) linear_mma_kernel(
 
 // ---- host side
 
+// Whether the mma.sp kernel was compiled for sm_80+ code (and is not the __trap()
+// stub), as the device will load it: a build for older architectures only, run
+// through PTX JIT on a newer GPU, must not take the tensor-core path.
+bool mma_compiled() {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, linear_mma_kernel<c10::Half, false>));
+  return attr.ptxVersion >= 80;
+}
+
 template <typename scalar_t>
 void launch_gemv(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, int64_t m) {
   const auto* x = p.x.const_data_ptr<scalar_t>() + row0 * p.cols;
@@ -490,12 +501,12 @@ void launch_gemv(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, in
 
 template <typename scalar_t, bool kBf16>
 void launch_mma(const Sparse24Problem& p, const at::Tensor& y) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, static_cast<int64_t>(kTileOut))),
-                  static_cast<unsigned>(ceil_div(p.m, static_cast<int64_t>(kTileTok))));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.m, static_cast<int64_t>(kTileTok))),
+                  static_cast<unsigned>(ceil_div(p.rows, static_cast<int64_t>(kTileOut))));
   linear_mma_kernel<scalar_t, kBf16><<<grid, kMmaThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.metadata.const_data_ptr<int16_t>(),
       p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), p.m, p.rows,
-      p.cols);
+      p.cols, static_cast<int>(ceil_div(p.cols, static_cast<int64_t>(kStepCols))));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -582,29 +593,30 @@ at::Tensor sparse24_linear_cuda(
   const auto dtype = p.x.scalar_type();
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) && prop->major >= 8 &&
-                            p.cols % kSparse24WordCols == 0 &&
+                            mma_compiled() && p.cols % kSparse24WordCols == 0 &&
+                            ceil_div(p.rows, static_cast<int64_t>(kTileOut)) <= 65535 &&
                             reinterpret_cast<uintptr_t>(p.x.const_data_ptr()) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 == 0;
-  if (p.m <= kRowsGemv) {
-    if (dtype == at::kFloat) {
-      launch_gemv<float>(p, y, 0, p.m);
-    } else if (dtype == at::kHalf) {
-      launch_gemv<c10::Half>(p, y, 0, p.m);
-    } else {
-      launch_gemv<c10::BFloat16>(p, y, 0, p.m);
-    }
-  } else if (tensor_cores) {
+  if (p.m > kRowsGemv && tensor_cores) {
     if (dtype == at::kHalf) {
       launch_mma<c10::Half, false>(p, y);
     } else {
       launch_mma<c10::BFloat16, true>(p, y);
     }
-  } else {
-    const at::Tensor dense = unpack_dense(p);
-    if (p.bias.defined()) {
-      at::addmm_out(y, p.bias, p.x, dense.t());
+    return y.view(p.out_shape);
+  }
+  // The warp-per-row kernel, over blocks of kRowsGemv rows of x (one block in the
+  // memory-bound regime; float32 or unaligned inputs with many rows read the weight
+  // once per block: correct, not fast, and like every path it multiplies only the
+  // positions the metadata names).
+  for (int64_t row0 = 0; row0 < p.m; row0 += kRowsGemv) {
+    const int64_t rows_here = std::min(kRowsGemv, p.m - row0);
+    if (dtype == at::kFloat) {
+      launch_gemv<float>(p, y, row0, rows_here);
+    } else if (dtype == at::kHalf) {
+      launch_gemv<c10::Half>(p, y, row0, rows_here);
     } else {
-      at::mm_out(y, p.x, dense.t());
+      launch_gemv<c10::BFloat16>(p, y, row0, rows_here);
     }
   }
   return y.view(p.out_shape);
