@@ -145,18 +145,18 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
             del ref
             for fmt in (f for f, specs in FORMATS.items() if spec in specs):
                 row = {"dtype": dname, "format": fmt, "masks": str(spec), "sparsity": mask_info[str(spec)]["sparsity"]}
-                sparse = mk.sparsify(copy.deepcopy(base), masks[spec], format=fmt)
-                rep = mk.memory_report(sparse)
-                row.update(weight_bytes=rep["total"]["sparse_bytes"], dense_weight_bytes=rep["total"]["dense_bytes"],
-                           model_bytes=rep["total"]["model_bytes"])
+                results.append(row)
                 try:
+                    sparse = mk.sparsify(copy.deepcopy(base), masks[spec], format=fmt)
                     got = itm_forward(sparse, inputs[1]).float()
-                    row["max_rel_err"] = float((got - want).abs().max() / want.abs().max())
-                    variants.append((row, sparse))
                 except (NotImplementedError, RuntimeError) as e:  # e.g. no kernel for this device yet
                     row["unavailable"] = str(e).splitlines()[0][:200]
-                    del sparse
-                results.append(row)
+                    continue
+                rep = mk.memory_report(sparse)
+                row.update(weight_bytes=rep["total"]["sparse_bytes"], dense_weight_bytes=rep["total"]["dense_bytes"],
+                           model_bytes=rep["total"]["model_bytes"],
+                           max_rel_err=float((got - want).abs().max() / want.abs().max()))
+                variants.append((row, sparse))
         # every model once per round, so load from other processes hits them all alike
         for b in batches:
             times = [[] for _ in variants]
@@ -184,6 +184,9 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
 
 
 def _print_row(row, dense, batches):
+    if "unavailable" in row:
+        print(f"{row['dtype']:>8} {row['format']:>7} {row['sparsity']:>8.3f}  not run: {row['unavailable']}")
+        return
     cells = []
     for b in batches:
         t = row.get("latency_s", {}).get(b)
@@ -192,8 +195,6 @@ def _print_row(row, dense, batches):
     err = f"{row['max_rel_err']:.1e}" if "max_rel_err" in row else "-"
     print(f"{row['dtype']:>8} {row['format']:>7} {sparsity:>8} {row['weight_bytes'] / 2**20:>11.1f} "
           f"{row['weight_bytes'] / dense['weight_bytes']:>6.3f} {row['model_bytes'] / 2**20:>9.1f} {' '.join(cells)} {err:>8}")
-    if "unavailable" in row:
-        print(f"{'':>8} not run: {row['unavailable']}")
 
 
 def main():

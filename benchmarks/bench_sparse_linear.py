@@ -34,22 +34,24 @@ def _nbytes(*tensors) -> int:
 
 
 def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0):
-    """``n_buffers`` independent pruned weights of one shape in every format."""
+    """``n_buffers`` independent pruned weights of one shape in every format, and
+    {format: why} for the formats that cannot be built here."""
     from multiflow_kernels import ops
 
     g = torch.Generator(device=device).manual_seed(seed)
-    bufs = []
+    bufs, unavailable = [], {}
     for _ in range(n_buffers):
         w = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
         mask = torch.rand(shape, generator=g, device=device) >= sparsity
         w = (w * mask).to(dtype)
-        entry = {"dense": w, "bits": ops.pack_mask(mask), "bitmap": ops.bitmap_pack(w, mask)}
-        try:
-            entry["csr"] = w.to_sparse_csr()
-        except RuntimeError:  # CSR of this dtype not supported on this device
-            pass
+        entry = {"dense": w, "bits": ops.pack_mask(mask)}
+        for fmt, pack in (("bitmap", lambda: ops.bitmap_pack(w, mask)), ("csr", w.to_sparse_csr)):
+            try:
+                entry[fmt] = pack()
+            except (NotImplementedError, RuntimeError) as e:  # no kernel for this device / dtype (yet)
+                unavailable[fmt] = str(e).splitlines()[0][:200]
         bufs.append(entry)
-    return bufs
+    return bufs, unavailable
 
 
 def _format_fns(bufs, x, in_f):
@@ -63,33 +65,32 @@ def _format_fns(bufs, x, in_f):
 
     fns = {
         "dense": lambda: F.linear(x, pick()["dense"]),
+        "csr": lambda: torch.sparse.mm(pick()["csr"], x.t()),
         "masked": lambda: (lambda b: ops.masked_linear(x, b["dense"], b["bits"], None))(pick()),
         "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None),
     }
-    if "csr" in bufs[0]:
-        fns["csr"] = lambda: torch.sparse.mm(pick()["csr"], x.t())
-    return {f: fns[f] for f in FORMATS if f in fns}
+    return {f: fn for f, fn in fns.items() if f in bufs[0] or f == "masked"}
 
 
 def _format_bytes(b):
     """Weight bytes each format must read."""
-    csr = b.get("csr")
+    csr, bitmap = b.get("csr"), b.get("bitmap")
     return {
         "dense": _nbytes(b["dense"]),
         "csr": _nbytes(csr.values(), csr.col_indices(), csr.crow_indices()) if csr is not None else None,
         "masked": _nbytes(b["dense"], b["bits"]),
-        "bitmap": _nbytes(*b["bitmap"]),
+        "bitmap": _nbytes(*bitmap) if bitmap is not None else None,
     }
 
 
 def bench_weight(shape, sparsity, rows_list, dtype, device, n_buffers, bandwidth, timing):
     """Every format at every number of rows for one (shape, sparsity, dtype)."""
     out_f, in_f = shape
-    bufs = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
+    bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
     w_bytes = _format_bytes(bufs[0])
-    density = float(bufs[0]["bitmap"][0].numel()) / (out_f * in_f)
+    density = float(bufs[0]["dense"].count_nonzero()) / (out_f * in_f)
     g = torch.Generator(device=device).manual_seed(1)
-    results, unavailable = [], {}
+    results = []
     for rows in rows_list:
         x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
@@ -108,7 +109,8 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, n_buffers, bandwidth
         r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
         results.append(r)
     del bufs
-    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": w_bytes["bitmap"] / w_bytes["dense"],
+    bitmap_ratio = w_bytes["bitmap"] / w_bytes["dense"] if w_bytes["bitmap"] else None
+    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio,
             "rows": results, "unavailable": unavailable}
 
 
@@ -175,7 +177,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     dtypes = [getattr(torch, d) if isinstance(d, str) else d
               for d in (dtypes or (["float16", "float32"] if cuda else ["float32"]))]
     n_buffers = 8 if cuda else 4
-    timing = {"min_seconds": 0.05 if (quick or cuda) else 0.3, "max_runs": 100 if cuda else 200}
+    timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
     bandwidth = copy_bandwidth(device)
     print(f"sparse linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
           f"{n_buffers} weight buffers rotated; ms per call (median); '% roof' = time the format's bytes "
@@ -205,7 +207,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     print("\ncrossover (bitmap vs dense): bitmap faster up to / slower from rows")
     for c in results:
         print(f"  {c['shape']:>10} {c['dtype']:>8} {c['sparsity']:.2f}: {c['crossover']['bitmap_faster_up_to_rows']} / "
-              f"{c['crossover']['bitmap_slower_from_rows']}   (bitmap storage {c['bitmap_bytes_ratio']:.3f}x dense)")
+              f"{c['crossover']['bitmap_slower_from_rows']}   (bitmap storage {c['bitmap_bytes_ratio'] or float('nan'):.3f}x dense)")
     out = Path(out or results_dir(quick=quick))
     path = write_json(out, f"sparse_linear_{device.type}", {
         "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
