@@ -40,6 +40,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15m": [round(v, 2) for v in os.getloadavg()],  # when the results were written
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
