@@ -15,6 +15,7 @@ table, writes JSON (machine, versions, date, commit) to --out as masked_linear_<
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, results_dir, write_json  # noqa: E402
+from common import results_dir, time_samples, write_json  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
 IMPLS = ("dense", "dense_mask_mul", "masked_linear")
@@ -72,18 +73,19 @@ def bench_shape(shape, rows_list, dtype, device, n_buffers, timing):
         for name, fwd in _impls(bufs, x).items():
             extra = bits_bytes if name == "masked_linear" else (w_bytes if name == "dense_mask_mul" else 0)
             with torch.no_grad():
-                t_f = median_time(lambda: fwd()[0], device, **timing)
+                s_f = time_samples(lambda: fwd()[0], device, **timing)
 
             def fwd_bwd():
                 y, b = fwd()
                 return torch.autograd.grad(y, (x, b["w"]), grad_out)
 
-            t_fb = median_time(fwd_bwd, device, **timing)
+            s_fb = time_samples(fwd_bwd, device, **timing)
+            t_f, t_fb = statistics.median(s_f), statistics.median(s_fb)
             # least bytes: forward x, W (+ bits / mask), y; backward grad_out, x, W (+ bits / mask), grad_x, grad_W
             fb_bytes = 2 * x_bytes + y_bytes + 3 * w_bytes + 2 * extra + y_bytes + x_bytes
-            r["forward"][name] = {"time_s": t_f, "TFLOPs": flops / t_f / 1e12,
+            r["forward"][name] = {"time_s": t_f, "best_s": min(s_f), "TFLOPs": flops / t_f / 1e12,
                                   "GBps": (x_bytes + w_bytes + extra + y_bytes) / t_f / 1e9}
-            r["forward_backward"][name] = {"time_s": t_fb, "TFLOPs": 3 * flops / t_fb / 1e12, "GBps": fb_bytes / t_fb / 1e9}
+            r["forward_backward"][name] = {"time_s": t_fb, "best_s": min(s_fb), "TFLOPs": 3 * flops / t_fb / 1e12, "GBps": fb_bytes / t_fb / 1e9}
         rows_out.append(r)
     return rows_out
 
@@ -124,7 +126,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     path = write_json(Path(out or results_dir(quick=quick)), f"masked_linear_{device.type}", {
         "benchmark": "masked_linear", "family": "masked_linear", "device": str(device), "quick": quick,
         "sparsity": 0.75, "n_weight_buffers": n_buffers, "timing": timing,
-        "note": "time_s: median seconds per call; forward under no_grad; forward_backward = forward + "
+        "note": "time_s: median seconds per call, best_s: fastest sample; forward under no_grad; forward_backward = forward + "
                 "torch.autograd.grad for x and the weight; GBps counts the least bytes the op must move",
         "results": results})
     print(f"wrote {path}")

@@ -14,6 +14,7 @@ per format) to --out as sparse_linear_<device>.{json,png}.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, median_time, results_dir, write_json  # noqa: E402
+from common import copy_bandwidth, results_dir, time_samples, write_json  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -94,16 +95,17 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, n_buffers, bandwidth
     for rows in rows_list:
         x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
-        r = {"rows": rows, "density": density, "time_s": {}, "roofline_s": {}, "of_roofline": {}}
+        r = {"rows": rows, "density": density, "time_s": {}, "best_s": {}, "roofline_s": {}, "of_roofline": {}}
         for fmt, fn in _format_fns(bufs, x, in_f).items():
             if fmt in unavailable:
                 continue
             try:
-                t = median_time(fn, device, **timing)
+                samples = time_samples(fn, device, **timing)
             except (NotImplementedError, RuntimeError) as e:  # e.g. no kernel for this device / dtype yet
                 unavailable[fmt] = str(e).splitlines()[0][:200]
                 continue
-            r["time_s"][fmt] = t
+            r["time_s"][fmt] = t = statistics.median(samples)
+            r["best_s"][fmt] = min(samples)
             r["roofline_s"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth
             r["of_roofline"][fmt] = r["roofline_s"][fmt] / t
         r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
@@ -212,7 +214,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     path = write_json(out, f"sparse_linear_{device.type}", {
         "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
         "n_weight_buffers": n_buffers, "copy_bandwidth_Bps": bandwidth, "timing": timing,
-        "note": "time_s: median seconds per call; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
+        "note": "time_s: median seconds per call, best_s: fastest sample; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
                 "of_roofline = roofline_s / time_s; masks are random with the given keep probability",
         "results": results})
     png = _plot(results, shapes, out / f"sparse_linear_{device.type}.png", device.type)

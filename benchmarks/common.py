@@ -91,9 +91,10 @@ def time_call(fn, device, group: int = 1) -> float:
     return a.elapsed_time(b) / 1e3 / group
 
 
-def median_time(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_runs: int = 5, warmup: int = 1) -> float:
-    """Median seconds of one ``fn()`` call after ``warmup`` calls: at least ``min_runs``
-    samples, more until ``min_seconds`` have passed or ``max_runs`` are taken.
+def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_runs: int = 5,
+                 warmup: int = 1) -> list[float]:
+    """Seconds per ``fn()`` call, one value per sample, after ``warmup`` calls: at least
+    ``min_runs`` samples, more until ``min_seconds`` have passed or ``max_runs`` are taken.
 
     CPU: one call per sample. CUDA: a sample is a group of back-to-back calls (as many as
     take about 1 ms, at most 100), so a short kernel is timed with the launch queue full
@@ -111,7 +112,12 @@ def median_time(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_r
     start = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
         times.append(time_call(fn, device, group))
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, device, **kw) -> float:
+    """Median of :func:`time_samples` (same keyword arguments)."""
+    return statistics.median(time_samples(fn, device, **kw))
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
