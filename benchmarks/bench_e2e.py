@@ -17,7 +17,6 @@ e2e_<device>.json. ``--quick`` uses a small BLIP (384 hidden, 6 + 6 layers, 224 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_calibration import SMALL_BLIP  # noqa: E402
-from common import results_dir, time_call, write_json  # noqa: E402
+from common import family_main, results_dir, time_call, torch_dtypes, write_json  # noqa: E402
 
 BLIP_BASE = {"vision_config": {"initializer_range": 0.02}}  # BlipConfig's defaults are BLIP-base
 TEXT_TOKENS = 32
@@ -100,8 +99,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    dtypes = [getattr(torch, d) if isinstance(d, str) else d
-              for d in (dtypes or (["float32", "float16"] if cuda else ["float32"]))]
+    dtypes = torch_dtypes(dtypes, cuda)
     batches = [1, 8, 64] if cuda and not quick else [1, 8]
     # timed rounds per batch size; on CPU only the first batch size gets a warm-up round (a
     # BLIP-base forward at batch 8 takes seconds there: the run stays at a few minutes)
@@ -202,13 +200,7 @@ def _print_row(row, dense, batches):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="a small BLIP (384 hidden, 6 + 6 layers, 224 px)")
-    p.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, float32 float16 on CUDA")
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
-    args = p.parse_args()
-    run(args.device, args.quick, args.out, args.dtypes)
+    family_main(run, __doc__, "a small BLIP (384 hidden, 6 + 6 layers, 224 px)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ table, writes JSON (machine, versions, date, commit) to --out as masked_linear_<
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_dir, time_samples, write_json  # noqa: E402
+from common import family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
 IMPLS = ("dense", "dense_mask_mul", "masked_linear")
@@ -100,8 +99,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
         shapes, rows_list = ["768x768", "3072x768"], [1, 64, 256]
     else:
         shapes, rows_list = list(SHAPES), [1, 4, 16, 64, 256, 2048]
-    dtypes = [getattr(torch, d) if isinstance(d, str) else d
-              for d in (dtypes or (["float16", "float32"] if cuda else ["float32"]))]
+    dtypes = torch_dtypes(dtypes, cuda)
     n_buffers = 8 if cuda else 4
     timing = {"min_seconds": 0.05 if (quick or cuda) else 0.2, "max_runs": 100}
     print(f"masked_linear vs dense F.linear and F.linear(x, W * M), {device}, 75% pruned, {n_buffers} weight "
@@ -134,13 +132,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="2 shapes, 3 row counts (seconds)")
-    p.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, float16 float32 on CUDA")
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
-    args = p.parse_args()
-    run(args.device, args.quick, args.out, args.dtypes)
+    family_main(run, __doc__, "2 shapes, 3 row counts (seconds)")
 
 
 if __name__ == "__main__":

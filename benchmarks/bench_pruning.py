@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, results_dir, write_json  # noqa: E402
+from common import OUT_HELP, median_time, results_dir, write_json  # noqa: E402
 
 
 def blip_base_layers(device, dtype=torch.float32, seed=0, scale_layers=True):
@@ -173,7 +173,7 @@ def main():
     p.add_argument("--small", "--quick", dest="quick", action="store_true",
                    help="a fraction of the layers / one shape (quick check)")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
+    p.add_argument("--out", help=OUT_HELP)
     args = p.parse_args()
     for fam in args.family or sorted(FAMILIES):
         run(args.device, args.quick, args.out, fam, args.repeats)

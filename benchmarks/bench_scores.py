@@ -30,7 +30,7 @@ import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_dir, write_json  # noqa: E402
+from common import OUT_HELP, results_dir, write_json  # noqa: E402
 
 D, FF, LAYERS = 768, 3072, 12
 VISION = [(3 * D, D), (D, D), (FF, D), (D, FF)]
@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="one vision and one text block, float32, one repeat")
     p.add_argument("--no-check", action="store_true", help="skip the equality check against the reference")
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
+    p.add_argument("--out", help=OUT_HELP)
     args = p.parse_args()
     run(args.device, args.quick, args.out, None if args.quick else args.dtypes, args.repeats, args.threads,
         not args.no_check)

@@ -13,7 +13,6 @@ per format) to --out as sparse_linear_<device>.{json,png}.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import warnings
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, results_dir, time_samples, write_json  # noqa: E402
+from common import copy_bandwidth, family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -176,8 +175,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     else:
         shapes = [s for s in SHAPES if cuda or s != "11008x4096"]
         rows_list, sparsities = [1, 4, 16, 64, 128, 256, 2048], [0.63, 0.75, 0.9]
-    dtypes = [getattr(torch, d) if isinstance(d, str) else d
-              for d in (dtypes or (["float16", "float32"] if cuda else ["float32"]))]
+    dtypes = torch_dtypes(dtypes, cuda)
     n_buffers = 8 if cuda else 4
     timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
     bandwidth = copy_bandwidth(device)
@@ -223,13 +221,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="2 shapes, 3 row counts, 75%% sparse (under a minute on 2 cores)")
-    p.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, float16 float32 on CUDA")
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
-    args = p.parse_args()
-    run(args.device, args.quick, args.out, args.dtypes)
+    family_main(run, __doc__, "2 shapes, 3 row counts, 75% sparse (under a minute on 2 cores)")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,30 @@ def results_dir(default: str | None = None, quick: bool = False) -> Path:
     return Path(__file__).parent / "results" / ("quick" if quick else "")
 
 
+OUT_HELP = "default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)"
+
+
+def torch_dtypes(names, cuda: bool) -> list:
+    """dtype names (or dtypes) as torch dtypes; default float32 on CPU, float16 and float32 on CUDA."""
+    import torch
+
+    return [getattr(torch, d) if isinstance(d, str) else d for d in (names or (["float16", "float32"] if cuda else ["float32"]))]
+
+
+def family_main(run, doc: str, quick_help: str) -> None:
+    """The command line of a family script: ``--device``, ``--quick``, ``--dtypes``, ``--out``,
+    handed to ``run(device, quick, out, dtypes)``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, float16 float32 on CUDA")
+    p.add_argument("--out", help=OUT_HELP)
+    args = p.parse_args()
+    run(args.device, args.quick, args.out, args.dtypes)
+
+
 def write_json(out_dir: str | os.PathLike, name: str, result: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_dir  # noqa: E402
+from common import OUT_HELP, results_dir  # noqa: E402
 
 # family -> (script module, keyword arguments of its run(), what it measures)
 FAMILIES = {
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                    help=f"one or more of {', '.join(FAMILIES)}, or all (default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not numbers to quote")
-    p.add_argument("--out", help="default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)")
+    p.add_argument("--out", help=OUT_HELP)
     args = p.parse_args(argv)
 
     import torch
