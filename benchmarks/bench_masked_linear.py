@@ -3,8 +3,8 @@ forward + backward against dense ``F.linear`` and against dense with the mask mu
 (``F.linear(x, W * M)``, the plain-torch way to keep pruned weights at zero).
 
 Rows of x 1 ... 2048, BLIP-base shapes (768x768, 2304x768, 3072x768, 768x3072), 75% of the
-weights pruned (the kernels' cost does not depend on it). Weight buffers are rotated so the
-cache does not hold the weight between calls (CUDA: CUDA events, median after warm-up).
+weights pruned (the kernels' cost does not depend on it). Copies of the weight filling 256 MiB
+(CPU) / 512 MiB (CUDA) are rotated so the caches do not hold it between calls (CUDA: CUDA events, median after warm-up).
 Reported per case: time, achieved TFLOP/s (2 * rows * in * out per product: one forward,
 three forward + backward) and GB/s of the bytes the op must move at least (x, weight, mask
 bits, y; backward adds grad_out, x, weight and bits again, grad_x and grad_weight). Prints a
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
+from common import (ROTATION_BYTES, family_main, results_dir, rotating_copies, time_samples,  # noqa: E402
+                    torch_dtypes, write_json)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
 IMPLS = ("dense", "dense_mask_mul", "masked_linear")
@@ -56,8 +57,9 @@ def _impls(bufs, x):
     }
 
 
-def bench_shape(shape, rows_list, dtype, device, n_buffers, timing):
+def bench_shape(shape, rows_list, dtype, device, timing):
     out_f, in_f = shape
+    n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs = _buffers(shape, dtype, device, n_buffers)
     es = bufs[0]["w"].element_size()
     w_bytes, bits_bytes = out_f * in_f * es, bufs[0]["bits"].numel() * 4
@@ -86,7 +88,7 @@ def bench_shape(shape, rows_list, dtype, device, n_buffers, timing):
                                   "GBps": (x_bytes + w_bytes + extra + y_bytes) / t_f / 1e9}
             r["forward_backward"][name] = {"time_s": t_fb, "best_s": min(s_fb), "TFLOPs": 3 * flops / t_fb / 1e12, "GBps": fb_bytes / t_fb / 1e9}
         rows_out.append(r)
-    return rows_out
+    return {"weight_copies": n_buffers, "rows": rows_out}
 
 
 def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path:
@@ -100,19 +102,18 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     else:
         shapes, rows_list = list(SHAPES), [1, 4, 16, 64, 256, 2048]
     dtypes = torch_dtypes(dtypes, cuda)
-    n_buffers = 8 if cuda else 4
     timing = {"min_seconds": 0.05 if (quick or cuda) else 0.2, "max_runs": 100}
-    print(f"masked_linear vs dense F.linear and F.linear(x, W * M), {device}, 75% pruned, {n_buffers} weight "
-          f"buffers rotated; ms per call (median), TFLOP/s achieved; ratio = masked_linear time / dense time")
+    print(f"masked_linear vs dense F.linear and F.linear(x, W * M), {device}, 75% pruned, weight copies "
+          f"rotated ({ROTATION_BYTES[device.type] >> 20} MiB); ms per call (median), TFLOP/s achieved; ratio = masked_linear time / dense time")
     print(f"{'shape':>9} {'dtype':>8} {'rows':>5} | {'fwd dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7} | "
           f"{'f+b dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7}")
     results = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         for shape_name in shapes:
-            rows = bench_shape(SHAPES[shape_name], rows_list, dtype, device, n_buffers, timing)
-            results.append({"shape": shape_name, "dtype": dname, "rows": rows})
-            for r in rows:
+            case = bench_shape(SHAPES[shape_name], rows_list, dtype, device, timing)
+            results.append({"shape": shape_name, "dtype": dname, **case})
+            for r in case["rows"]:
                 cells = []
                 for mode in ("forward", "forward_backward"):
                     m = r[mode]
@@ -123,7 +124,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 print(f"{shape_name:>9} {dname:>8} {r['rows']:>5} | {cells[0]} | {cells[1]}")
     path = write_json(Path(out or results_dir(quick=quick)), f"masked_linear_{device.type}", {
         "benchmark": "masked_linear", "family": "masked_linear", "device": str(device), "quick": quick,
-        "sparsity": 0.75, "n_weight_buffers": n_buffers, "timing": timing,
+        "sparsity": 0.75, "rotation_bytes": ROTATION_BYTES[device.type], "timing": timing,
         "note": "time_s: median seconds per call, best_s: fastest sample; forward under no_grad; forward_backward = forward + "
                 "torch.autograd.grad for x and the weight; GBps counts the least bytes the op must move",
         "results": results})

@@ -2,8 +2,8 @@
 ``F.linear``, ``torch.sparse.mm`` with a CSR weight and ``masked_linear``; time vs rows of x.
 
 Rows 1 ... 2048; sparsity 0.63 / 0.75 / 0.9; BLIP shapes (768x768, 2304x768, 3072x768,
-768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Several weight buffers are rotated so the
-cache does not hold the weight between calls (CUDA: CUDA events, median after warm-up). Each
+768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Copies of the weight filling 256 MiB (CPU) /
+512 MiB (CUDA) are rotated so the caches do not hold the weight between calls (CUDA: CUDA events, median after warm-up). Each
 format's time is also put against its roofline: the bytes it must move (its weight storage,
 x and y) over the measured copy bandwidth of the device. Prints a table and the dense /
 bitmap crossover, writes JSON (machine, versions, date, commit) and a PNG plot (time vs rows
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
+from common import (ROTATION_BYTES, copy_bandwidth, family_main, results_dir, rotating_copies, time_samples,  # noqa: E402
+                    torch_dtypes, write_json)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -83,9 +84,10 @@ def _format_bytes(b):
     }
 
 
-def bench_weight(shape, sparsity, rows_list, dtype, device, n_buffers, bandwidth, timing):
+def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
     """Every format at every number of rows for one (shape, sparsity, dtype)."""
     out_f, in_f = shape
+    n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
     w_bytes = _format_bytes(bufs[0])
     density = float(bufs[0]["dense"].count_nonzero()) / (out_f * in_f)
@@ -111,7 +113,7 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, n_buffers, bandwidth
         results.append(r)
     del bufs
     bitmap_ratio = w_bytes["bitmap"] / w_bytes["dense"] if w_bytes["bitmap"] else None
-    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio,
+    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio, "weight_copies": n_buffers,
             "rows": results, "unavailable": unavailable}
 
 
@@ -176,11 +178,10 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
         shapes = [s for s in SHAPES if cuda or s != "11008x4096"]
         rows_list, sparsities = [1, 4, 16, 64, 128, 256, 2048], [0.63, 0.75, 0.9]
     dtypes = torch_dtypes(dtypes, cuda)
-    n_buffers = 8 if cuda else 4
     timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
     bandwidth = copy_bandwidth(device)
     print(f"sparse linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
-          f"{n_buffers} weight buffers rotated; ms per call (median); '% roof' = time the format's bytes "
+          f"weight copies rotated ({ROTATION_BYTES[device.type] >> 20} MiB of dense weights); ms per call (median); '% roof' = time the format's bytes "
           f"(weight storage + x + y) take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>5} {'dense ms':>9} {'csr ms':>9} {'masked ms':>10} "
           f"{'bitmap ms':>10} {'bm/dense':>9} {'bm/csr':>7} {'dense %roof':>11} {'bitmap %roof':>12}")
@@ -189,7 +190,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
         dname = str(dtype).replace("torch.", "")
         for shape_name in shapes:
             for s in sparsities:
-                case = bench_weight(SHAPES[shape_name], s, rows_list, dtype, device, n_buffers, bandwidth, timing)
+                case = bench_weight(SHAPES[shape_name], s, rows_list, dtype, device, bandwidth, timing)
                 case.update(shape=shape_name, sparsity=s, dtype=dname)
                 case["crossover"] = dict(zip(("bitmap_faster_up_to_rows", "bitmap_slower_from_rows"),
                                              crossover(case["rows"])))
@@ -211,7 +212,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     out = Path(out or results_dir(quick=quick))
     path = write_json(out, f"sparse_linear_{device.type}", {
         "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
-        "n_weight_buffers": n_buffers, "copy_bandwidth_Bps": bandwidth, "timing": timing,
+        "rotation_bytes": ROTATION_BYTES[device.type], "copy_bandwidth_Bps": bandwidth, "timing": timing,
         "note": "time_s: median seconds per call, best_s: fastest sample; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
                 "of_roofline = roofline_s / time_s; masks are random with the given keep probability",
         "results": results})

@@ -144,6 +144,19 @@ def median_time(fn, device, **kw) -> float:
     return statistics.median(time_samples(fn, device, **kw))
 
 
+ROTATION_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
+
+
+def rotating_copies(weight_bytes: int, device, least: int = 4, most: int = 128) -> int:
+    """How many copies of a weight a benchmark rotates through so that the caches cannot hold
+    it between calls: enough to fill ``ROTATION_BYTES`` (256 MiB on CPU, 8x a 32 MiB L3;
+    512 MiB on CUDA, 10x the 50 MB L2 of an H100 / H200), at least ``least``, at most ``most``."""
+    import torch
+
+    budget = ROTATION_BYTES[torch.device(device).type]
+    return max(least, min(most, -(-budget // max(1, weight_bytes))))
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
     """Measured device memory bandwidth in bytes/s: ``Tensor.copy_`` of ``nbytes`` (far larger
     than the caches), counting the read and the write. The roofline of a memory-bound op is
