@@ -9,22 +9,21 @@ Families (``--family``, default all):
               torch.kthvalue), same masks checked, GB/s against a copy of the weight bytes
 
 Works on CPU and CUDA (``--device``). Prints tables, writes JSON to --out (default $OUT or
-benchmarks/results/) as pruning_<device>.json.
+benchmarks/results/) as pruning_<family>_<device>.json. ``benchmarks/run.py`` runs the two
+families as ``act`` and ``masks``.
 
-    .venv/bin/python benchmarks/bench_pruning.py [--device cpu|cuda] [--family masks] [--small]
+    .venv/bin/python benchmarks/bench_pruning.py [--device cpu|cuda] [--family masks] [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_dir, write_json  # noqa: E402
+from common import OUT_HELP, median_time, results_dir, write_json  # noqa: E402
 
 
 def blip_base_layers(device, dtype=torch.float32, seed=0, scale_layers=True):
@@ -50,22 +49,8 @@ def blip_base_layers(device, dtype=torch.float32, seed=0, scale_layers=True):
 
 
 def timeit(fn, device, repeats=5, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median of ``repeats`` timed calls after ``warmup``."""
+    return median_time(fn, device, min_seconds=0, min_runs=repeats, max_runs=repeats, warmup=warmup)
 
 
 def plain_torch_masks(weights, acts, mods, sparsity):
@@ -166,21 +151,32 @@ def bench_act_stats(device, small, repeats):
 FAMILIES = {"act_stats": bench_act_stats, "masks": bench_masks}
 
 
+def run(device: str = "cpu", quick: bool = False, out=None, family: str = "masks", repeats: int | None = None) -> Path:
+    """One family (``act_stats`` or ``masks``): prints its table, writes
+    pruning_<family>_<device>.json to ``out``. ``quick``: a fraction of the layers / one shape."""
+    import multiflow_kernels  # noqa: F401
+
+    device = torch.device(device)
+    if repeats is None:
+        repeats = 3 if quick else (20 if device.type == "cuda" else 5)
+    result = {"benchmark": "pruning", "family": family, "device": str(device), "quick": quick, "repeats": repeats,
+              family: FAMILIES[family](device, quick, repeats)}
+    path = write_json(Path(out or results_dir(quick=quick)), f"pruning_{family}_{device.type}", result)
+    print(f"wrote {path}")
+    return path
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--family", choices=sorted(FAMILIES), action="append")
-    p.add_argument("--small", action="store_true", help="a fraction of the layers (quick check)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--small", "--quick", dest="quick", action="store_true",
+                   help="a fraction of the layers / one shape (quick check)")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--out", help=OUT_HELP)
     args = p.parse_args()
-    import multiflow_kernels  # noqa: F401
-
-    device = torch.device(args.device)
-    result = {"benchmark": "pruning", "device": str(device)}
     for fam in args.family or sorted(FAMILIES):
-        result[fam] = FAMILIES[fam](device, args.small, args.repeats)
-    print(f"\nwrote {write_json(args.out, f'pruning_{device.type}', result)}")
+        run(args.device, args.quick, args.out, fam, args.repeats)
 
 
 if __name__ == "__main__":

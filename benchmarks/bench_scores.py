@@ -7,22 +7,21 @@ linear layers of a BLIP-base-sized model (~198M weights in 168 layers).
 
 Each op is called once for the whole list (that is how the pruner calls it). The
 outputs are checked equal to the reference's once, then timed (median of --repeats
-after a warm-up). Prints a table and writes JSON (machine, versions, date) to
-benchmarks/results/scores.json (scores_cuda.json with --device cuda, where the ops run
-the Triton kernels; the Triton act-stat kernel is then timed against the CUDA C++ one).
+after a warm-up). Prints a table and writes JSON (machine, versions, date, commit) to
+--out (default $OUT or benchmarks/results/) as scores.json (scores_cuda.json with --device
+cuda, where the ops run the Triton kernels; the Triton act-stat kernel is then timed against
+the CUDA C++ one).
 
-    .venv/bin/python benchmarks/bench_scores.py [--dtypes float32 bfloat16] [--repeats 3] [--threads N]
+    .venv/bin/python benchmarks/bench_scores.py [--dtypes float32 bfloat16] [--repeats 3] [--threads N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -30,16 +29,19 @@ import torch
 import multiflow_kernels  # noqa: F401  (registers the ops)
 from multiflow_kernels import ops, reference
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OUT_HELP, results_dir, write_json  # noqa: E402
+
 D, FF, LAYERS = 768, 3072, 12
 VISION = [(3 * D, D), (D, D), (FF, D), (D, FF)]
 TEXT = [(D, D)] * 8 + [(FF, D), (D, FF)]
 BLIP_BASE_SHAPES = VISION * LAYERS + TEXT * LAYERS
 
 
-def make_model(dtype: torch.dtype, device: str, seed: int = 0):
+def make_model(dtype: torch.dtype, device: str, seed: int = 0, shapes=BLIP_BASE_SHAPES):
     gen = torch.Generator().manual_seed(seed)
-    weights = [(torch.randn(s, generator=gen) * 0.02).to(dtype).to(device) for s in BLIP_BASE_SHAPES]
-    acts = [(torch.rand(s[1], generator=gen) * 50).to(device) for s in BLIP_BASE_SHAPES]
+    weights = [(torch.randn(s, generator=gen) * 0.02).to(dtype).to(device) for s in shapes]
+    acts = [(torch.rand(s[1], generator=gen) * 50).to(device) for s in shapes]
     return weights, acts
 
 
@@ -79,32 +81,31 @@ def bench_act_stats_cuda(repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--no-check", action="store_true", help="skip the equality check against the reference")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    n_params = sum(r * c for r, c in BLIP_BASE_SHAPES)
-    print(f"BLIP-base-sized: {len(BLIP_BASE_SHAPES)} weights, {n_params / 1e6:.1f}M params, device {args.device}, "
-          f"{args.threads} threads, median of {args.repeats}")
+def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None, repeats: int | None = None,
+        threads: int | None = None, check: bool = True) -> Path:
+    """The ``scores`` family: prints the table, writes scores.json (scores_cuda.json) to ``out``.
+    ``quick``: one vision and one text block (14 weights), float32, one repeat."""
+    if threads:
+        torch.set_num_threads(threads)
+    if repeats is None:
+        repeats = 1 if quick else (20 if device == "cuda" else 3)
+    dtypes = dtypes or (["float32"] if quick else ["float32", "bfloat16"])
+    shapes = VISION + TEXT if quick else BLIP_BASE_SHAPES
+    n_params = sum(r * c for r, c in shapes)
+    print(f"BLIP-base-sized: {len(shapes)} weights, {n_params / 1e6:.1f}M params, device {device}, "
+          f"{torch.get_num_threads()} threads, median of {repeats}")
     print(f"{'op':<34} {'dtype':<9} {'kernel ms':>10} {'reference ms':>13} {'speedup':>8}")
     results = []
-    for dtype_name in args.dtypes:
-        weights, acts = make_model(getattr(torch, dtype_name), args.device)
-        if not args.no_check:
+    for dtype_name in dtypes:
+        weights, acts = make_model(getattr(torch, dtype_name), device, shapes=shapes)
+        if check:
             check_equal(weights, acts)
         for name, kernel, twin in [
             ("flow_importance", ops.flow_importance, reference.flow_importance),
             ("flow_scores (importance + scores)", ops.flow_scores, reference.flow_scores),
         ]:
-            k = timed(lambda: kernel(weights, acts), args.repeats, args.device)
-            r = timed(lambda: twin(weights, acts), args.repeats, args.device)
+            k = timed(lambda: kernel(weights, acts), repeats, device)
+            r = timed(lambda: twin(weights, acts), repeats, device)
             row = {"op": name, "dtype": dtype_name, "kernel_ms": statistics.median(k) * 1e3,
                    "reference_ms": statistics.median(r) * 1e3, "kernel_times_s": k, "reference_times_s": r}
             row["speedup"] = row["reference_ms"] / row["kernel_ms"]
@@ -114,34 +115,42 @@ def main() -> None:
         del weights, acts
 
     act_rows = []
-    if args.device == "cuda":
+    if device == "cuda":
         try:
-            act_rows = bench_act_stats_cuda(args.repeats)
+            act_rows = bench_act_stats_cuda(repeats)
         except NotImplementedError as e:  # an extension built without its CUDA kernels
             print(f"sq_sum_accumulate_: no CUDA C++ kernel to compare with ({str(e).splitlines()[0]})")
     for r in act_rows:
         print(f"sq_sum_accumulate_ {r['impl']:<9} {r['dtype']:<9} {str(r['shape']):<14} {r['median_ms']:.3f} ms")
 
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if args.device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
     result = {
         "benchmark": "flow_scores",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "config": {"model": "BLIP-base-sized linear layers (vision 12 x 4, text 12 x 10)", "weights": len(BLIP_BASE_SHAPES),
-                   "params": n_params, "device": args.device, "repeats": args.repeats,
-                   "checked_equal_to_reference": not args.no_check},
+        "family": "scores",
+        "quick": quick,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "config": {"model": "BLIP-base-sized linear layers (vision 12 x 4, text 12 x 10)"
+                   + (": one block of each (quick)" if quick else ""), "weights": len(shapes),
+                   "params": n_params, "device": device, "repeats": repeats, "checked_equal_to_reference": check},
         "results": results,
         "act_stats": act_rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("scores.json" if args.device == "cpu" else f"scores_{args.device}.json")
-    path.write_text(json.dumps(result, indent=2))
+    path = write_json(Path(out or results_dir(quick=quick)), "scores" if device == "cpu" else f"scores_{device}", result)
     print(f"wrote {path}")
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quick", action="store_true", help="one vision and one text block, float32, one repeat")
+    p.add_argument("--no-check", action="store_true", help="skip the equality check against the reference")
+    p.add_argument("--out", help=OUT_HELP)
+    args = p.parse_args()
+    run(args.device, args.quick, args.out, None if args.quick else args.dtypes, args.repeats, args.threads,
+        not args.no_check)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Sparse linear layers against the baselines: dense ``F.linear``, ``torch.sparse.mm`` with a
-CSR weight, our ``masked_linear`` and ``bitmap_linear``; time vs rows of x per format.
+"""Sparse linear layers for inference (family ``bitmap``): ``bitmap_linear`` against dense
+``F.linear``, ``torch.sparse.mm`` with a CSR weight and ``masked_linear``; time vs rows of x.
 
-Several weight buffers are rotated so the cache does not hold the weight between calls.
-Prints a table, writes JSON (machine, versions, date, commit) and a PNG plot (time vs rows)
-to --out (default $OUT or benchmarks/results/) as sparse_linear_<device>.{json,png}.
+Rows 1 ... 2048; sparsity 0.63 / 0.75 / 0.9; BLIP shapes (768x768, 2304x768, 3072x768,
+768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Copies of the weight filling 256 MiB (CPU) /
+512 MiB (CUDA) are rotated so the caches do not hold the weight between calls (CUDA: CUDA events, median after warm-up). Each
+format's time is also put against its roofline: the bytes it must move (its weight storage,
+x and y) over the measured copy bandwidth of the device. Prints a table and the dense /
+bitmap crossover, writes JSON (machine, versions, date, commit) and a PNG plot (time vs rows
+per format) to --out as sparse_linear_<device>.{json,png}.
 
-    .venv/bin/python benchmarks/bench_sparse_linear.py [--device cpu] [--quick]
+    .venv/bin/python benchmarks/bench_sparse_linear.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -20,121 +22,207 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_dir, write_json  # noqa: E402
+from common import (ROTATION_BYTES, copy_bandwidth, family_main, results_dir, rotating_copies, time_samples,  # noqa: E402
+                    torch_dtypes, write_json)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
+FORMATS = ("dense", "csr", "masked", "bitmap")
 
 
-def _median_time(fn, device, min_seconds=0.3, max_runs=200):
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_case(shape, sparsity, rows, dtype, device, n_buffers):
+def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0):
+    """``n_buffers`` independent pruned weights of one shape in every format, and
+    {format: why} for the formats that cannot be built here."""
     from multiflow_kernels import ops
 
-    out_f, in_f = shape
-    g = torch.Generator().manual_seed(0)
-    bufs = []
+    g = torch.Generator(device=device).manual_seed(seed)
+    bufs, unavailable = [], {}
     for _ in range(n_buffers):
-        w = torch.randn(out_f, in_f, generator=g)
-        scores = torch.rand(out_f, in_f, generator=g)
-        k = int(sparsity * scores.numel())
-        mask = scores > scores.flatten().kthvalue(k).values if k else torch.ones_like(scores, dtype=torch.bool)
-        w = (w * mask).to(dtype=dtype, device=device)
-        mask = mask.to(device)
-        entry = {"dense": w, "bits": ops.pack_mask(mask), "bitmap": ops.bitmap_pack(w, mask)}
-        if dtype == torch.float32:
-            entry["csr"] = w.to_sparse_csr()
+        w = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        mask = torch.rand(shape, generator=g, device=device) >= sparsity
+        w = (w * mask).to(dtype)
+        entry = {"dense": w, "bits": ops.pack_mask(mask)}
+        for fmt, pack in (("bitmap", lambda: ops.bitmap_pack(w, mask)), ("csr", w.to_sparse_csr)):
+            try:
+                entry[fmt] = pack()
+            except (NotImplementedError, RuntimeError) as e:  # no kernel for this device / dtype (yet)
+                unavailable[fmt] = str(e).splitlines()[0][:200]
         bufs.append(entry)
-    x = torch.randn(rows, in_f, generator=g).to(dtype=dtype, device=device)
+    return bufs, unavailable
+
+
+def _format_fns(bufs, x, in_f):
+    """One call per format, each on the next weight buffer."""
+    from multiflow_kernels import ops
+
     it = iter(range(10**12))
 
     def pick():
-        return bufs[next(it) % n_buffers]
+        return bufs[next(it) % len(bufs)]
 
     fns = {
         "dense": lambda: F.linear(x, pick()["dense"]),
-        "masked": lambda: ops.masked_linear(x, pick()["dense"], pick()["bits"], None),
+        "csr": lambda: torch.sparse.mm(pick()["csr"], x.t()),
+        "masked": lambda: (lambda b: ops.masked_linear(x, b["dense"], b["bits"], None))(pick()),
         "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None),
     }
-    if dtype == torch.float32:
-        fns["csr"] = lambda: torch.sparse.mm(pick()["csr"], x.t())
-    res = {name: _median_time(fn, device) for name, fn in fns.items()}
-    values, bits, row_ptr, block_ptr = bufs[0]["bitmap"]
-    res["bitmap_bytes_ratio"] = sum(t.numel() * t.element_size() for t in (values, bits, row_ptr, block_ptr)) / (
-        bufs[0]["dense"].numel() * bufs[0]["dense"].element_size())
-    return res
+    return {f: fn for f, fn in fns.items() if f in bufs[0] or f == "masked"}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="fewer shapes / rows (a couple of minutes on 2 cores)")
-    p.add_argument("--out", default=str(results_dir()))
-    args = p.parse_args()
-    import multiflow_kernels  # noqa: F401
+def _format_bytes(b):
+    """Weight bytes each format must read."""
+    csr, bitmap = b.get("csr"), b.get("bitmap")
+    return {
+        "dense": _nbytes(b["dense"]),
+        "csr": _nbytes(csr.values(), csr.col_indices(), csr.crow_indices()) if csr is not None else None,
+        "masked": _nbytes(b["dense"], b["bits"]),
+        "bitmap": _nbytes(*bitmap) if bitmap is not None else None,
+    }
 
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-    device = torch.device(args.device)
-    if args.quick:
-        shapes, rows_list, sparsities = ["768x3072", "4096x4096"], [1, 16, 128], [0.75]
-    else:
-        shapes, rows_list, sparsities = list(SHAPES), [1, 4, 16, 64, 256, 2048], [0.63, 0.75, 0.9]
-    n_buffers = 4 if device.type == "cpu" else 8
+def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
+    """Every format at every number of rows for one (shape, sparsity, dtype)."""
+    out_f, in_f = shape
+    n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
+    bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
+    w_bytes = _format_bytes(bufs[0])
+    density = float(bufs[0]["dense"].count_nonzero()) / (out_f * in_f)
+    g = torch.Generator(device=device).manual_seed(1)
     results = []
-    print(f"{'shape':>11} {'sparsity':>8} {'rows':>5} {'dense ms':>9} {'csr ms':>8} {'masked ms':>10} "
-          f"{'bitmap ms':>10} {'bitmap/dense':>13} {'bytes':>6}")
-    for shape_name in shapes:
-        for s in sparsities:
-            for rows in rows_list:
-                r = bench_case(SHAPES[shape_name], s, rows, torch.float32, device, n_buffers)
-                r.update(shape=shape_name, sparsity=s, rows=rows, dtype="float32")
-                results.append(r)
-                print(f"{shape_name:>11} {s:>8.2f} {rows:>5} {r['dense'] * 1e3:>9.3f} {r.get('csr', float('nan')) * 1e3:>8.3f} "
-                      f"{r['masked'] * 1e3:>10.3f} {r['bitmap'] * 1e3:>10.3f} {r['dense'] / r['bitmap']:>12.2f}x "
-                      f"{r['bitmap_bytes_ratio']:>6.3f}")
-    out = Path(args.out)
-    path = write_json(out, f"sparse_linear_{device.type}", {"benchmark": "sparse_linear", "device": str(device),
-                                                             "n_weight_buffers": n_buffers, "results": results})
+    for rows in rows_list:
+        x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
+        io_bytes = _nbytes(x) + rows * out_f * x.element_size()
+        r = {"rows": rows, "density": density, "time_s": {}, "best_s": {}, "roofline_s": {}, "of_roofline": {}}
+        for fmt, fn in _format_fns(bufs, x, in_f).items():
+            if fmt in unavailable:
+                continue
+            try:
+                samples = time_samples(fn, device, **timing)
+            except (NotImplementedError, RuntimeError) as e:  # e.g. no kernel for this device / dtype yet
+                unavailable[fmt] = str(e).splitlines()[0][:200]
+                continue
+            r["time_s"][fmt] = t = statistics.median(samples)
+            r["best_s"][fmt] = min(samples)
+            r["roofline_s"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth
+            r["of_roofline"][fmt] = r["roofline_s"][fmt] / t
+        r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
+        results.append(r)
+    del bufs
+    bitmap_ratio = w_bytes["bitmap"] / w_bytes["dense"] if w_bytes["bitmap"] else None
+    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio, "weight_copies": n_buffers,
+            "rows": results, "unavailable": unavailable}
+
+
+def crossover(rows):
+    """Where bitmap first stops beating dense: (largest rows before that, first rows where it
+    does not); None where it never wins / never loses."""
+    faster_up_to = slower_from = None
+    for r in sorted(rows, key=lambda r: r["rows"]):
+        if "bitmap" not in r["time_s"]:
+            continue
+        if r["time_s"]["bitmap"] >= r["time_s"]["dense"]:
+            slower_from = r["rows"]
+            break
+        faster_up_to = r["rows"]
+    return faster_up_to, slower_from
+
+
+def _ms(r, fmt):
+    t = r["time_s"].get(fmt)
+    return f"{t * 1e3:.3f}" if t is not None else "-"
+
+
+def _plot(results, shapes, out_png, device):
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-        for ax, shape_name in zip(axes[0], shapes):
-            rs = [r for r in results if r["shape"] == shape_name and r["sparsity"] == 0.75]
-            for fmt in ("dense", "csr", "masked", "bitmap"):
-                ax.plot([r["rows"] for r in rs], [r.get(fmt, float("nan")) * 1e3 for r in rs], marker="o", label=fmt)
+    except ImportError:
+        return None
+    panels = sorted({(c["dtype"], c["sparsity"]) for c in results})
+    fig, axes = plt.subplots(len(panels), len(shapes), figsize=(4 * len(shapes), 3.3 * len(panels)), squeeze=False)
+    for row_axes, (dtype, s) in zip(axes, panels):
+        for ax, shape_name in zip(row_axes, shapes):
+            case = next(c for c in results if c["shape"] == shape_name and c["sparsity"] == s and c["dtype"] == dtype)
+            for fmt in FORMATS:
+                pts = [(r["rows"], r["time_s"][fmt] * 1e3) for r in case["rows"] if fmt in r["time_s"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=fmt)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_title(f"{shape_name}, 75% sparse, float32, {device.type}")
+            ax.set_title(f"{shape_name}, {s:.0%} sparse, {dtype}, {device}", fontsize=9)
             ax.set_xlabel("rows of x")
-            ax.set_ylabel("ms")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"sparse_linear_{device.type}.png", dpi=110)
-    except ImportError:
-        pass
-    print(f"wrote {path}")
+            ax.set_ylabel("ms per call")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path:
+    """The ``bitmap`` family: prints the table, writes sparse_linear_<device>.{json,png} to ``out``."""
+    import multiflow_kernels  # noqa: F401  (registers the ops)
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if quick:
+        shapes, rows_list, sparsities = ["768x3072", "4096x4096"], [1, 16, 128], [0.75]
+    else:
+        shapes = [s for s in SHAPES if cuda or s != "11008x4096"]
+        rows_list, sparsities = [1, 4, 16, 64, 128, 256, 2048], [0.63, 0.75, 0.9]
+    dtypes = torch_dtypes(dtypes, cuda)
+    timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
+    bandwidth = copy_bandwidth(device)
+    print(f"sparse linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
+          f"weight copies rotated ({ROTATION_BYTES[device.type] >> 20} MiB of dense weights); ms per call (median); '% roof' = time the format's bytes "
+          f"(weight storage + x + y) take at copy bandwidth / measured time")
+    print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>5} {'dense ms':>9} {'csr ms':>9} {'masked ms':>10} "
+          f"{'bitmap ms':>10} {'bm/dense':>9} {'bm/csr':>7} {'dense %roof':>11} {'bitmap %roof':>12}")
+    results = []
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        for shape_name in shapes:
+            for s in sparsities:
+                case = bench_weight(SHAPES[shape_name], s, rows_list, dtype, device, bandwidth, timing)
+                case.update(shape=shape_name, sparsity=s, dtype=dname)
+                case["crossover"] = dict(zip(("bitmap_faster_up_to_rows", "bitmap_slower_from_rows"),
+                                             crossover(case["rows"])))
+                results.append(case)
+                for r in case["rows"]:
+                    t = r["time_s"]
+                    vs_dense = f"{t['dense'] / t['bitmap']:.2f}x" if "bitmap" in t else "-"
+                    vs_csr = f"{t['csr'] / t['bitmap']:.2f}x" if "bitmap" in t and "csr" in t else "-"
+                    roof_bm = f"{r['of_roofline']['bitmap']:.0%}" if "bitmap" in t else "-"
+                    print(f"{shape_name:>10} {dname:>8} {s:>5.2f} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'csr'):>9} "
+                          f"{_ms(r, 'masked'):>10} {_ms(r, 'bitmap'):>10} {vs_dense:>9} {vs_csr:>7} "
+                          f"{r['of_roofline']['dense']:>11.0%} {roof_bm:>12}")
+                for fmt, why in case["unavailable"].items():
+                    print(f"{'':>10} {fmt} not measured: {why}")
+    print("\ncrossover (bitmap vs dense): bitmap faster up to / slower from rows")
+    for c in results:
+        print(f"  {c['shape']:>10} {c['dtype']:>8} {c['sparsity']:.2f}: {c['crossover']['bitmap_faster_up_to_rows']} / "
+              f"{c['crossover']['bitmap_slower_from_rows']}   (bitmap storage {c['bitmap_bytes_ratio'] or float('nan'):.3f}x dense)")
+    out = Path(out or results_dir(quick=quick))
+    path = write_json(out, f"sparse_linear_{device.type}", {
+        "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
+        "rotation_bytes": ROTATION_BYTES[device.type], "copy_bandwidth_Bps": bandwidth, "timing": timing,
+        "note": "time_s: median seconds per call, best_s: fastest sample; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
+                "of_roofline = roofline_s / time_s; masks are random with the given keep probability",
+        "results": results})
+    png = _plot(results, shapes, out / f"sparse_linear_{device.type}.png", device.type)
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return path
+
+
+def main():
+    family_main(run, __doc__, "2 shapes, 3 row counts, 75% sparse (under a minute on 2 cores)")
 
 
 if __name__ == "__main__":

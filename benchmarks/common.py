@@ -1,10 +1,12 @@
-"""Shared benchmark plumbing: machine / version facts and JSON output."""
+"""Shared benchmark plumbing: machine / version facts, JSON output, timing, copy bandwidth."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15m": [round(v, 2) for v in os.getloadavg()],  # when the results were written
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -53,9 +56,36 @@ def machine_info() -> dict:
     return info
 
 
-def results_dir(default: str | None = None) -> Path:
-    """``--out`` default: $OUT when set, else benchmarks/results/."""
-    return Path(default or os.environ.get("OUT") or Path(__file__).parent / "results")
+def results_dir(default: str | None = None, quick: bool = False) -> Path:
+    """``--out`` default: $OUT when set, else benchmarks/results/ (benchmarks/results/quick/
+    for --quick runs, so a smoke run never overwrites the committed full results)."""
+    if default or os.environ.get("OUT"):
+        return Path(default or os.environ["OUT"])
+    return Path(__file__).parent / "results" / ("quick" if quick else "")
+
+
+OUT_HELP = "default: $OUT, else benchmarks/results/ (benchmarks/results/quick/ with --quick)"
+
+
+def torch_dtypes(names, cuda: bool) -> list:
+    """dtype names (or dtypes) as torch dtypes; default float32 on CPU, float16 and float32 on CUDA."""
+    import torch
+
+    return [getattr(torch, d) if isinstance(d, str) else d for d in (names or (["float16", "float32"] if cuda else ["float32"]))]
+
+
+def family_main(run, doc: str, quick_help: str) -> None:
+    """The command line of a family script: ``--device``, ``--quick``, ``--dtypes``, ``--out``,
+    handed to ``run(device, quick, out, dtypes)``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, float16 float32 on CUDA")
+    p.add_argument("--out", help=OUT_HELP)
+    args = p.parse_args()
+    run(args.device, args.quick, args.out, args.dtypes)
 
 
 def write_json(out_dir: str | os.PathLike, name: str, result: dict) -> Path:
@@ -64,3 +94,75 @@ def write_json(out_dir: str | os.PathLike, name: str, result: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
     return path
+
+
+def time_call(fn, device, group: int = 1) -> float:
+    """Seconds per call of ``group`` back-to-back ``fn()`` calls: wall clock on CPU, CUDA
+    events on CUDA (GPU time, waiting for the end of the calls)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(group):
+            fn()
+        return (time.perf_counter() - t0) / group
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(group):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / group
+
+
+def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_runs: int = 5,
+                 warmup: int = 1) -> list[float]:
+    """Seconds per ``fn()`` call, one value per sample, after ``warmup`` calls: at least
+    ``min_runs`` samples, more until ``min_seconds`` have passed or ``max_runs`` are taken.
+
+    CPU: one call per sample. CUDA: a sample is a group of back-to-back calls (as many as
+    take about 1 ms, at most 100), so a short kernel is timed with the launch queue full
+    rather than with the launch latency of an idle GPU."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    group = 1
+    if cuda:
+        torch.cuda.synchronize()
+        group = max(1, min(100, int(1e-3 / max(time_call(fn, device), 1e-7))))
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+        times.append(time_call(fn, device, group))
+    return times
+
+
+def median_time(fn, device, **kw) -> float:
+    """Median of :func:`time_samples` (same keyword arguments)."""
+    return statistics.median(time_samples(fn, device, **kw))
+
+
+ROTATION_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
+
+
+def rotating_copies(weight_bytes: int, device, least: int = 4, most: int = 128) -> int:
+    """How many copies of a weight a benchmark rotates through so that the caches cannot hold
+    it between calls: enough to fill ``ROTATION_BYTES`` (256 MiB on CPU, 8x a 32 MiB L3;
+    512 MiB on CUDA, 10x the 50 MB L2 of an H100 / H200), at least ``least``, at most ``most``."""
+    import torch
+
+    budget = ROTATION_BYTES[torch.device(device).type]
+    return max(least, min(most, -(-budget // max(1, weight_bytes))))
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
+    """Measured device memory bandwidth in bytes/s: ``Tensor.copy_`` of ``nbytes`` (far larger
+    than the caches), counting the read and the write. The roofline of a memory-bound op is
+    the bytes it must move divided by this."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), device, min_seconds=0.5, max_runs=50)

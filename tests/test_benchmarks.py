@@ -1,0 +1,46 @@
+"""benchmarks/run.py runs a family and writes JSON with the machine facts (no timing checks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ)
+    env.pop("OUT", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_quick_family_writes_json_with_machine_facts(tmp_path):
+    r = _run("--family", "act", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["pruning_act_stats_cpu.json"], files
+    result = json.loads((tmp_path / files[0]).read_text())
+    machine = result["machine"]
+    for key in ("date", "commit", "platform", "cpu", "cpus", "python", "torch"):
+        assert machine.get(key) not in (None, ""), key
+    assert machine["torch"] == torch.__version__
+    assert result["family"] == "act_stats" and result["quick"] is True and result["device"] == "cpu"
+    assert result["act_stats"]["rows"], "no measurement in the results"
+    assert "act" in r.stdout and " ok " in r.stdout
+
+
+def test_unknown_family_is_an_error():
+    r = _run("--family", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu_says_so(tmp_path):
+    r = _run("--family", "act", "--device", "cuda", "--out", str(tmp_path))
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+    assert not list(tmp_path.iterdir())
