@@ -34,10 +34,11 @@ TEXT_TOKENS = 32
 SPARSITIES = (0.63, 0.75)
 
 # format -> the masks it runs on: a target sparsity (unstructured MULTIFLOW masks) or "N:M".
-# A new format is one line here, e.g. "2:4": ("2:4",) once sparsify accepts format="2:4".
+# A new format is one line here.
 FORMATS = {
     "masked": SPARSITIES,
     "bitmap": SPARSITIES,
+    "2:4": ("2:4",),
 }
 MASK_SPECS = list(dict.fromkeys(spec for specs in FORMATS.values() for spec in specs))
 

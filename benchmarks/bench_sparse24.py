@@ -1,5 +1,5 @@
 """The 2:4 format (family ``sparse24``): ``sparse24_linear`` against dense ``F.linear``
-(cuBLAS / MKL) and, on CUDA, PyTorch's own 2:4 path (``to_sparse_semi_structured``, where
+(cuBLAS / MKL), ``bitmap_linear`` on the same 50% masks and, on CUDA, PyTorch's own 2:4 path (``to_sparse_semi_structured``, where
 this torch and GPU support it); time vs rows of x.
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, family_main, results_dir, time_samples, torch_dtypes, write_json  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth, family_main, results_dir, rotating_copies, time_samples, torch_dtypes, write_json,
+)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-FORMATS = ("dense", "torch_2:4", "sparse24")
+FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24")
 
 
 def _nbytes(*tensors) -> int:
@@ -44,6 +46,10 @@ def _weight_buffers(shape, dtype, device, n_buffers, seed=0):
         mask = ops.nm_mask(w.abs(), 2, 4)
         w = (w * mask).to(dtype)
         entry = {"dense": w, "sparse24": ops.sparse24_pack(w, mask)}
+        try:  # the same 50% mask in the bitmap format: which compressed format is faster for 2:4 masks
+            entry["bitmap"] = ops.bitmap_pack(w, mask)
+        except (NotImplementedError, RuntimeError) as e:
+            unavailable["bitmap"] = str(e).splitlines()[0][:200]
         if device.type == "cuda" and "torch_2:4" not in unavailable:
             try:
                 from torch.sparse import to_sparse_semi_structured
@@ -69,14 +75,17 @@ def _format_fns(bufs, x):
     return {
         "dense": lambda: F.linear(x, pick()["dense"]),
         "torch_2:4": lambda: F.linear(x, pick()["torch_2:4"]),
+        "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], x.shape[-1], None),
         "sparse24": lambda: ops.sparse24_linear(x, *pick()["sparse24"], None),
     }
 
 
-def bench_weight(shape, rows_list, dtype, device, n_buffers, bandwidth, timing):
+def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     out_f, in_f = shape
+    n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs, unavailable = _weight_buffers(shape, dtype, device, n_buffers)
-    w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"])}
+    w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"]),
+               "bitmap": _nbytes(*bufs[0]["bitmap"]) if "bitmap" in bufs[0] else 0}
     w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
     g = torch.Generator(device=device).manual_seed(1)
     results = []
@@ -98,8 +107,8 @@ def bench_weight(shape, rows_list, dtype, device, n_buffers, bandwidth, timing):
             r["tflops"][fmt] = 2 * rows * out_f * in_f / t / 1e12  # dense-equivalent FLOP/s
         results.append(r)
     del bufs
-    return {"weight_bytes": w_bytes, "bytes_ratio": w_bytes["sparse24"] / w_bytes["dense"], "rows": results,
-            "unavailable": unavailable}
+    return {"weight_bytes": w_bytes, "bytes_ratio": w_bytes["sparse24"] / w_bytes["dense"], "weight_copies": n_buffers,
+            "rows": results, "unavailable": unavailable}
 
 
 def _plot(results, shapes, out_png, device):
@@ -148,18 +157,17 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
         shapes = [s for s in SHAPES if cuda or s != "11008x4096"]
         rows_list = [1, 4, 16, 64, 256, 2048, 8192] if cuda else [1, 4, 16, 64, 256]
     dtypes = torch_dtypes(dtypes or (["float16", "bfloat16"] if cuda else ["float32"]), cuda)
-    n_buffers = 8 if cuda else 4
     timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
     bandwidth = copy_bandwidth(device)
-    print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), {n_buffers} weight buffers "
-          f"rotated; ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
-    print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'ours ms':>9} "
+    print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), weight copies rotated "
+          f"(see common.rotating_copies); ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
+    print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'bitmap ms':>9} {'ours ms':>9} "
           f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9}")
     results = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         for shape_name in shapes:
-            case = bench_weight(SHAPES[shape_name], rows_list, dtype, device, n_buffers, bandwidth, timing)
+            case = bench_weight(SHAPES[shape_name], rows_list, dtype, device, bandwidth, timing)
             case.update(shape=shape_name, dtype=dname)
             results.append(case)
             for r in case["rows"]:
@@ -170,14 +178,14 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 roof = f"{r['of_roofline']['sparse24']:.0%}" if ours else "-"
                 tf = f"{r['tflops']['sparse24']:.1f}" if ours else "-"
                 print(f"{shape_name:>10} {dname:>8} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'torch_2:4'):>11} "
-                      f"{_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
+                      f"{_ms(r, 'bitmap'):>9} {_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
                       f"{roof:>10} {tf:>9}")
             for fmt, why in case["unavailable"].items():
                 print(f"{'':>10} {fmt} not measured: {why}")
     out = Path(out or results_dir(quick=quick))
     path = write_json(out, f"sparse24_{device.type}", {
         "benchmark": "sparse24", "family": "sparse24", "device": str(device), "quick": quick,
-        "n_weight_buffers": n_buffers, "copy_bandwidth_Bps": bandwidth, "timing": timing,
+        "copy_bandwidth_Bps": bandwidth, "timing": timing,
         "note": "time_s: median seconds per call, best_s: fastest sample; of_roofline = (weight storage + x + y bytes) / "
                 "copy bandwidth / time_s; tflops: dense-equivalent 2*rows*out*in / time; ours/dense > 1 means faster",
         "results": results})

@@ -90,10 +90,10 @@ fi
 # ---- benchmarks: every family of benchmarks/run.py, each in its own process --------------
 # The whole script stays under 8 minutes on an H100 / H200: build ~2 min, tests + sanitizer
 # ~2 min, then each family under its own cap (estimates at these sizes: act 10 s, scores 20 s,
-# masks 15 s, masked_linear 30 s, e2e 60 s, bitmap 60 s), and no family starts after 7.5 min.
+# masks 15 s, sparse24 40 s, bitmap 60 s, masked_linear 30 s, e2e 60 s), and no family starts after 7.5 min.
 if [ $QUICK -eq 0 ]; then
     DEADLINE=$(( T0 + 450 ))
-    for spec in act:40 scores:60 masks:40 masked_linear:60 e2e:90 bitmap:90; do
+    for spec in act:40 masks:40 scores:60 sparse24:60 bitmap:90 masked_linear:60 e2e:90; do
         fam=${spec%%:*}; cap=${spec##*:}
         left=$(( DEADLINE - $(date +%s) ))
         if [ $left -lt 20 ]; then

@@ -1,6 +1,6 @@
 """Run the benchmark families: one entry point for every benchmark script.
 
-    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|e2e|all ...]
+    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|sparse24|e2e|all ...]
                              [--device cpu|cuda] [--quick] [--out DIR]
 
 Each family is a script of this folder, called in this process through its ``run(device,
@@ -30,7 +30,7 @@ FAMILIES = {
     "masked_linear": ("bench_masked_linear", {}, "masked_linear forward / forward+backward vs dense"),
     "bitmap": ("bench_sparse_linear", {}, "bitmap_linear vs dense, CSR, masked; rows 1..2048; roofline"),
     "e2e": ("bench_e2e", {}, "BLIP-base pruned + sparsified: weight memory, forward latency"),
-    # "sparse24": not here yet; added with the 2:4 op (sparse24_linear) and its benchmark script.
+    "sparse24": ("bench_sparse24", {}, "sparse24_linear vs dense and torch's 2:4 path; rows 1..8192; roofline"),
 }
 
 

@@ -164,9 +164,11 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
     ``capability``: the CUDA device's compute capability (read from the device if None).
 
-    - CPU: ``bitmap``. Measured here (2-core AVX-512, float32, BLIP shapes, sparsity 0.3 to
-      0.75, 1 to 128 rows; benchmarks/RESULTS.md): bitmap_linear is faster than
-      masked_linear at every point, so masked (for fine-tuning) is never the faster kernel.
+    - CPU: ``2:4`` when the mask is 2:4, else ``bitmap``. Measured here (2-core AVX-512,
+      float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
+      size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
+      on a 2:4 mask is faster than bitmap_linear on the same 50% mask and than dense
+      from 1 to 128 rows.
     - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
       multiple of 16 and the GPU sm_80 or newer (sparse tensor cores for many rows, a
       decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap`` up to
@@ -175,7 +177,7 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return "bitmap"
+        return "2:4" if is_24(mask) else "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     if (dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)

@@ -72,7 +72,8 @@ def test_choose_format_rule():
     unstructured = torch.rand(8, 16) > 0.25
     nm = _nm_mask(8, 16)
     assert formats.choose_format(unstructured, torch.float32, "cpu", 1) == "bitmap"
-    assert formats.choose_format(nm, torch.float16, "cpu", 4096) == "bitmap"
+    assert formats.choose_format(nm, torch.float16, "cpu", 4096) == "2:4"
+    assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "2:4"  # all pruned
     h100 = (9, 0)
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
     assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "bitmap"  # no sparse tensor cores
@@ -94,7 +95,7 @@ def test_sparsify_24_blip_and_auto(tmp_path, blip_factory, calib_batches):
     masks = multiflow.prune(model, calib_batches, 0.5, nm=(2, 4), progress=False)
     dense = masks.apply(copy.deepcopy(model))
     auto = mk.sparsify(copy.deepcopy(model), masks, format="auto")
-    assert {m.format for m in auto.modules() if isinstance(m, mk.SparseLinear)} == {"bitmap"}  # CPU rule
+    assert {m.format for m in auto.modules() if isinstance(m, mk.SparseLinear)} == {"2:4"}  # CPU rule for 2:4 masks
     mk.sparsify(model, masks, format="2:4")
     b = calib_batches[0]
     with torch.no_grad():
