@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    copy_bandwidth, family_main, results_dir, rotating_copies, time_samples, torch_dtypes, write_json,
+    copy_bandwidth, family_main, plot_time_vs_rows, results_dir, rotating_copies, time_samples, torch_dtypes,
+    write_json,
 )
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
@@ -112,32 +113,8 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
 
 
 def _plot(results, shapes, out_png, device):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    dtypes = sorted({c["dtype"] for c in results})
-    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4 * len(shapes), 3.3 * len(dtypes)), squeeze=False)
-    for row_axes, dtype in zip(axes, dtypes):
-        for ax, shape_name in zip(row_axes, shapes):
-            case = next(c for c in results if c["shape"] == shape_name and c["dtype"] == dtype)
-            for fmt in FORMATS:
-                pts = [(r["rows"], r["time_s"][fmt] * 1e3) for r in case["rows"] if fmt in r["time_s"]]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=fmt)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{shape_name}, 2:4, {dtype}, {device}", fontsize=9)
-            ax.set_xlabel("rows of x")
-            ax.set_ylabel("ms per call")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return plot_time_vs_rows(results, shapes, FORMATS, lambda c: c["dtype"],
+                             lambda shape, p: f"{shape}, 2:4, {p}, {device}", out_png)
 
 
 def _ms(r, fmt):

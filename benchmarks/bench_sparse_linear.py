@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (ROTATION_BYTES, copy_bandwidth, family_main, results_dir, rotating_copies, time_samples,  # noqa: E402
-                    torch_dtypes, write_json)
+from common import (ROTATION_BYTES, copy_bandwidth, family_main, plot_time_vs_rows, results_dir, rotating_copies,  # noqa: E402
+                    time_samples, torch_dtypes, write_json)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -137,32 +137,8 @@ def _ms(r, fmt):
 
 
 def _plot(results, shapes, out_png, device):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    panels = sorted({(c["dtype"], c["sparsity"]) for c in results})
-    fig, axes = plt.subplots(len(panels), len(shapes), figsize=(4 * len(shapes), 3.3 * len(panels)), squeeze=False)
-    for row_axes, (dtype, s) in zip(axes, panels):
-        for ax, shape_name in zip(row_axes, shapes):
-            case = next(c for c in results if c["shape"] == shape_name and c["sparsity"] == s and c["dtype"] == dtype)
-            for fmt in FORMATS:
-                pts = [(r["rows"], r["time_s"][fmt] * 1e3) for r in case["rows"] if fmt in r["time_s"]]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=fmt)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{shape_name}, {s:.0%} sparse, {dtype}, {device}", fontsize=9)
-            ax.set_xlabel("rows of x")
-            ax.set_ylabel("ms per call")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return plot_time_vs_rows(results, shapes, FORMATS, lambda c: (c["dtype"], c["sparsity"]),
+                             lambda shape, p: f"{shape}, {p[1]:.0%} sparse, {p[0]}, {device}", out_png)
 
 
 def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path:

@@ -166,3 +166,36 @@ def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     return 2 * nbytes / median_time(lambda: dst.copy_(src), device, min_seconds=0.5, max_runs=50)
+
+
+def plot_time_vs_rows(cases, shapes, formats, panel_of, title, out_png):
+    """A grid of log-log plots, ms per call vs rows of x, one line per format: a row of
+    panels per value of ``panel_of(case)`` (e.g. dtype, sparsity), a column per shape.
+    ``cases`` hold "shape" and "rows" (each with "rows" and "time_s" per format);
+    ``title(shape, panel)`` names a panel. Returns the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({panel_of(c) for c in cases})
+    fig, axes = plt.subplots(len(panels), len(shapes), figsize=(4 * len(shapes), 3.3 * len(panels)), squeeze=False)
+    for row_axes, panel in zip(axes, panels):
+        for ax, shape_name in zip(row_axes, shapes):
+            case = next(c for c in cases if c["shape"] == shape_name and panel_of(c) == panel)
+            for fmt in formats:
+                pts = [(r["rows"], r["time_s"][fmt] * 1e3) for r in case["rows"] if fmt in r["time_s"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=fmt)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(title(shape_name, panel), fontsize=9)
+            ax.set_xlabel("rows of x")
+            ax.set_ylabel("ms per call")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
