@@ -158,24 +158,81 @@ def test_masks_bit_identical_across_thread_counts(threads):
 
 
 @given(st.lists(st.integers(1, 40), min_size=2, max_size=4), st.integers(1, 5), st.floats(0, 1),
-       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1))
-def test_sparsify_equals_masked_dense(widths, batch, density, dtype, seed):
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1),
+       st.sampled_from(["masked", "bitmap", "2:4"]))
+def test_sparsify_equals_masked_dense(widths, batch, density, dtype, seed, format):
     import copy
 
     import multiflow_kernels as mk
 
     torch.manual_seed(seed)
+    if format == "2:4":  # in_features a multiple of 4, masks keeping at most 2 of every 4
+        widths = [4 * w for w in widths]
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers).to(dtype)
     masks = {f"{i}.weight": torch.rand(m.weight.shape) < density
              for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)}
+    if format == "2:4":
+        masks = {n: m & ops.nm_mask(torch.rand(m.shape), 2, 4) for n, m in masks.items()}
     dense = copy.deepcopy(model)
     multiflow.Masks(masks).apply(dense)
-    mk.sparsify(model, masks)
+    mk.sparsify(model, masks, format=format)
     x = torch.randn(batch, widths[0]).to(dtype)
     with torch.no_grad():
         got, ref = model(x).double(), dense(x).double()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - ref).norm() <= tol * max(ref.norm(), 1e-6)
+
+
+@st.composite
+def linear_problems(draw, multiple_of=1):
+    """x (lead..., in), a weight (out, in) and a keep-mask of a given density, a bias or None."""
+    out_f = draw(st.integers(1, 40))
+    in_f = draw(st.integers(1, 70)) * multiple_of
+    lead = draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))
+    dtype = draw(st.sampled_from(DTYPES))
+    density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    x = torch.randn(*lead, in_f, generator=g).to(dtype)
+    bias = torch.randn(out_f, generator=g).to(dtype) if draw(st.booleans()) else None
+    return x, w, mask, bias
+
+
+@given(linear_problems())
+def test_masked_linear_equals_reference(problem):
+    from _earned import assert_linear_earned
+
+    x, w, mask, bias = problem
+    got = ops.masked_linear(x, w, ops.pack_mask(mask), bias)
+    assert_linear_earned(got, x, w.masked_fill(~mask, 0), bias, "masked_linear")
+
+
+@given(linear_problems())
+def test_bitmap_ops_equal_reference(problem):
+    from _earned import assert_linear_earned
+
+    x, w, mask, bias = problem
+    packed = ops.bitmap_pack(w, mask)
+    assert all(torch.equal(a, b) for a, b in zip(packed, R.bitmap_pack(w, mask)))
+    assert torch.equal(ops.bitmap_unpack(*packed, w.shape[1]), w.masked_fill(~mask, 0))
+    assert_linear_earned(ops.bitmap_linear(x, *packed, w.shape[1], bias), x, w.masked_fill(~mask, 0), bias,
+                         "bitmap_linear")
+
+
+@given(linear_problems(multiple_of=4))
+def test_sparse24_ops_equal_reference(problem):
+    from _earned import assert_linear_earned
+
+    x, w, mask, bias = problem
+    mask &= ops.nm_mask(torch.rand(mask.shape), 2, 4)
+    values, meta = ops.sparse24_pack(w, mask)
+    pv, pm = R.sparse24_pack_python(w, mask)
+    assert torch.equal(values.view(torch.int16 if w.element_size() == 2 else torch.int32),
+                       pv.view(torch.int16 if w.element_size() == 2 else torch.int32)) and torch.equal(meta, pm)
+    assert torch.equal(ops.sparse24_unpack(values, meta), w.masked_fill(~mask, 0))
+    assert_linear_earned(ops.sparse24_linear(x, values, meta, bias), x, w.masked_fill(~mask, 0), bias,
+                         "sparse24_linear")
