@@ -3,9 +3,13 @@
 // once per ISA translation unit). See isa.h and bitmap_tile.h.
 //
 // Decoding a segment of 16 words into dense float32 lanes:
-//   AVX-512 float32  per 16-bit half of a word, _mm512_maskz_expandloadu_ps puts
-//                    the next popcount(half) values at the set lanes, zeros
-//                    elsewhere (masked-off lanes are not read: no overrun);
+//   AVX-512 (every dtype) per 16-bit half of a word, the next 16 values widened to
+//                    float32 and permuted to the set lanes (indices from a
+//                    256-entry byte table per 8 bits), zeros elsewhere. Not the
+//                    memory form of vexpandps: it is microcoded on AMD Zen 4 and
+//                    made this kernel 2x slower there. Near a row's end, where
+//                    16 values would run past it, the values go through a
+//                    zero-padded copy first;
 //   AVX2 float32     per byte of a word, a masked load of popcount(byte) values
 //                    and a permute from a 256-entry table, zeros elsewhere;
 //   everything else  zero the segment, then one scalar store per set bit
@@ -13,8 +17,7 @@
 // Then each row of x is dotted with the segments of up to kBitmapRowsPerCall
 // weight rows at once (each load of x feeds all of them), two vector
 // accumulators per (x row, weight row) kept in scratch (loaded and stored once
-// per segment). AVX-512 float32 with M <= 4 skips the segment: see
-// row_dot_registers.
+// per segment). AVX-512 with M <= 4 skips the segment: see row_dot_registers.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -63,9 +66,10 @@ inline int ctz32(uint32_t u) {  // u != 0
 #endif
 }
 
+#if !defined(CPU_CAPABILITY_AVX512)  // AVX-512 has its own for every dtype, below
 // dense[32 w + b] = the next value for every set bit b of bits[w], 0 elsewhere.
 template <typename T>
-inline const T* decode_segment(const T* v, const int32_t* bits, int64_t n_words, float* dense) {
+inline const T* decode_segment(const T* v, const T* /*v_end*/, const int32_t* bits, int64_t n_words, float* dense) {
   std::fill(dense, dense + 32 * n_words, 0.0f);
   for (int64_t w = 0; w < n_words; ++w) {
     uint32_t u = static_cast<uint32_t>(bits[w]);
@@ -77,6 +81,7 @@ inline const T* decode_segment(const T* v, const int32_t* bits, int64_t n_words,
   }
   return v;
 }
+#endif
 
 #if defined(CPU_CAPABILITY_AVX2)
 // AVX2 has no expand: for each byte k of a word, the 8 lanes take
@@ -100,7 +105,8 @@ constexpr ExpandTable make_expand_table() {
 
 alignas(32) constexpr ExpandTable kExpand = make_expand_table();
 
-inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
+inline const float* decode_segment(const float* v, const float* /*v_end*/, const int32_t* bits, int64_t n_words,
+                                   float* dense) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int64_t w = 0; w < n_words; ++w) {
@@ -122,15 +128,56 @@ inline const float* decode_segment(const float* v, const int32_t* bits, int64_t 
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline const float* decode_segment(const float* v, const int32_t* bits, int64_t n_words, float* dense) {
+struct ExpandIndex8 {  // idx[b][l] = the set bits of b below lane l (0 where bit l is clear)
+  uint8_t idx[256][8];
+};
+
+constexpr ExpandIndex8 make_expand_index8() {
+  ExpandIndex8 t{};
+  for (int k = 0; k < 256; ++k) {
+    int next = 0;
+    for (int l = 0; l < 8; ++l) {
+      t.idx[k][l] = static_cast<uint8_t>(((k >> l) & 1) ? next++ : 0);
+    }
+  }
+  return t;
+}
+
+alignas(64) constexpr ExpandIndex8 kExpandIndex8 = make_expand_index8();
+
+// Near a row's end: the values left (fewer than 16) in a zero-padded copy, widened.
+template <typename T>
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((noinline, cold))
+#endif
+__m512 load_tail(const T* v, const T* v_end) {
+  alignas(64) T tmp[16] = {};
+  std::copy(v, v_end, tmp);
+  return load_as_float(tmp);
+}
+
+// 16 float32 lanes: lane l = the next value if bit l of the 16-bit k is set, else 0;
+// the values start at v and the row's end at v_end.
+template <typename T>
+inline __m512 expand16(uint32_t k, const T* v, const T* v_end) {
+  const uint32_t lo = k & 0xFFu;
+  const uint32_t hi = (k >> 8) & 0xFFu;
+  const __m128i idx_lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandIndex8.idx[lo]));
+  const __m128i idx_hi = _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandIndex8.idx[hi])),
+                                      _mm_set1_epi8(static_cast<char>(popcount32(lo))));
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(idx_lo, idx_hi));
+  const __m512 packed = v_end - v >= 16 ? __m512(load_as_float(v)) : load_tail(v, v_end);
+  return _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(k), idx, packed);
+}
+
+template <typename T>
+inline const T* decode_segment(const T* v, const T* v_end, const int32_t* bits, int64_t n_words, float* dense) {
   for (int64_t w = 0; w < n_words; ++w) {
     const uint32_t u = static_cast<uint32_t>(bits[w]);
-    const uint32_t lo = u & 0xFFFFu;
-    const uint32_t hi = u >> 16;
-    _mm512_storeu_ps(dense + 32 * w, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(lo), v));
-    v += popcount32(lo);
-    _mm512_storeu_ps(dense + 32 * w + 16, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(hi), v));
-    v += popcount32(hi);
+    const int n_lo = popcount32(u & 0xFFFFu);
+    _mm512_storeu_ps(dense + 32 * w, expand16(u & 0xFFFFu, v, v_end));
+    _mm512_storeu_ps(dense + 32 * w + 16, expand16(u >> 16, v + n_lo, v_end));
+    v += n_lo + popcount32(u >> 16);
   }
   return v;
 }
@@ -140,27 +187,26 @@ inline const float* decode_segment(const float* v, const int32_t* bits, int64_t 
 // 2 * R accumulators stay in registers for the whole weight row.
 constexpr int64_t kRegisterRows = 4;
 
-template <int R>
+template <typename T, int R>
 inline void row_dot_registers(
-    const float* values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
+    const T* values, int64_t n_values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
   __m512 acc0[R];
   __m512 acc1[R];
   for (int i = 0; i < R; ++i) {
     acc0[i] = _mm512_setzero_ps();
     acc1[i] = _mm512_setzero_ps();
   }
-  const float* v = values;
+  const T* v = values;
+  const T* v_end = values + n_values;
   for (int64_t w = 0; w < words; ++w) {
     const uint32_t u = static_cast<uint32_t>(bits[w]);
     if (u == 0) {
       continue;
     }
-    const uint32_t lo = u & 0xFFFFu;
-    const uint32_t hi = u >> 16;
-    const __m512 w0 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(lo), v);
-    v += popcount32(lo);
-    const __m512 w1 = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(hi), v);
-    v += popcount32(hi);
+    const int n_lo = popcount32(u & 0xFFFFu);
+    const __m512 w0 = expand16(u & 0xFFFFu, v, v_end);
+    const __m512 w1 = expand16(u >> 16, v + n_lo, v_end);
+    v += n_lo + popcount32(u >> 16);
     for (int i = 0; i < R; ++i) {
       const float* xi = x + i * ldx + 32 * w;
       acc0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc0[i]);
@@ -225,13 +271,15 @@ void rows_dot_segments(
   alignas(64) float dense[R][kBitmapSegWords * 32];
   std::fill(scratch, scratch + m * R * kBitmapScratchPerRow, 0.0f);
   const T* v[R];
+  const T* v_end[R];
   for (int j = 0; j < R; ++j) {
     v[j] = values + row_ptr[j];
+    v_end[j] = values + row_ptr[j + 1];
   }
   for (int64_t w0 = 0; w0 < words; w0 += kBitmapSegWords) {
     const int64_t nw = std::min(kBitmapSegWords, words - w0);
     for (int j = 0; j < R; ++j) {
-      v[j] = decode_segment(v[j], bits + j * words + w0, nw, dense[j]);
+      v[j] = decode_segment(v[j], v_end[j], bits + j * words + w0, nw, dense[j]);
     }
     dot_segment<R>(dense, nw * 32, x + w0 * 32, m, ldx, scratch);
   }
@@ -262,21 +310,20 @@ void rows_dot(
   static_assert(32 % (2 * kLanes) == 0, "a word's 32 columns are whole vector pairs");
   const T* vals = static_cast<const T*>(values);
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    if (m <= kRegisterRows) {
-      for (int64_t j = 0; j < n_rows; ++j) {
-        const float* vf = vals + row_ptr[j];
-        const int32_t* bj = bits + j * words;
-        switch (m) {
-          case 1: row_dot_registers<1>(vf, bj, words, x, ldx, out + j * m); break;
-          case 2: row_dot_registers<2>(vf, bj, words, x, ldx, out + j * m); break;
-          case 3: row_dot_registers<3>(vf, bj, words, x, ldx, out + j * m); break;
-          case 4: row_dot_registers<4>(vf, bj, words, x, ldx, out + j * m); break;
-          default: break;
-        }
+  if (m <= kRegisterRows) {
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const T* vj = vals + row_ptr[j];
+      const int64_t nv = row_ptr[j + 1] - row_ptr[j];
+      const int32_t* bj = bits + j * words;
+      switch (m) {
+        case 1: row_dot_registers<T, 1>(vj, nv, bj, words, x, ldx, out + j * m); break;
+        case 2: row_dot_registers<T, 2>(vj, nv, bj, words, x, ldx, out + j * m); break;
+        case 3: row_dot_registers<T, 3>(vj, nv, bj, words, x, ldx, out + j * m); break;
+        case 4: row_dot_registers<T, 4>(vj, nv, bj, words, x, ldx, out + j * m); break;
+        default: break;
       }
-      return;
     }
+    return;
   }
 #endif
   switch (n_rows) {
