@@ -167,8 +167,8 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     - CPU: ``2:4`` when the mask is 2:4, else ``bitmap``. Measured here (2-core AVX-512,
       float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
       size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
-      on a 2:4 mask is faster than bitmap_linear on the same 50% mask and than dense
-      from 1 to 128 rows.
+      on a 2:4 mask matches or beats bitmap_linear on the same 50% mask up to 64 rows
+      (within 5% at 256) and beats dense up to 256 rows on most shapes.
     - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
       multiple of 16 and the GPU sm_80 or newer (sparse tensor cores for many rows, a
       decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap`` up to
