@@ -48,13 +48,21 @@ void check_format(
       op, ": values, bits, row_ptr and block_ptr must be on one device, got ", values.device(), ", ", bits.device(),
       ", ", row_ptr.device(), ", ", block_ptr.device());
   // nnz is read on the host only where row_ptr lives there (no device sync);
-  // the CPU kernels also check every row's count against its bits.
+  // the CPU kernels also check every row's count against its bits. With row_ptr[0]
+  // = 0, row_ptr[-1] = nnz and row_ptr non-decreasing, every row's range lies
+  // inside values, so a kernel that trusts a row's range never leaves the tensor.
   if (row_ptr.device().is_cpu()) {
-    const int64_t* rp = row_ptr.contiguous().const_data_ptr<int64_t>();
+    const at::Tensor rp_c = row_ptr.contiguous();  // kept alive: rp points into it
+    const int64_t* rp = rp_c.const_data_ptr<int64_t>();
     TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] must be 0, got ", rp[0]);
     TORCH_CHECK(
         values.numel() == rp[rows],
         op, ": values must have row_ptr[-1] = ", rp[rows], " elements (the kept weights), got ", values.numel());
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(
+          rp[r] <= rp[r + 1], op, ": row_ptr must be non-decreasing, but row_ptr[", r, "] = ", rp[r], " > row_ptr[",
+          r + 1, "] = ", rp[r + 1]);
+    }
   }
 }
 

@@ -84,16 +84,22 @@ def empty(format: str, out_features: int, in_features: int, *, device=None, dtyp
     return {"values": torch.zeros(out_features, in_features // 2, **kw), "metadata": metadata}
 
 
-def _check_24_features(in_features: int) -> None:
+def _check_24_features(in_features: int, name: str = "") -> None:
     if in_features % 4:
-        raise ValueError(f"the 2:4 format needs in_features to be a multiple of 4, got {in_features}")
+        raise ValueError(f"{name + ': ' if name else ''}the 2:4 format needs in_features to be a multiple of 4, "
+                         f"got {in_features}")
+
+
+def _groups_over_2(mask: Tensor) -> Tensor:
+    """bool (out,): the rows of mask (out, in), in % 4 == 0, keeping more than 2 of some 4."""
+    return mask.reshape(mask.shape[0], mask.shape[1] // 4, 4).sum(-1).gt(2).any(-1)
 
 
 def check_24(mask: Tensor, name: str = "mask") -> None:
     """ValueError naming the rows of ``mask`` (bool, out x in) that keep more than 2 of
     4 consecutive weights, or if ``in`` is not a multiple of 4."""
-    _check_24_features(mask.shape[-1])
-    over = mask.reshape(mask.shape[0], -1, 4).sum(-1).gt(2).any(-1)
+    _check_24_features(mask.shape[-1], name)
+    over = _groups_over_2(mask)
     if bool(over.any()):
         rows = over.nonzero().flatten().tolist()
         shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
@@ -103,7 +109,7 @@ def check_24(mask: Tensor, name: str = "mask") -> None:
 
 def is_24(mask: Tensor) -> bool:
     """Whether ``mask`` keeps at most 2 of every 4 consecutive weights of each row."""
-    return mask.shape[-1] % 4 == 0 and not bool(mask.reshape(mask.shape[0], -1, 4).sum(-1).gt(2).any())
+    return mask.shape[-1] % 4 == 0 and not bool(_groups_over_2(mask).any())
 
 
 def pack(format: str, weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -153,6 +159,10 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
     return ops.sparse24_linear(x, *_args(format, tensors), bias)
 
 
+# Fewest kept weights for which auto stores a 2:4 mask as 2:4 (which always stores half the
+# weights): below it the bitmap format, which stores only the kept ones, is smaller.
+AUTO_24_MIN_DENSITY = 0.375
+
 # Rows of x up to which the bitmap kernel is chosen on CUDA (the memory-bound regime its
 # decode-in-registers kernel is built for); above it the masked kernel's tensor-core GEMM.
 AUTO_CUDA_BITMAP_MAX_ROWS = 16
@@ -164,7 +174,8 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
     ``capability``: the CUDA device's compute capability (read from the device if None).
 
-    - CPU: ``2:4`` when the mask is 2:4, else ``bitmap``. Measured here (2-core AVX-512,
+    - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
+      weights (a sparser mask is smaller as a bitmap), else ``bitmap``. Measured here (2-core AVX-512,
       float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
       size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
       on a 2:4 mask matches or beats bitmap_linear on the same 50% mask up to 64 rows
@@ -176,11 +187,11 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       bytes each kernel moves; it has not been measured on a GPU yet.
     """
     device = torch.device(device)
+    as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
     if device.type != "cuda":
-        return "2:4" if is_24(mask) else "bitmap"
+        return "2:4" if as_24 else "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
-    if (dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)
-            and mask.shape[-1] % 16 == 0 and is_24(mask)):
+    if dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0) and mask.shape[-1] % 16 == 0 and as_24:
         return "2:4"
     return "bitmap" if rows <= AUTO_CUDA_BITMAP_MAX_ROWS else "masked"

@@ -125,6 +125,8 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     unknown name, wrong shape or dtype, not 2:4 for ``format="2:4"``), before changing
     anything."""
     formats.check_format(format, allow_auto=True)
+    if int(rows) < 1:
+        raise ValueError(f"rows (the expected rows of x per call, for format='auto') must be >= 1, got {rows}")
     linears = _linear_modules(model)
     params = dict(model.named_parameters())
     problems = []
@@ -138,6 +140,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
             problems.append(f"{name} (mask is not a bool tensor)")
         elif tuple(m.shape) != tuple(linears[mod_name].weight.shape):
             problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(linears[mod_name].weight.shape)})")
+        elif linears[mod_name].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            problems.append(f"{name} (weight dtype {linears[mod_name].weight.dtype}; the sparse formats take "
+                            "float32, float16 or bfloat16)")
         else:
             w = linears[mod_name].weight
             fmt = formats.choose_format(m, w.dtype, w.device, rows) if format == formats.AUTO else format

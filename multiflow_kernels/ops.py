@@ -855,7 +855,8 @@ def sparse24_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | 
     (see :func:`sparse24_pack`), decoded inside the kernel (no dense copy of W). Sums run
     in float32; the result is rounded once to x's dtype. Only the two positions each chunk
     names are multiplied, as the sparse tensor cores do: an inf or NaN of x at a position a
-    row prunes does not reach that row (where ``F.linear`` on the dense weight gives NaN).
+    row's metadata does not name does not reach that row (where ``F.linear`` on the dense
+    weight gives NaN); a zero-filled position of a group that kept fewer than 2 is named.
 
     Args:
         x: (..., in_features) with in_features = 2 * values.shape[1], values' dtype

@@ -254,3 +254,24 @@ def test_every_isa_path(isa, tmp_path):
         assert torch.equal(dense, wm), f"{name} unpack ({isa})"
         for m, y in zip((1, 3, 5), ys):
             assert_linear_earned(y, xd[:m], wm, bd, f"{name} y, M = {m} ({isa})")
+
+
+def test_row_ptr_non_contiguous_and_out_of_order():
+    """A non-contiguous row_ptr is read correctly; a row_ptr whose rows leave values (each
+    row's own count still matching its bits) is rejected before any row is read."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    mask = torch.rand(64, 96, generator=g) > 0.5
+    values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mask)
+    x = torch.randn(3, 96, generator=g)
+    strided = torch.stack([row_ptr, row_ptr], 1)[:, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(ops.bitmap_linear(x, values, bits, strided, block_ptr, 96),
+                       ops.bitmap_linear(x, values, bits, row_ptr, block_ptr, 96))
+    assert torch.equal(ops.bitmap_unpack(values, bits, strided, block_ptr, 96), w * mask)
+    shifted = row_ptr.clone()
+    shifted[1:-1] += 1 << 40  # middle rows' counts unchanged, their ranges far past values
+    with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
+        ops.bitmap_linear(x, values, bits, shifted, block_ptr, 96)
+    with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
+        ops.bitmap_unpack(values, bits, shifted, block_ptr, 96)

@@ -52,7 +52,9 @@ def test_24_state_dict_and_to():
     assert torch.equal(fresh(x), sp(x))
     bf = copy.deepcopy(sp).to(torch.bfloat16)
     assert bf.values.dtype == torch.bfloat16 and bf.metadata.dtype == torch.int16
-    assert bf(x.bfloat16()).dtype == torch.bfloat16
+    out = bf(x.bfloat16())
+    ref = nn.functional.linear(x.bfloat16().double(), sp.dense_weight().bfloat16().double(), lin.bias.bfloat16().double())
+    assert out.dtype == torch.bfloat16 and ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
 def test_24_rejects_masks_that_are_not_24():
@@ -73,7 +75,10 @@ def test_choose_format_rule():
     nm = _nm_mask(8, 16)
     assert formats.choose_format(unstructured, torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(nm, torch.float16, "cpu", 4096) == "2:4"
-    assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "2:4"  # all pruned
+    sparse_nm = nm & (torch.rand(8, 16) < 0.3)  # 2:4-shaped but keeping ~15%: smaller as a bitmap
+    assert formats.choose_format(sparse_nm, torch.float32, "cpu", 1) == "bitmap"
+    assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
+    assert formats.choose_format(torch.zeros(0, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     h100 = (9, 0)
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
     assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "bitmap"  # no sparse tensor cores
@@ -81,6 +86,18 @@ def test_choose_format_rule():
     assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "bitmap"
     assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "bitmap"
     assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "masked"
+
+
+def test_sparsify_checks_rows_dtype_and_names_the_mask():
+    model = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 3).double())
+    masks = {"0.weight": torch.zeros(4, 10, dtype=torch.bool), "1.weight": torch.ones(3, 4, dtype=torch.bool)}
+    with pytest.raises(ValueError) as e:
+        mk.sparsify(model, masks, format="2:4")
+    assert "0.weight: the 2:4 format needs in_features to be a multiple of 4" in str(e.value)
+    assert "1.weight (weight dtype torch.float64" in str(e.value)
+    assert not any(isinstance(m, mk.SparseLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="rows"):
+        mk.sparsify(nn.Sequential(nn.Linear(8, 2)), {"0.weight": torch.ones(2, 8, dtype=torch.bool)}, "auto", rows=0)
 
 
 def test_empty_24_layer_has_valid_metadata():

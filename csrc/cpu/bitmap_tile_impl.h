@@ -199,10 +199,10 @@ inline void row_dot_registers(
   const T* v = values;
   const T* v_end = values + n_values;
   for (int64_t w = 0; w < words; ++w) {
+    // No skip of empty words: every column is multiplied (by 0 where pruned), as in
+    // the segment path and F.linear, so an inf / NaN of x gives the same result
+    // whatever the number of rows.
     const uint32_t u = static_cast<uint32_t>(bits[w]);
-    if (u == 0) {
-      continue;
-    }
     const int n_lo = popcount32(u & 0xFFFFu);
     const __m512 w0 = expand16(u & 0xFFFFu, v, v_end);
     const __m512 w1 = expand16(u >> 16, v + n_lo, v_end);

@@ -35,7 +35,8 @@
 //    types; unaligned shapes; GPUs older than sm_80): the warp-per-row kernel over
 //    blocks of kRowsGemv rows of x, reading the weight once per block. Correct, not
 //    fast. No path decodes to dense: each multiplies only the positions the metadata
-//    names (an inf / NaN of x at a pruned position never reaches y, as on CPU).
+//    names (an inf / NaN of x at a position a row does not name never reaches that
+//    row, as on CPU; zero-filled positions are named).
 //
 // Determinism: no atomics; every output element is summed by one thread (or one
 // warp, in a fixed shuffle order).

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "2:4 (sparse tensor cores; needs masks from --nm 2:4) or auto (per layer, the fastest "
                          "kernel for the device and --rows)")
     sp.add_argument("--rows", type=int, default=1,
-                    help="with --format auto: expected rows of x per call (tokens x batch), default 1")
+                    help="with --format auto: expected rows of x per call (tokens x batch), default 1. The model "
+                         "is built on the CPU, so auto decides for the CPU here (where the rule does not depend "
+                         "on rows); use multiflow_kernels.sparsify(model.cuda(), masks, 'auto', rows=N) for a GPU")
     sp.add_argument("--seed", type=int, default=0, help="seed of a built-in model (must match the pruning run)")
     sp.add_argument("--out", default="sparse_model.safetensors", help="output safetensors file")
     sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
