@@ -81,6 +81,20 @@ struct RawOf<float> {
   using type = uint32_t;
 };
 
+// Metadata word i of a (rows, words) table: its row, first column and how many of
+// its 4 chunks lie inside the row (fewer only in a row's last word, in % 16 != 0).
+struct WordAt {
+  int64_t r;
+  int64_t c0;
+  int chunks;
+};
+
+__device__ __forceinline__ WordAt word_at(int64_t i, int64_t words, int64_t cols) {
+  const int64_t r = i / words;
+  const int64_t c0 = (i % words) * kSparse24WordCols;
+  return {r, c0, static_cast<int>((cols - c0) / 4 < 4 ? (cols - c0) / 4 : 4)};
+}
+
 // ---- pack / unpack: one thread per (row, metadata word).
 
 template <typename raw_t>
@@ -96,9 +110,7 @@ __global__ void pack_kernel(
   const int64_t half = cols / 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * words;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / words;
-    const int64_t c0 = (i % words) * kSparse24WordCols;
-    const int chunks = static_cast<int>((cols - c0) / 4 < 4 ? (cols - c0) / 4 : 4);
+    const auto [r, c0, chunks] = word_at(i, words, cols);
     uint32_t word = 0;
     for (int q = 0; q < chunks; ++q) {
       const int64_t base = r * cols + c0 + 4 * q;
@@ -157,9 +169,7 @@ __global__ void unpack_kernel(
   const int64_t half = cols / 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * words;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / words;
-    const int64_t c0 = (i % words) * kSparse24WordCols;
-    const int chunks = static_cast<int>((cols - c0) / 4 < 4 ? (cols - c0) / 4 : 4);
+    const auto [r, c0, chunks] = word_at(i, words, cols);
     const uint32_t word = static_cast<uint16_t>(metadata[i]);
     for (int q = 0; q < chunks; ++q) {
       raw_t out[4] = {0, 0, 0, 0};
