@@ -159,8 +159,9 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
     return ops.sparse24_linear(x, *_args(format, tensors), bias)
 
 
-# Fewest kept weights for which auto stores a 2:4 mask as 2:4 (which always stores half the
-# weights): below it the bitmap format, which stores only the kept ones, is smaller.
+# Fewest kept weights for which auto stores a 2:4-shaped mask as 2:4, which always stores half
+# the weights (0.53x dense float32): a sparser mask is much smaller as a bitmap, which stores
+# only the kept ones (0.41x at this density, 0.03x when all are pruned).
 AUTO_24_MIN_DENSITY = 0.375
 
 # Rows of x up to which the bitmap kernel is chosen on CUDA (the memory-bound regime its
@@ -175,8 +176,8 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     ``capability``: the CUDA device's compute capability (read from the device if None).
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
-      weights (a sparser mask is smaller as a bitmap), else ``bitmap``. Measured here (2-core AVX-512,
-      float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
+      weights (a sparser mask is much smaller as a bitmap), else ``bitmap``. Measured here
+      (2-core AVX-512, float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
       size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
       on a 2:4 mask matches or beats bitmap_linear on the same 50% mask up to 64 rows
       (within 5% at 256) and beats dense up to 256 rows on most shapes.
