@@ -99,8 +99,8 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
                 continue
             try:
                 samples = time_samples(fn, device, **timing)
-            except (NotImplementedError, RuntimeError) as e:  # e.g. torch's 2:4 needs rows a multiple of 8
-                unavailable[fmt] = str(e).splitlines()[0][:200]
+            except (NotImplementedError, RuntimeError) as e:  # this format at this row count only
+                r.setdefault("failed", {})[fmt] = str(e).splitlines()[0][:200]
                 continue
             r["time_s"][fmt] = t = statistics.median(samples)
             r["best_s"][fmt] = min(samples)
@@ -159,6 +159,9 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                       f"{roof:>10} {tf:>9}")
             for fmt, why in case["unavailable"].items():
                 print(f"{'':>10} {fmt} not measured: {why}")
+            for r in case["rows"]:
+                for fmt, why in r.get("failed", {}).items():
+                    print(f"{'':>10} {fmt} failed at {r['rows']} rows: {why}")
     out = Path(out or results_dir(quick=quick))
     path = write_json(out, f"sparse24_{device.type}", {
         "benchmark": "sparse24", "family": "sparse24", "device": str(device), "quick": quick,
