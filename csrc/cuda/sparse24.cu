@@ -49,6 +49,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <sstream>
 
@@ -476,10 +477,21 @@ __global__ void __launch_bounds__(kMmaThreads) linear_mma_kernel(
 // Whether the mma.sp kernel was compiled for sm_80+ code (and is not the __trap()
 // stub), as the device will load it: a build for older architectures only, run
 // through PTX JIT on a newer GPU, must not take the tensor-core path.
+// Asked once per device (the answer depends only on the device's architecture).
 bool mma_compiled() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const int dev = c10::cuda::current_device();
+  if (dev < kMaxDevices && known[dev].load() != 0) {
+    return known[dev].load() == 2;
+  }
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, linear_mma_kernel<c10::Half, false>));
-  return attr.ptxVersion >= 80;
+  const bool yes = attr.ptxVersion >= 80;
+  if (dev < kMaxDevices) {
+    known[dev].store(yes ? 2 : 1);
+  }
+  return yes;
 }
 
 template <typename scalar_t>
@@ -602,13 +614,14 @@ at::Tensor sparse24_linear_cuda(
     return (p.bias.defined() ? y.copy_(p.bias.expand({p.m, p.rows})) : y.zero_()).view(p.out_shape);
   }
   const auto dtype = p.x.scalar_type();
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) && prop->major >= 8 &&
-                            mma_compiled() && p.cols % kSparse24WordCols == 0 &&
+  // Evaluated only past the few-rows case (short-circuit): the memory-bound path asks nothing.
+  const bool tensor_cores = p.m > kRowsGemv && (dtype == at::kHalf || dtype == at::kBFloat16) &&
+                            at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+                            p.cols % kSparse24WordCols == 0 &&
                             ceil_div(p.rows, static_cast<int64_t>(kTileOut)) <= 65535 &&
                             reinterpret_cast<uintptr_t>(p.x.const_data_ptr()) % 16 == 0 &&
-                            reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 == 0;
-  if (p.m > kRowsGemv && tensor_cores) {
+                            reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 == 0 && mma_compiled();
+  if (tensor_cores) {
     if (dtype == at::kHalf) {
       launch_mma<c10::Half, false>(p, y);
     } else {
