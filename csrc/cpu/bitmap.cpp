@@ -26,6 +26,7 @@
 #include "bitmap.h"
 #include "cpu/bitmap_tile.h"
 #include "cpu/dispatch_activation.h"
+#include "dtypes.h"
 #include "cpu/isa.h"
 #include "maskpack.h"
 
@@ -98,15 +99,6 @@ void check_row_counts(const char* op, const BitmapProblem& p) {
   report_bad_row(op, p, bad.load());
 }
 
-template <typename Fn>
-void dispatch_element_bytes(at::ScalarType t, const Fn& fn) {
-  if (c10::elementSize(t) == 4) {
-    fn(uint32_t{});
-  } else {
-    fn(uint16_t{});
-  }
-}
-
 at::Tensor pack_mask_op(const at::Tensor& mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("multiflow::pack_mask", "")
@@ -139,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
   at::Tensor values = at::empty({rp[rows]}, weight.options());
   at::Tensor block_ptr = at::empty({rows, blocks}, weight.options().dtype(at::kInt));
   int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
-  dispatch_element_bytes(weight.scalar_type(), [&](auto zero) {
+  with_element_bits(weight.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
     const E* w = static_cast<const E*>(p.weight.const_data_ptr());
     E* v = static_cast<E*>(values.mutable_data_ptr());
@@ -176,7 +168,7 @@ at::Tensor bitmap_unpack_cpu(
   const int64_t words = p.bits.size(1), cols = p.cols;
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
-  dispatch_element_bytes(p.values.scalar_type(), [&](auto zero) {
+  with_element_bits(p.values.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
     const E* v = static_cast<const E*>(p.values.const_data_ptr());
     E* o = static_cast<E*>(out.mutable_data_ptr());

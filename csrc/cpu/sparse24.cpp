@@ -28,6 +28,7 @@
 
 #include "ceil_div.h"
 #include "cpu/dispatch_activation.h"
+#include "dtypes.h"
 #include "cpu/isa.h"
 #include "cpu/sparse24_tile.h"
 #include "sparse24.h"
@@ -119,16 +120,6 @@ bool pack_row(const E* w, const bool* mask, int64_t cols, E* values, uint16_t* m
     metadata[word] = static_cast<uint16_t>(bits);
   }
   return ok;
-}
-
-// Calls fn(E{}) with E the unsigned integer of t's element size (2 or 4 bytes).
-template <typename Fn>
-void with_element_bits(at::ScalarType t, const Fn& fn) {
-  if (c10::elementSize(t) == 4) {
-    fn(uint32_t{});
-  } else {
-    fn(uint16_t{});
-  }
 }
 
 // The ValueError for the rows whose flag is set (none: no error).

@@ -54,6 +54,7 @@
 #include <sstream>
 
 #include "ceil_div.h"
+#include "dtypes.h"
 #include "sparse24.h"
 
 namespace multiflow::cuda {
@@ -70,17 +71,6 @@ int64_t grid_for(int64_t items, int threads) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, static_cast<int64_t>(threads)), sms * kBlocksPerSm));
 }
-
-// Raw bit containers of the element types: pack and unpack copy bit patterns, so
-// the round trip is exact (NaN, -0.0 included).
-template <typename scalar_t>
-struct RawOf {
-  using type = uint16_t;
-};
-template <>
-struct RawOf<float> {
-  using type = uint32_t;
-};
 
 // Metadata word i of a (rows, words) table: its row, first column and how many of
 // its 4 chunks lie inside the row (fewer only in a row's last word, in % 16 != 0).
@@ -541,15 +531,12 @@ at::Tensor unpack_dense(const Sparse24Problem& p) {
   }
   const int64_t blocks = grid_for(p.rows * words, kThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (p.values.scalar_type() == at::kFloat) {
-    unpack_kernel<uint32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const uint32_t*>(p.values.const_data_ptr()), p.metadata.const_data_ptr<int16_t>(),
-        static_cast<uint32_t*>(dense.mutable_data_ptr()), p.rows, p.cols, words);
-  } else {
-    unpack_kernel<uint16_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const uint16_t*>(p.values.const_data_ptr()), p.metadata.const_data_ptr<int16_t>(),
-        static_cast<uint16_t*>(dense.mutable_data_ptr()), p.rows, p.cols, words);
-  }
+  with_element_bits(p.values.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    unpack_kernel<E><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const E*>(p.values.const_data_ptr()), p.metadata.const_data_ptr<int16_t>(),
+        static_cast<E*>(dense.mutable_data_ptr()), p.rows, p.cols, words);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dense;
 }
@@ -567,15 +554,12 @@ std::tuple<at::Tensor, at::Tensor> sparse24_pack_cuda(const at::Tensor& weight, 
   const int64_t blocks = grid_for(p.rows * words, kThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto* mask_bytes = reinterpret_cast<const uint8_t*>(p.mask.const_data_ptr<bool>());
-  if (p.weight.scalar_type() == at::kFloat) {
-    pack_kernel<uint32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const uint32_t*>(p.weight.const_data_ptr()), mask_bytes, static_cast<uint32_t*>(values.mutable_data_ptr()),
+  with_element_bits(p.weight.scalar_type(), [&](auto zero) {
+    using E = decltype(zero);
+    pack_kernel<E><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const E*>(p.weight.const_data_ptr()), mask_bytes, static_cast<E*>(values.mutable_data_ptr()),
         metadata.mutable_data_ptr<int16_t>(), bad.mutable_data_ptr<int32_t>(), p.rows, p.cols, words);
-  } else {
-    pack_kernel<uint16_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const uint16_t*>(p.weight.const_data_ptr()), mask_bytes, static_cast<uint16_t*>(values.mutable_data_ptr()),
-        metadata.mutable_data_ptr<int16_t>(), bad.mutable_data_ptr<int32_t>(), p.rows, p.cols, words);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor bad_rows = at::nonzero(bad).flatten().cpu();  // the one sync
   if (bad_rows.numel() > 0) {
