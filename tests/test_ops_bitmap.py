@@ -275,3 +275,71 @@ def test_row_ptr_non_contiguous_and_out_of_order():
         ops.bitmap_linear(x, values, bits, shifted, block_ptr, 96)
     with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
         ops.bitmap_unpack(values, bits, shifted, block_ptr, 96)
+
+
+# ----------------------------------------------------------------------------- one row of x
+
+
+def rows_of_density(n_out, n_in, densities, seed):
+    """A mask whose row r keeps about densities[r % len] of its columns (exact counts vary)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.tensor([densities[r % len(densities)] for r in range(n_out)], dtype=torch.float64)
+    return torch.rand(n_out, n_in, generator=gen, dtype=torch.float64) < d[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_in", [17, 32, 95, 700, 1056])
+def test_one_row_any_density(n_in, dtype):
+    """One row of x takes the kernel that compresses x (AVX-512) and, below 1 kept weight in
+    16, the set-bit walk; the rows here cross both, with the last rows' values at the very
+    end of `values` (the loads near it must not read past it)."""
+    mask = rows_of_density(37, n_in, [0.0, 1 / 64, 1 / 17, 1 / 15, 0.25, 0.6, 1.0, 0.37], seed=n_in)
+    gen = torch.Generator().manual_seed(n_in + 1)
+    w = torch.randn(37, n_in, generator=gen).to(dtype)
+    b = torch.randn(37, generator=gen).to(dtype)
+    for x in (torch.randn(n_in, generator=gen).to(dtype), torch.randn(1, 1, n_in, generator=gen).to(dtype)):
+        check_linear(x, w, mask, b, f"one row, in={n_in}")
+        check_linear(x, w, mask, None, f"one row, no bias, in={n_in}")
+    # A row alone at the end of its own values tensor (its values are the whole tensor).
+    for r in (1, 4, 6):
+        check_linear(torch.randn(1, n_in, generator=gen).to(dtype), w[r:r + 1], mask[r:r + 1], None, f"row {r} alone")
+
+
+@pytest.mark.parametrize("rows_bad", [[0], [36], [5, 30]])
+@pytest.mark.parametrize("density", [0.01, 0.3])
+def test_one_row_rejects_counts_that_do_not_match_bits(rows_bad, density):
+    """The one-row kernel checks each row's count itself; a row_ptr whose counts disagree with
+    bits is rejected (sparse rows walk their bits, denser rows are compressed)."""
+    mask = rows_of_density(37, 300, [density], seed=9)
+    mask[:, 0] = True  # every row keeps at least one weight, so a count can move down
+    w = torch.randn(37, 300)
+    values, bits, row_ptr, block_ptr = pack(w, mask)
+    x = torch.randn(1, 300)
+    for shift in (1, -1):
+        bad = row_ptr.clone()
+        for r in rows_bad:
+            bad[r + 1:] += shift
+        if bad[-1] < 0 or (bad[1:] < bad[:-1]).any():
+            continue
+        vals = torch.randn(int(bad[-1]))
+        with pytest.raises(RuntimeError, match="row_ptr does not match bits"):
+            ops.bitmap_linear(x, vals, bits, bad, block_ptr, 300)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_one_row_non_finite_x_like_f_linear(value, dtype):
+    """An inf / NaN of x at a column that some rows prune still reaches those rows as
+    0 * inf = NaN, like F.linear on the dense masked weight, at one row of x as at several."""
+    w, mask = make_weight(9, 100, dtype, seed=5)
+    mask[:, 40] = False
+    mask[2, 40] = True
+    fmt = pack(w, mask)
+    wm = torch.where(mask, w, torch.zeros((), dtype=dtype))
+    for m in (1, 3):
+        x = torch.randn(m, 100).to(dtype)
+        x[:, 40] = value
+        y = ops.bitmap_linear(x, *fmt, 100, None)
+        want = torch.nn.functional.linear(x, wm)
+        assert torch.equal(y.isnan(), want.isnan()), f"m={m}"
+        assert torch.equal(y.isinf(), want.isinf()), f"m={m}"

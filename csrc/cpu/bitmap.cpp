@@ -10,6 +10,9 @@
 // the per-ISA row kernel (bitmap_tile_impl.h) decodes a row segment into L1
 // and dots it with every row of x. x is widened to float32 once, into rows
 // padded with zeros to whole words. No dense copy of the weight is made.
+// One row of x with no inf / NaN (the token-by-token case) takes the
+// ISA's gemv kernel where it has one (AVX-512): x compressed to each row's
+// kept columns, the count check folded into the kernel.
 //
 // Determinism: every output element is summed by one task in a fixed order.
 #include <ATen/ATen.h>
@@ -59,6 +62,17 @@ inline int ctz32(uint32_t u) {  // u != 0
   }
   return n;
 #endif
+}
+
+// No inf / NaN among x[0, n): the bit pattern test vectorises at the baseline ISA.
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
 }
 
 int64_t row_count(const int32_t* row_words, int64_t words) {
@@ -208,10 +222,16 @@ at::Tensor bitmap_linear_cpu(
   if (m == 0 || n == 0) {
     return y.view(p.out_shape);
   }
-  // x widened to float32, rows padded with zeros to whole words.
-  at::Tensor xf = at::zeros({m, ldx}, p.x.options().dtype(at::kFloat));
-  if (k > 0) {
-    xf.narrow(1, 0, k).copy_(p.x);
+  // x widened to float32, rows padded with zeros to whole words (x itself
+  // where it already is that).
+  at::Tensor xf;
+  if (p.x.scalar_type() == at::kFloat && k == ldx) {
+    xf = p.x;
+  } else {
+    xf = at::zeros({m, ldx}, p.x.options().dtype(at::kFloat));
+    if (k > 0) {
+      xf.narrow(1, 0, k).copy_(p.x);
+    }
   }
   const float* xp = xf.const_data_ptr<float>();
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
@@ -225,6 +245,29 @@ at::Tensor bitmap_linear_cpu(
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     std::atomic<int64_t> bad{-1};
+    const BitmapGemvFn gemv = std::is_same_v<scalar_t, float>       ? tiles().gemv_f32
+                              : std::is_same_v<scalar_t, c10::Half> ? tiles().gemv_f16
+                                                                    : tiles().gemv_bf16;
+    if (m == 1 && gemv != nullptr && all_finite(xp, ldx)) {
+      const int64_t n_values = p.values.numel();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        float acc[kRowGrain];
+        for (int64_t r0 = begin; r0 < end; r0 += kRowGrain) {
+          const int64_t nr = std::min(kRowGrain, end - r0);
+          const int64_t j = gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
+          if (j >= 0) {
+            int64_t expect = -1;
+            bad.compare_exchange_strong(expect, r0 + j);
+            return;
+          }
+          for (int64_t i = 0; i < nr; ++i) {
+            out[r0 + i] = static_cast<scalar_t>(acc[i] + (bias_ptr ? static_cast<float>(bias_ptr[r0 + i]) : 0.0f));
+          }
+        }
+      });
+      report_bad_row("multiflow::bitmap_linear", p, bad.load());
+      return;
+    }
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(m * kBitmapRowsPerCall * kBitmapScratchPerRow);
       std::vector<float> acc(m * kBitmapRowsPerCall);

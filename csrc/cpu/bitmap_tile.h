@@ -41,10 +41,35 @@ using BitmapRowFn = void (*)(
     float* scratch,
     float* out);
 
+// One row of x whose elements are all finite (the caller checks): out[j] =
+// sum over the kept columns c of W_j[c] * x[c] for j < n_rows, in float32. Only
+// the kept columns are multiplied (x is compressed to them, 16 columns at a
+// time), which is why x must be finite: a pruned column's inf / NaN would not
+// reach the output as it does through F.linear (0 * inf), so the caller takes
+// the BitmapRowFn path then. x holds words * 32 floats (zero past in_features).
+// This kernel checks each row's count itself and never reads past
+// values + n_values (the whole tensor; its loads may run into the next rows'
+// values, which are not used): it returns -1, or the first j whose bits'
+// popcount differs from row_ptr[j + 1] - row_ptr[j] (out is then undefined).
+// row_ptr indexes values (row_ptr[0] need not be 0: a block of rows).
+using BitmapGemvFn = int64_t (*)(
+    const void* values,
+    int64_t n_values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    float* out);
+
 struct BitmapTiles {
   BitmapRowFn row_f32;
   BitmapRowFn row_f16;
   BitmapRowFn row_bf16;
+  // nullptr where the ISA has none (only AVX-512 has: it needs a register compress).
+  BitmapGemvFn gemv_f32;
+  BitmapGemvFn gemv_f16;
+  BitmapGemvFn gemv_bf16;
 };
 
 BitmapTiles bitmap_tiles_default();
