@@ -288,12 +288,12 @@ def rows_of_density(n_out, n_in, densities, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n_in", [17, 32, 95, 700, 1056])
+@pytest.mark.parametrize("n_in", [17, 32, 95, 700, 1056, 2600])
 def test_one_row_any_density(n_in, dtype):
     """One row of x takes the kernel that compresses x (AVX-512) and, below 1 kept weight in
-    16, the set-bit walk; the rows here cross both, with the last rows' values at the very
+    128 columns, the set-bit walk; the rows here cross both, with the last rows' values at the very
     end of `values` (the loads near it must not read past it)."""
-    mask = rows_of_density(37, n_in, [0.0, 1 / 64, 1 / 17, 1 / 15, 0.25, 0.6, 1.0, 0.37], seed=n_in)
+    mask = rows_of_density(37, n_in, [0.0, 1 / 300, 1 / 130, 1 / 64, 1 / 15, 0.25, 0.6, 1.0, 0.37], seed=n_in)
     gen = torch.Generator().manual_seed(n_in + 1)
     w = torch.randn(37, n_in, generator=gen).to(dtype)
     b = torch.randn(37, generator=gen).to(dtype)
@@ -306,15 +306,15 @@ def test_one_row_any_density(n_in, dtype):
 
 
 @pytest.mark.parametrize("rows_bad", [[0], [36], [5, 30]])
-@pytest.mark.parametrize("density", [0.01, 0.3])
+@pytest.mark.parametrize("density", [0.002, 0.3])
 def test_one_row_rejects_counts_that_do_not_match_bits(rows_bad, density):
     """The one-row kernel checks each row's count itself; a row_ptr whose counts disagree with
     bits is rejected (sparse rows walk their bits, denser rows are compressed)."""
-    mask = rows_of_density(37, 300, [density], seed=9)
+    mask = rows_of_density(37, 1300, [density], seed=9)
     mask[:, 0] = True  # every row keeps at least one weight, so a count can move down
-    w = torch.randn(37, 300)
+    w = torch.randn(37, 1300)
     values, bits, row_ptr, block_ptr = pack(w, mask)
-    x = torch.randn(1, 300)
+    x = torch.randn(1, 1300)
     for shift in (1, -1):
         bad = row_ptr.clone()
         for r in rows_bad:
@@ -323,7 +323,7 @@ def test_one_row_rejects_counts_that_do_not_match_bits(rows_bad, density):
             continue
         vals = torch.randn(int(bad[-1]))
         with pytest.raises(RuntimeError, match="row_ptr does not match bits"):
-            ops.bitmap_linear(x, vals, bits, bad, block_ptr, 300)
+            ops.bitmap_linear(x, vals, bits, bad, block_ptr, 1300)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -235,7 +235,7 @@ inline void row_dot_registers(
 // memory operand, which on AMD Zen 4 is 3x slower from DRAM. Four accumulators
 // (two words per step) hide the FMA latency. While 64 values are left in the
 // tensor no load needs a bound check (a word takes at most 32); the last words
-// go through a checked load. Rows with fewer kept weights than 1 in 16 walk
+// go through a checked load. Rows with fewer kept weights than 1 in 128 walk
 // their set bits instead (count-trailing-zeros, scalar FMA).
 struct LowMasks {
   __mmask16 m[17];  // m[n] = the n low lanes
@@ -304,8 +304,10 @@ int64_t gemv(
     const int64_t start = row_ptr[j];
     const int64_t count = row_ptr[j + 1] - start;
     int64_t pos = start;
-    if (count * 16 < words * 32) {
-      // Very sparse row: its count is checked first (the walk reads one value per bit).
+    if (count * 4 < words) {
+      // Very sparse row (under 1 kept weight per 128 columns; the walk's branches
+      // mispredict about once per value, so denser rows are compressed): its count
+      // is checked first (the walk reads one value per bit).
       int64_t n = 0;
       for (int64_t w = 0; w < words; ++w) {
         n += popcount32(b[w]);
