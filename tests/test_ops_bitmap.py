@@ -343,3 +343,18 @@ def test_one_row_non_finite_x_like_f_linear(value, dtype):
         want = torch.nn.functional.linear(x, wm)
         assert torch.equal(y.isnan(), want.isnan()), f"m={m}"
         assert torch.equal(y.isinf(), want.isinf()), f"m={m}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [2, 4, 5])
+def test_few_rows_any_density_up_to_the_end_of_values(m, dtype):
+    """Several rows of x: each 16-value load may run into the next weight rows' values but
+    never past the tensor, whatever the density (very sparse rows read near the end often)."""
+    n_in = 1100
+    mask = rows_of_density(23, n_in, [0.0, 1 / 300, 1 / 64, 0.25, 1.0, 0.02], seed=m)
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(23, n_in, generator=gen).to(dtype)
+    x = torch.randn(m, n_in, generator=gen).to(dtype)
+    check_linear(x, w, mask, None, f"m={m}")
+    for r in (1, 3, 4):  # one weight row alone: its values are the whole tensor
+        check_linear(x, w[r:r + 1], mask[r:r + 1], None, f"m={m}, row {r} alone")

@@ -248,8 +248,8 @@ at::Tensor bitmap_linear_cpu(
     const BitmapGemvFn gemv = std::is_same_v<scalar_t, float>       ? tiles().gemv_f32
                               : std::is_same_v<scalar_t, c10::Half> ? tiles().gemv_f16
                                                                     : tiles().gemv_bf16;
+    const int64_t n_values = p.values.numel();
     if (m == 1 && gemv != nullptr && all_finite(xp, ldx)) {
-      const int64_t n_values = p.values.numel();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         float acc[kRowGrain];
         for (int64_t r0 = begin; r0 < end; r0 += kRowGrain) {
@@ -282,7 +282,7 @@ at::Tensor bitmap_linear_cpu(
             return;
           }
         }
-        row(v, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
+        row(v, n_values, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
         for (int64_t j = 0; j < nr; ++j) {
           const int64_t r = r0 + j;
           const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;

@@ -24,13 +24,15 @@ inline constexpr int64_t kBitmapScratchPerRow = 32;
 // the bitmap format: its kept weights start at values + row_ptr[j] (values of
 // type T = float, c10::Half or c10::BFloat16, widened exactly), its mask words
 // at bits + j * words, and row_ptr[j + 1] - row_ptr[j] is their popcount (the
-// caller has checked). x rows hold words * 32 floats (zero past in_features),
+// caller has checked). values holds n_values elements in all: loads may run
+// past a row's values into the next rows' (never used), never past the tensor. x rows hold words * 32 floats (zero past in_features),
 // so padding bits only ever meet zeros. scratch: m * n_rows *
 // kBitmapScratchPerRow floats. Each output is summed in a fixed order
 // (segments ascending, a fixed lane split inside) whatever n_rows and the
 // thread count.
 using BitmapRowFn = void (*)(
     const void* values,
+    int64_t n_values,
     const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,

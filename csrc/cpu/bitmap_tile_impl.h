@@ -159,7 +159,8 @@ __m512 load_tail(const T* v, const T* v_end) {
 }
 
 // 16 float32 lanes: lane l = the next value if bit l of the 16-bit k is set, else 0;
-// the values start at v and the row's end at v_end.
+// the values start at v; v_end = the end of the whole values tensor (the 16 lanes
+// loaded may run into the next rows' values, which the permute never picks).
 template <typename T>
 inline __m512 expand16(uint32_t k, const T* v, const T* v_end) {
   const uint32_t lo = k & 0xFFu;
@@ -191,7 +192,7 @@ constexpr int64_t kRegisterRows = 4;
 
 template <typename T, int R>
 inline void row_dot_registers(
-    const T* values, int64_t n_values, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
+    const T* values, const T* v_end, const int32_t* bits, int64_t words, const float* x, int64_t ldx, float* out) {
   __m512 acc0[R];
   __m512 acc1[R];
   for (int i = 0; i < R; ++i) {
@@ -199,7 +200,6 @@ inline void row_dot_registers(
     acc1[i] = _mm512_setzero_ps();
   }
   const T* v = values;
-  const T* v_end = values + n_values;
   for (int64_t w = 0; w < words; ++w) {
     // No skip of empty words: every column is multiplied (by 0 where pruned), as in
     // the segment path and F.linear, so an inf / NaN of x gives the same result
@@ -383,6 +383,7 @@ inline void dot_segment(
 template <typename T, int R>
 void rows_dot_segments(
     const T* values,
+    const T* values_end,
     const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,
@@ -394,15 +395,13 @@ void rows_dot_segments(
   alignas(64) float dense[R][kBitmapSegWords * 32];
   std::fill(scratch, scratch + m * R * kBitmapScratchPerRow, 0.0f);
   const T* v[R];
-  const T* v_end[R];
   for (int j = 0; j < R; ++j) {
     v[j] = values + row_ptr[j];
-    v_end[j] = values + row_ptr[j + 1];
   }
   for (int64_t w0 = 0; w0 < words; w0 += kBitmapSegWords) {
     const int64_t nw = std::min(kBitmapSegWords, words - w0);
     for (int j = 0; j < R; ++j) {
-      v[j] = decode_segment(v[j], v_end[j], bits + j * words + w0, nw, dense[j]);
+      v[j] = decode_segment(v[j], values_end, bits + j * words + w0, nw, dense[j]);
     }
     dot_segment<R>(dense, nw * 32, x + w0 * 32, m, ldx, scratch);
   }
@@ -421,6 +420,7 @@ void rows_dot_segments(
 template <typename T>
 void rows_dot(
     const void* values,
+    int64_t n_values,
     const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,
@@ -432,17 +432,17 @@ void rows_dot(
     float* out) {
   static_assert(32 % (2 * kLanes) == 0, "a word's 32 columns are whole vector pairs");
   const T* vals = static_cast<const T*>(values);
+  const T* vals_end = vals + n_values;
 #if defined(CPU_CAPABILITY_AVX512)
   if (m <= kRegisterRows) {
     for (int64_t j = 0; j < n_rows; ++j) {
       const T* vj = vals + row_ptr[j];
-      const int64_t nv = row_ptr[j + 1] - row_ptr[j];
       const int32_t* bj = bits + j * words;
       switch (m) {
-        case 1: row_dot_registers<T, 1>(vj, nv, bj, words, x, ldx, out + j * m); break;
-        case 2: row_dot_registers<T, 2>(vj, nv, bj, words, x, ldx, out + j * m); break;
-        case 3: row_dot_registers<T, 3>(vj, nv, bj, words, x, ldx, out + j * m); break;
-        case 4: row_dot_registers<T, 4>(vj, nv, bj, words, x, ldx, out + j * m); break;
+        case 1: row_dot_registers<T, 1>(vj, vals_end, bj, words, x, ldx, out + j * m); break;
+        case 2: row_dot_registers<T, 2>(vj, vals_end, bj, words, x, ldx, out + j * m); break;
+        case 3: row_dot_registers<T, 3>(vj, vals_end, bj, words, x, ldx, out + j * m); break;
+        case 4: row_dot_registers<T, 4>(vj, vals_end, bj, words, x, ldx, out + j * m); break;
         default: break;
       }
     }
@@ -450,10 +450,10 @@ void rows_dot(
   }
 #endif
   switch (n_rows) {
-    case 4: rows_dot_segments<T, 4>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
-    case 3: rows_dot_segments<T, 3>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
-    case 2: rows_dot_segments<T, 2>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
-    case 1: rows_dot_segments<T, 1>(vals, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 4: rows_dot_segments<T, 4>(vals, vals_end, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 3: rows_dot_segments<T, 3>(vals, vals_end, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 2: rows_dot_segments<T, 2>(vals, vals_end, row_ptr, bits, words, x, m, ldx, scratch, out); break;
+    case 1: rows_dot_segments<T, 1>(vals, vals_end, row_ptr, bits, words, x, m, ldx, scratch, out); break;
     default: break;
   }
 }
