@@ -34,6 +34,10 @@
 #include "ceil_div.h"
 #include "select.h"
 
+// The keys fold -0.0 into +0.0 with an add and keep subnormals apart from 0:
+// never build this file with --use_fast_math (flush-to-zero would make the
+// selection differ from torch.kthvalue; nvcc 13 defines no macro to test for it).
+
 namespace multiflow::cuda {
 namespace {
 
@@ -64,6 +68,9 @@ struct Item {
   int32_t source;
   int32_t pad;
 };
+
+// The device tables are one blob, the items right after the sources.
+static_assert(sizeof(Source) % alignof(Item) == 0, "the item table must stay aligned after the sources");
 
 int32_t dtype_of(at::ScalarType t) {
   switch (t) {
@@ -134,8 +141,13 @@ __global__ void __launch_bounds__(kThreads) radix_histogram_kernel(
   }
 }
 
-// One thread per group: the bucket holding the k-th element extends the
-// prefix. After the last pass, writes the answer (or -inf where k == 0).
+// One warp per group: the bucket holding the k-th element extends the prefix.
+// Each lane sums its own run of buckets (loads in parallel, not one dependent
+// walk over up to 2048 buckets), a warp scan finds the lane whose run holds
+// the k-th element, and that lane walks its run only. After the last pass it
+// writes the answer (or -inf where k == 0).
+constexpr int kWarp = 32;
+
 __global__ void radix_pick_kernel(
     const unsigned long long* __restrict__ hist,
     int64_t n_groups,
@@ -143,24 +155,52 @@ __global__ void radix_pick_kernel(
     int64_t* __restrict__ k,
     uint32_t* __restrict__ prefix,
     float* __restrict__ out) {  // non-null after the last pass
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (g >= n_groups) {
-    return;
+    return;  // g is the same for the whole warp: all of its lanes leave together
   }
   const int64_t rank = k[g];
-  if (rank >= 1) {
-    const unsigned long long* h = hist + g * kRadixBuckets;
-    const int n_buckets = 1 << bits;
-    long long below = 0;
-    int b = 0;
-    while (b < n_buckets - 1 && below + static_cast<long long>(h[b]) < rank) {
-      below += static_cast<long long>(h[b++]);
+  if (rank < 1) {
+    if (lane == 0 && out != nullptr) {
+      out[g] = -CUDART_INF_F;
     }
-    k[g] = rank - below;
-    prefix[g] = (prefix[g] << bits) | static_cast<uint32_t>(b);
+    return;
   }
+  const unsigned long long* h = hist + g * kRadixBuckets;
+  const int n_buckets = 1 << bits;
+  const int per_lane = (n_buckets + kWarp - 1) / kWarp;
+  const int b_begin = min(lane * per_lane, n_buckets);
+  const int b_end = min(b_begin + per_lane, n_buckets);
+  long long run = 0;
+  for (int b = b_begin; b < b_end; ++b) {
+    run += static_cast<long long>(h[b]);
+  }
+  long long inclusive = run;  // buckets of lanes 0..lane
+  for (int offset = 1; offset < kWarp; offset <<= 1) {
+    const long long t = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+    if (lane >= offset) {
+      inclusive += t;
+    }
+  }
+  const unsigned reached = __ballot_sync(0xFFFFFFFFu, inclusive >= rank);
+  // The first lane whose buckets reach the rank; none (k past the count, which
+  // the host checks): the last lane with buckets, whose walk stops at the last
+  // bucket, as a walk from bucket 0 would.
+  const int owner = reached != 0u ? __ffs(static_cast<int>(reached)) - 1 : (n_buckets - 1) / per_lane;
+  if (lane != owner) {
+    return;
+  }
+  long long below = inclusive - run;
+  int b = b_begin;
+  while (b < n_buckets - 1 && below + static_cast<long long>(h[b]) < rank) {
+    below += static_cast<long long>(h[b++]);
+  }
+  k[g] = rank - below;
+  const uint32_t p = (prefix[g] << bits) | static_cast<uint32_t>(b);
+  prefix[g] = p;
   if (out != nullptr) {
-    out[g] = rank >= 1 ? float_of_key(prefix[g]) : -CUDART_INF_F;
+    out[g] = float_of_key(p);
   }
 }
 
@@ -325,7 +365,7 @@ at::Tensor select_each(const std::vector<Source>& sources, const std::vector<int
           tables.sources, tables.items, prefix_ptr, shift + bits, shift, (1u << bits) - 1u, pass_hist);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    radix_pick_kernel<<<static_cast<unsigned>(ceil_div(n_groups, kThreads)), kThreads, 0, stream>>>(
+    radix_pick_kernel<<<static_cast<unsigned>(ceil_div(n_groups * kWarp, kThreads)), kThreads, 0, stream>>>(
         pass_hist, n_groups, bits, k.mutable_data_ptr<int64_t>(), prefix_ptr,
         pass == kRadixPasses - 1 ? out.mutable_data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
