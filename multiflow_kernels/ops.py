@@ -708,6 +708,11 @@ def bitmap_linear(
         values, bits, row_ptr, block_ptr: :func:`bitmap_pack`'s output.
         in_features: the number of columns of W.
         bias: None or (out_features,), x's dtype.
+
+    On CPU a format whose ``row_ptr`` counts disagree with ``bits``, or whose ``bits`` set a
+    padding bit past ``in_features`` (``pack_mask`` leaves them 0), raises ``RuntimeError``
+    naming the row; on CUDA they are not checked (no device sync per call: every load stays
+    inside ``values``, but the result is then undefined), so pass what ``bitmap_pack`` made.
     """
     return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 

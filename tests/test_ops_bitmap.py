@@ -9,6 +9,9 @@ relative to sum |x| |w|.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from _earned import assert_linear_earned
@@ -358,3 +361,127 @@ def test_few_rows_any_density_up_to_the_end_of_values(m, dtype):
     check_linear(x, w, mask, None, f"m={m}")
     for r in (1, 3, 4):  # one weight row alone: its values are the whole tensor
         check_linear(x, w[r:r + 1], mask[r:r + 1], None, f"m={m}, row {r} alone")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3])
+def test_non_finite_weights_stay_in_their_rows(m, dtype):
+    """The kernels' 16-value loads run into the next rows' values: an inf / NaN weight there
+    must not reach this row (0 * inf), here or in the rows before it."""
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(5, 64, generator=gen).to(dtype)
+    mask = torch.rand(5, 64, generator=gen) < 0.5
+    w[1] = float("inf")
+    w[3] = float("nan")
+    fmt = pack(w, mask)
+    x = torch.randn(m, 64, generator=gen).to(dtype)
+    y = ops.bitmap_linear(x, *fmt, 64, None)
+    want = torch.nn.functional.linear(x.double(), torch.where(mask, w, torch.zeros((), dtype=dtype)).double())
+    for r in (0, 2, 4):
+        assert torch.isfinite(y[:, r]).all(), f"row {r}: {y[:, r]}"
+        assert torch.allclose(y[:, r].double(), want[:, r], rtol=2e-2, atol=2e-2), f"row {r}"
+    assert torch.equal(y[:, 1].isnan(), want[:, 1].isnan()) and torch.equal(y[:, 3].isnan(), want[:, 3].isnan())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_padding_bits_are_rejected(m):
+    """A set bit past in_features in a row's last word names a column x does not have: the
+    op says so (unpack too), whatever the path, even when row_ptr counts it."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, generator=gen)
+    mask = torch.rand(6, 40, generator=gen) < 0.5
+    values, bits, row_ptr, block_ptr = pack(w, mask)
+    bits = bits.clone()
+    bits[4, 1] |= 1 << 20  # column 52 of 40
+    counts = mask.sum(1)
+    counts[4] += 1
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    vals = torch.randn(int(row_ptr[-1]), generator=gen)
+    x = torch.randn(m, 40, generator=gen)
+    with pytest.raises(RuntimeError, match=r"bits sets bits past in_features = 40 in row 4"):
+        ops.bitmap_linear(x, vals, bits, row_ptr, block_ptr, 40)
+    with pytest.raises(RuntimeError, match=r"bits sets bits past in_features = 40 in row 4"):
+        ops.bitmap_unpack(vals, bits, row_ptr, block_ptr, 40)
+
+
+def test_one_row_same_result_at_any_thread_count():
+    w, mask = make_weight(300, 1056, torch.float32, seed=8)
+    fmt = pack(w, mask)
+    x = torch.randn(1, 1056)
+    first, *rest = results_at_thread_counts(lambda: ops.bitmap_linear(x, *fmt, 1056, None), (1, 2, 1))
+    for other in rest:
+        assert torch.equal(first, other)
+
+
+@pytest.mark.parametrize("m", [2, 5, 9])
+def test_float32_whole_words_use_x_in_place(m):
+    """float32 x with in_features a multiple of 32 is read in place, not copied: every path."""
+    w, mask = make_weight(21, 96, torch.float32, seed=m)
+    x = torch.randn(m, 96)
+    check_linear(x, w, mask, torch.randn(21), f"m={m}")
+    check_linear(x[:, None, :].expand(m, 2, 96), w, mask, None, f"m={m}, expanded x")
+
+
+GUARD_SCRIPT = r"""
+import ctypes, mmap, sys, torch
+import multiflow_kernels  # noqa: F401
+from multiflow_kernels import ops
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+def at_page_end(t):
+    # A copy of t whose last byte lies just before a page with no access at all.
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    pages = nbytes // PAGE + 1
+    m = mmap.mmap(-1, (pages + 1) * PAGE)
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    assert libc.mprotect(buf.data_ptr() + pages * PAGE, PAGE, 0) == 0
+    start = pages * PAGE - nbytes
+    out = buf[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    keep.append((m, buf))
+    return out
+
+g = torch.Generator().manual_seed(0)
+n = 0
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for n_in in (31, 32, 64, 100, 512, 1056):
+        for density in (0.0, 0.005, 0.3, 0.9, 1.0):
+            for rows in (1, 5):
+                w = torch.randn(rows, n_in, generator=g).to(dtype)
+                mask = torch.rand(rows, n_in, generator=g) < density
+                values, bits, row_ptr, block_ptr = (at_page_end(t) for t in ops.bitmap_pack(w, mask))
+                wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).double()
+                for m in (1, 2, 5):
+                    x = at_page_end(torch.randn(m, n_in, generator=g).to(dtype))
+                    y = ops.bitmap_linear(x, values, bits, row_ptr, block_ptr, n_in, None)
+                    want = torch.nn.functional.linear(x.double(), wm)
+                    scale = torch.nn.functional.linear(x.double().abs(), wm.abs()) + 1
+                    assert ((y.double() - want).abs() <= 0.02 * scale).all(), (dtype, n_in, density, rows, m)
+                    n += 1
+                if int(row_ptr[-1] - row_ptr[-2]) > 0:  # the last row claims one value fewer
+                    bad = row_ptr.clone()
+                    bad[-1] -= 1
+                    short = at_page_end(values[:-1].clone())
+                    for m in (1, 3):
+                        try:
+                            ops.bitmap_linear(at_page_end(torch.randn(m, n_in).to(dtype)), short, bits, at_page_end(bad),
+                                              block_ptr, n_in, None)
+                        except RuntimeError as e:
+                            assert "row_ptr does not match bits" in str(e), e
+                        else:
+                            raise AssertionError("a wrong count was accepted")
+print("ok", n)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mmap + mprotect guard pages: Linux only")
+def test_loads_never_leave_the_tensors():
+    """values, bits, row_ptr and x each end right before a page with no access: any load past
+    one of them kills the process (run apart, so a crash fails this test only)."""
+    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])

@@ -210,8 +210,8 @@ def test_pack_unpack_keep_bits_of_special_values():
     assert_same_bits(bitmap_format.bitmap_unpack_torch(*got, 4).cpu(), ops.bitmap_unpack(*want, 4), "special values")
 
 
-def test_unpack_skips_values_of_padding_bits_as_the_cpu_op():
-    # Bits past in_features (never set by pack_mask) still own a value, dropped by unpack.
+def test_unpack_rejects_padding_bits_as_the_cpu_op():
+    # A bit past in_features (never set by pack_mask), even with row_ptr counting it.
     w, mask = make_weight(3, 40, torch.float32, seed=5)
     values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mask)
     bits = bits.clone()
@@ -221,9 +221,11 @@ def test_unpack_skips_values_of_padding_bits_as_the_cpu_op():
     at = int(row_ptr[2]) - 1  # the padding bit's value: last of row 1
     values = torch.cat([values[:at], torch.tensor([123.0]), values[at:]])
     fmt = (values, bits, row_ptr, block_ptr)
-    want = ops.bitmap_unpack(*fmt, 40)
-    assert torch.equal(want, torch.where(mask, w, 0.0))
-    assert torch.equal(bitmap_format.bitmap_unpack_torch(*on_device(*fmt), 40).cpu(), want)
+    message = r"bits sets bits past in_features = 40 in row 1 \(the last word's padding bits must be 0"
+    with pytest.raises(RuntimeError, match=message):
+        ops.bitmap_unpack(*fmt, 40)
+    with pytest.raises(RuntimeError, match=message):
+        bitmap_format.bitmap_unpack_torch(*on_device(*fmt), 40)
 
 
 def test_pack_unpack_bad_inputs_as_the_cpu_ops():

@@ -9,7 +9,9 @@
 // task owns a block of output rows and streams their values and bits once;
 // the per-ISA row kernel (bitmap_tile_impl.h) decodes a row segment into L1
 // and dots it with every row of x. x is widened to float32 once, into rows
-// padded with zeros to whole words. No dense copy of the weight is made.
+// padded with zeros to whole words (or used in place when it already is
+// float32 in whole words). No dense copy of the weight is made. Rows whose
+// bits set a padding bit past in_features are rejected like wrong counts.
 // One row of x with no inf / NaN (the token-by-token case) takes the
 // ISA's gemv kernel where it has one (AVX-512): x compressed to each row's
 // kept columns, the count check folded into the kernel.
@@ -83,27 +85,50 @@ int64_t row_count(const int32_t* row_words, int64_t words) {
   return n;
 }
 
+// The bits of a row's last word past in_features: pack_mask leaves them 0, and
+// a set one would name a column that neither x nor the dense weight has.
+uint32_t padding_bits(int64_t cols) {
+  const int64_t used = cols % 32;
+  return used == 0 ? 0u : ~((1u << used) - 1u);
+}
+
+bool has_padding_bits(const int32_t* row_words, int64_t words, uint32_t padding) {
+  return padding != 0u && (static_cast<uint32_t>(row_words[words - 1]) & padding) != 0u;
+}
+
+// A row the kernels must not read: its count in bits differs from row_ptr's,
+// or it sets padding bits.
+bool bad_row(const int32_t* row_words, int64_t words, uint32_t padding, int64_t count) {
+  return has_padding_bits(row_words, words, padding) || count != row_count(row_words, words);
+}
+
 // Raises the error for row r (r < 0: no bad row).
 void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
   const int64_t words = p.bits.size(1);
   TORCH_CHECK(
+      r < 0 || !has_padding_bits(bits + r * words, words, padding_bits(p.cols)), op,
+      ": bits sets bits past in_features = ", p.cols, " in row ", r,
+      " (the last word's padding bits must be 0, as pack_mask leaves them)");
+  TORCH_CHECK(
       r < 0, op, ": row_ptr does not match bits: row ", r, " has ", r < 0 ? 0 : row_count(bits + r * words, words),
       " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
 }
 
 // Every row's kept count in bits must match row_ptr (the kernels trust it to
-// stay inside values): one pass over the words, before unpack writes anything
-// (bitmap_linear checks each row just before it reads it instead).
+// stay inside values) and no padding bit may be set: one pass over the words,
+// before unpack writes anything (bitmap_linear checks each row just before it
+// reads it instead).
 void check_row_counts(const char* op, const BitmapProblem& p) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
   const int64_t words = p.bits.size(1);
+  const uint32_t padding = padding_bits(p.cols);
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, p.rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (rp[r + 1] - rp[r] != row_count(bits + r * words, words)) {
+      if (bad_row(bits + r * words, words, padding, rp[r + 1] - rp[r])) {
         int64_t expect = -1;
         bad.compare_exchange_strong(expect, r);
         return;
@@ -249,11 +274,19 @@ at::Tensor bitmap_linear_cpu(
                               : std::is_same_v<scalar_t, c10::Half> ? tiles().gemv_f16
                                                                     : tiles().gemv_bf16;
     const int64_t n_values = p.values.numel();
+    const uint32_t padding = padding_bits(k);
     if (m == 1 && gemv != nullptr && all_finite(xp, ldx)) {
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         float acc[kRowGrain];
         for (int64_t r0 = begin; r0 < end; r0 += kRowGrain) {
           const int64_t nr = std::min(kRowGrain, end - r0);
+          for (int64_t r = r0; r < r0 + nr; ++r) {  // the counts: inside the kernel
+            if (has_padding_bits(b + r * words, words, padding)) {
+              int64_t expect = -1;
+              bad.compare_exchange_strong(expect, r);
+              return;
+            }
+          }
           const int64_t j = gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
           if (j >= 0) {
             int64_t expect = -1;
@@ -273,10 +306,11 @@ at::Tensor bitmap_linear_cpu(
       std::vector<float> acc(m * kBitmapRowsPerCall);
       for (int64_t r0 = begin; r0 < end; r0 += kBitmapRowsPerCall) {
         const int64_t nr = std::min(kBitmapRowsPerCall, end - r0);
-        // The rows' counts checked against their words just before the kernel
-        // reads them (they are in L1 then): the kernel never leaves a row's values.
+        // The rows checked just before the kernel reads them (their words are in
+        // L1 then): with the counts right it uses no value outside a row's own
+        // (its loads may run into the next rows' values, never past the tensor).
         for (int64_t r = r0; r < r0 + nr; ++r) {
-          if (rp[r + 1] - rp[r] != row_count(b + r * words, words)) {
+          if (bad_row(b + r * words, words, padding, rp[r + 1] - rp[r])) {
             int64_t expect = -1;
             bad.compare_exchange_strong(expect, r);
             return;

@@ -24,9 +24,10 @@ inline constexpr int64_t kBitmapScratchPerRow = 32;
 // the bitmap format: its kept weights start at values + row_ptr[j] (values of
 // type T = float, c10::Half or c10::BFloat16, widened exactly), its mask words
 // at bits + j * words, and row_ptr[j + 1] - row_ptr[j] is their popcount (the
-// caller has checked). values holds n_values elements in all: loads may run
-// past a row's values into the next rows' (never used), never past the tensor. x rows hold words * 32 floats (zero past in_features),
-// so padding bits only ever meet zeros. scratch: m * n_rows *
+// caller has checked, and that no padding bit past in_features is set).
+// values holds n_values elements in all: loads may run past a row's values
+// into the next rows' (never used), never past the tensor. x rows hold
+// words * 32 floats (zero past in_features). scratch: m * n_rows *
 // kBitmapScratchPerRow floats. Each output is summed in a fixed order
 // (segments ascending, a fixed lane split inside) whatever n_rows and the
 // thread count.
@@ -53,7 +54,8 @@ using BitmapRowFn = void (*)(
 // values + n_values (the whole tensor; its loads may run into the next rows'
 // values, which are not used): it returns -1, or the first j whose bits'
 // popcount differs from row_ptr[j + 1] - row_ptr[j] (out is then undefined).
-// row_ptr indexes values (row_ptr[0] need not be 0: a block of rows).
+// row_ptr indexes values (row_ptr[0] need not be 0: a block of rows); the
+// caller has checked that no padding bit past in_features is set.
 using BitmapGemvFn = int64_t (*)(
     const void* values,
     int64_t n_values,

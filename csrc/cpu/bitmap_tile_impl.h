@@ -7,9 +7,9 @@
 //                    float32 and permuted to the set lanes (indices from a
 //                    256-entry byte table per 8 bits), zeros elsewhere. Not the
 //                    memory form of vexpandps: it is microcoded on AMD Zen 4 and
-//                    made this kernel 2x slower there. Near a row's end, where
-//                    16 values would run past it, the values go through a
-//                    zero-padded copy first;
+//                    made this kernel 2x slower there. Near the end of the
+//                    values tensor, where 16 values would run past it, the
+//                    values go through a zero-padded copy first;
 //   AVX2 float32     per byte of a word, a masked load of popcount(byte) values
 //                    and a permute from a 256-entry table, zeros elsewhere;
 //   everything else  zero the segment, then one scalar store per set bit
@@ -147,7 +147,7 @@ constexpr ExpandIndex8 make_expand_index8() {
 
 alignas(64) constexpr ExpandIndex8 kExpandIndex8 = make_expand_index8();
 
-// Near a row's end: the values left (fewer than 16) in a zero-padded copy, widened.
+// Near the end of values: the values left (fewer than 16) in a zero-padded copy, widened.
 template <typename T>
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((noinline, cold))
@@ -270,7 +270,8 @@ inline __m512 load_values16(const T* values, int64_t pos, int64_t n_values) {
 
 // One word at values + pos; Checked: bound-check the loads against n_values.
 template <bool Checked, typename T>
-inline void gemv_word(uint32_t u, const T* values, int64_t& pos, int64_t n_values, const float* xw, __m512& a0, __m512& a1) {
+inline void gemv_word(
+    uint32_t u, const T* values, int64_t& pos, int64_t n_values, const float* xw, __m512& a0, __m512& a1) {
   const int n_lo = popcount32(u & 0xFFFFu);
   const int n = popcount32(u);
   const __m512 x0 = _mm512_maskz_compress_ps(static_cast<__mmask16>(u), _mm512_loadu_ps(xw));

@@ -4,11 +4,12 @@ They are one-time conversions (a model is packed once, unpacked to inspect it), 
 plain torch ops are fast enough; the bits come from the ops' own CUDA kernels
 (pack_mask / unpack_mask). Output is bit-identical to the CPU kernels
 (csrc/cpu/bitmap.cpp): elements are copied through an integer view of their bits
-(NaN payloads and -0.0 kept), and unpack skips the values of padding bits (bits at
-columns >= in_features) exactly as the CPU kernel does.
+(NaN payloads and -0.0 kept), and unpack rejects a set padding bit (a bit at a column
+>= in_features, which pack_mask never sets) as the CPU kernel does.
 
 The arguments are checked as the CPU op checks them, with the same messages:
-the shared contract in ops.py, then the counts against row_ptr. Those last checks
+the shared contract in ops.py, then the padding bits and the counts against row_ptr.
+Those last checks
 read row_ptr on the host (one device sync), acceptable for a one-time conversion;
 bitmap_linear (bitmap_linear.py) does not pay it.
 
@@ -54,28 +55,35 @@ def bitmap_unpack_torch(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr
     op = "multiflow::bitmap_unpack"
     _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
     rows, words = bits.shape
-    # Every bit of the words, padding included: the CPU kernel gives a set padding bit
-    # its value in values (and then drops it), so the counts below include them.
+    # Every bit of the words, padding included: a set padding bit is an error (below).
     keep = torch.ops.multiflow.unpack_mask(bits.contiguous(), words * 32)
-    _check_counts(op, values, keep, row_ptr)
+    _check_counts(op, values, keep, row_ptr, in_features)
     dense = torch.zeros((rows, words * 32), dtype=values.dtype, device=values.device)
     int_type = _BITS_OF[values.dtype]
     dense.view(int_type)[keep] = values.contiguous().view(int_type)
     return dense[:, :in_features].contiguous()
 
 
-def _check_counts(op: str, values: Tensor, keep: Tensor, row_ptr: Tensor) -> None:
-    """row_ptr against values and against each row's kept count in the bits, with the
-    CPU kernels' messages and in their order; one transfer to the host."""
+def _check_counts(op: str, values: Tensor, keep: Tensor, row_ptr: Tensor, in_features: int) -> None:
+    """row_ptr against values, then each row's padding bits and its kept count in the bits
+    against row_ptr, with the CPU kernels' messages and in their order; one transfer to
+    the host."""
     counts = keep.sum(1, dtype=torch.int64)
-    wrong = row_ptr.diff() != counts
+    padded = keep[:, in_features:].any(1)
+    wrong = (row_ptr.diff() != counts) | padded
     # The first wrong row (argmax returns the first maximum), -1 when none.
     first = torch.where(wrong.any(), wrong.int().argmax(), -1) if wrong.numel() else row_ptr.new_tensor(-1)
-    head, last, r = torch.stack([row_ptr[0], row_ptr[-1], first]).tolist()
+    pad_first = padded[first.clamp(min=0)] if wrong.numel() else row_ptr.new_tensor(False)
+    head, last, r, is_pad = torch.stack([row_ptr[0], row_ptr[-1], first, pad_first.long()]).tolist()
     torch._check(head == 0, lambda: f"{op}: row_ptr[0] must be 0, got {head}")
     torch._check(
         values.numel() == last,
         lambda: f"{op}: values must have row_ptr[-1] = {last} elements (the kept weights), got {values.numel()}",
+    )
+    torch._check(
+        r < 0 or not is_pad,
+        lambda: f"{op}: bits sets bits past in_features = {in_features} in row {r} "
+        "(the last word's padding bits must be 0, as pack_mask leaves them)",
     )
     torch._check(
         r < 0,
