@@ -82,8 +82,21 @@ t=$(date +%s)
 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest_cuda.xml" tests > "$OUT_DIR/pytest_cuda.log" 2>&1
 rc=$?
 line=$(grep -E "passed|failed|error" "$OUT_DIR/pytest_cuda.log" | tail -1)
+if [ $rc -ge 128 ]; then
+    # Killed by a signal (a crash in a kernel or an op): pytest's faulthandler put the
+    # crashing test's traceback in the log; run each test file on its own so one crash
+    # does not hide the other files' results.
+    line="crashed (signal $(( rc - 128 )), see pytest_cuda.log); per file:"
+    grep -E -A12 "Fatal Python error|Current thread" "$OUT_DIR/pytest_cuda.log" | head -30
+    for f in $(grep -l "mark.cuda" tests/test_*.py); do
+        name=$(basename "$f" .py)
+        "$PY" -m pytest -m cuda -q -p no:cacheprovider "$f" > "$OUT_DIR/pytest_cuda_$name.log" 2>&1
+        frc=$?
+        line="$line $name:$([ $frc -eq 0 ] && echo ok || { [ $frc -ge 128 ] && echo crash || echo FAIL; })"
+    done
+fi
 step "pytest -m cuda" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "$line"
-[ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest_cuda.log" | head -20
+[ $rc -ne 0 ] && grep -h -E "^(FAILED|ERROR)" "$OUT_DIR"/pytest_cuda*.log | head -20
 
 # ---- compute-sanitizer memcheck on one small call of each CUDA C++ kernel -------------
 if command -v compute-sanitizer > /dev/null; then
