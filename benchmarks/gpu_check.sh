@@ -78,6 +78,26 @@ export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- tests: every CUDA / Triton test --------------------------------------------------
 if [ $BENCH_ONLY -eq 0 ]; then
+# Canary for a crash seen once on an H200: op argument errors whose message formats a number
+# killed the process. Each device in its own process; the C++ runtimes mapped are logged.
+t=$(date +%s)
+canary=""
+for dev in cpu cuda; do
+    "$PY" - "$dev" > "$OUT_DIR/canary_$dev.log" 2>&1 <<'EOF'
+import sys, torch
+import multiflow_kernels  # noqa: F401
+dev = sys.argv[1]
+print("libstdc++ / libgcc mapped:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l or "libgcc_s" in l}))
+try:  # acc of the wrong size: the message formats both sizes
+    torch.ops.multiflow.sq_sum_accumulate_(torch.zeros(3, device=dev), torch.ones(2, 5, device=dev), None)
+except RuntimeError as e:
+    print("message ok:", str(e).splitlines()[0][:160])
+EOF
+    rc=$?
+    canary="$canary $dev:$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")"
+done
+ldd multiflow_kernels/_C*.so 2>/dev/null | grep -E "stdc|gcc_s" > "$OUT_DIR/canary_ldd.txt"
+step "error-message canary" $(echo "$canary" | grep -q rc= && echo FAIL || echo ok) $(( $(date +%s) - t )) "$canary"
 t=$(date +%s)
 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest_cuda.xml" tests > "$OUT_DIR/pytest_cuda.log" 2>&1
 rc=$?
