@@ -140,11 +140,12 @@ def test_linear_uniform_masks(kind, dtype):
     check_linear(x, w, mask, torch.randn(9).to(dtype))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 33, 50, 70])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_many_tokens_and_rows(m, dtype):
-    """Several parallel row blocks and 512-column segments, none of them full; M <= 4 takes
-    the AVX-512 float32 register path, larger M the decoded-segment path."""
+    """Several parallel row blocks and 512-column segments, none of them full; on AVX-512
+    M = 1 takes the one-row kernel, 2-4 the register kernel, 5 and more the transposed-x
+    kernel (at most half the weights kept, as here: 1, 2, 3, 4 and 5 groups of 16 rows)."""
     w, mask = make_weight(100, 1300, dtype, seed=3)
     x = torch.randn(m, 1300).to(dtype)
     check_linear(x, w, mask, torch.randn(100).to(dtype))
@@ -308,16 +309,19 @@ def test_one_row_any_density(n_in, dtype):
         check_linear(torch.randn(1, n_in, generator=gen).to(dtype), w[r:r + 1], mask[r:r + 1], None, f"row {r} alone")
 
 
-@pytest.mark.parametrize("rows_bad", [[0], [36], [5, 30]])
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("rows_bad", [[0], [36], [5, 30], [15, 16]])
 @pytest.mark.parametrize("density", [0.002, 0.3])
-def test_one_row_rejects_counts_that_do_not_match_bits(rows_bad, density):
-    """The one-row kernel checks each row's count itself; a row_ptr whose counts disagree with
-    bits is rejected (sparse rows walk their bits, denser rows are compressed)."""
+def test_kernels_reject_counts_that_do_not_match_bits(rows_bad, density, m):
+    """The one-row and transposed-x kernels check each row's count themselves; a row_ptr
+    whose counts disagree with bits is rejected (one row: sparse rows walk their bits, denser
+    ones are compressed; several: a row's column list is made ahead of the previous row's
+    sums, at a 16-row block's end too)."""
     mask = rows_of_density(37, 1300, [density], seed=9)
     mask[:, 0] = True  # every row keeps at least one weight, so a count can move down
     w = torch.randn(37, 1300)
     values, bits, row_ptr, block_ptr = pack(w, mask)
-    x = torch.randn(1, 1300)
+    x = torch.randn(m, 1300)
     for shift in (1, -1):
         bad = row_ptr.clone()
         for r in rows_bad:
@@ -333,13 +337,14 @@ def test_one_row_rejects_counts_that_do_not_match_bits(rows_bad, density):
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_one_row_non_finite_x_like_f_linear(value, dtype):
     """An inf / NaN of x at a column that some rows prune still reaches those rows as
-    0 * inf = NaN, like F.linear on the dense masked weight, at one row of x as at several."""
+    0 * inf = NaN, like F.linear on the dense masked weight, whatever the number of rows of
+    x (the kernels that multiply kept columns only are skipped then)."""
     w, mask = make_weight(9, 100, dtype, seed=5)
     mask[:, 40] = False
     mask[2, 40] = True
     fmt = pack(w, mask)
     wm = torch.where(mask, w, torch.zeros((), dtype=dtype))
-    for m in (1, 3):
+    for m in (1, 3, 6, 20):
         x = torch.randn(m, 100).to(dtype)
         x[:, 40] = value
         y = ops.bitmap_linear(x, *fmt, 100, None)
@@ -383,7 +388,7 @@ def test_non_finite_weights_stay_in_their_rows(m, dtype):
     assert torch.equal(y[:, 1].isnan(), want[:, 1].isnan()) and torch.equal(y[:, 3].isnan(), want[:, 3].isnan())
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 7])
 def test_padding_bits_are_rejected(m):
     """A set bit past in_features in a row's last word names a column x does not have: the
     op says so (unpack too), whatever the path, even when row_ptr counts it."""
@@ -456,7 +461,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 mask = torch.rand(rows, n_in, generator=g) < density
                 values, bits, row_ptr, block_ptr = (at_page_end(t) for t in ops.bitmap_pack(w, mask))
                 wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).double()
-                for m in (1, 2, 5):
+                for m in (1, 2, 5, 17):
                     x = at_page_end(torch.randn(m, n_in, generator=g).to(dtype))
                     y = ops.bitmap_linear(x, values, bits, row_ptr, block_ptr, n_in, None)
                     want = torch.nn.functional.linear(x.double(), wm)
@@ -467,7 +472,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                     bad = row_ptr.clone()
                     bad[-1] -= 1
                     short = at_page_end(values[:-1].clone())
-                    for m in (1, 3):
+                    for m in (1, 3, 6):
                         try:
                             ops.bitmap_linear(at_page_end(torch.randn(m, n_in).to(dtype)), short, bits, at_page_end(bad),
                                               block_ptr, n_in, None)

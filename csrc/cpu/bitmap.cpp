@@ -41,6 +41,13 @@ namespace {
 // Output rows per parallel task.
 constexpr int64_t kRowGrain = 16;
 
+// The transposed-x kernel (BitmapSpmmFn) takes 5 to 4096 rows of x (at 1-4 the
+// kernels that expand the weight in registers are faster; the cap bounds its
+// copy of x) when at most half of the weights are kept: its work is per kept
+// weight, the segment kernel's per column (measured, benchmarks/RESULTS.md).
+constexpr int64_t kSpmmMinRows = 5;
+constexpr int64_t kSpmmMaxRows = 4096;
+
 const BitmapTiles& tiles() {
   static const BitmapTiles table = MULTIFLOW_ISA_TABLE(bitmap_tiles);
   return table;
@@ -263,69 +270,93 @@ at::Tensor bitmap_linear_cpu(
   const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
   dispatch_activation("multiflow::bitmap_linear", p.x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
-    const BitmapRowFn row = std::is_same_v<scalar_t, float>       ? tiles().row_f32
-                            : std::is_same_v<scalar_t, c10::Half> ? tiles().row_f16
-                                                                  : tiles().row_bf16;
+    constexpr bool f32 = std::is_same_v<scalar_t, float>, f16 = std::is_same_v<scalar_t, c10::Half>;
+    const BitmapTiles& t = tiles();
+    const BitmapRowFn row = f32 ? t.row_f32 : f16 ? t.row_f16 : t.row_bf16;
+    const BitmapGemvFn gemv = f32 ? t.gemv_f32 : f16 ? t.gemv_f16 : t.gemv_bf16;
+    const BitmapSpmmFn spmm = f32 ? t.spmm_f32 : f16 ? t.spmm_f16 : t.spmm_bf16;
     const scalar_t* v = p.values.const_data_ptr<scalar_t>();
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
-    std::atomic<int64_t> bad{-1};
-    const BitmapGemvFn gemv = std::is_same_v<scalar_t, float>       ? tiles().gemv_f32
-                              : std::is_same_v<scalar_t, c10::Half> ? tiles().gemv_f16
-                                                                    : tiles().gemv_bf16;
     const int64_t n_values = p.values.numel();
     const uint32_t padding = padding_bits(k);
-    if (m == 1 && gemv != nullptr && all_finite(xp, ldx)) {
-      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-        float acc[kRowGrain];
-        for (int64_t r0 = begin; r0 < end; r0 += kRowGrain) {
-          const int64_t nr = std::min(kRowGrain, end - r0);
-          for (int64_t r = r0; r < r0 + nr; ++r) {  // the counts: inside the kernel
-            if (has_padding_bits(b + r * words, words, padding)) {
-              int64_t expect = -1;
-              bad.compare_exchange_strong(expect, r);
-              return;
-            }
-          }
-          const int64_t j = gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
-          if (j >= 0) {
-            int64_t expect = -1;
-            bad.compare_exchange_strong(expect, r0 + j);
-            return;
-          }
-          for (int64_t i = 0; i < nr; ++i) {
-            out[r0 + i] = static_cast<scalar_t>(acc[i] + (bias_ptr ? static_cast<float>(bias_ptr[r0 + i]) : 0.0f));
-          }
-        }
-      });
-      report_bad_row("multiflow::bitmap_linear", p, bad.load());
-      return;
-    }
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(m * kBitmapRowsPerCall * kBitmapScratchPerRow);
-      std::vector<float> acc(m * kBitmapRowsPerCall);
-      for (int64_t r0 = begin; r0 < end; r0 += kBitmapRowsPerCall) {
-        const int64_t nr = std::min(kBitmapRowsPerCall, end - r0);
-        // The rows checked just before the kernel reads them (their words are in
-        // L1 then): with the counts right it uses no value outside a row's own
-        // (its loads may run into the next rows' values, never past the tensor).
-        for (int64_t r = r0; r < r0 + nr; ++r) {
-          if (bad_row(b + r * words, words, padding, rp[r + 1] - rp[r])) {
-            int64_t expect = -1;
-            bad.compare_exchange_strong(expect, r);
-            return;
+    std::atomic<int64_t> bad{-1};
+
+    // One task's output rows [begin, end) in blocks of `block`: each block's rows
+    // checked just before the kernel reads them (their words are in L1 then: the
+    // padding bits, and the counts unless the kernel checks them itself), then
+    // kernel(r0, nr) (-1, or the block's first row whose count is wrong) sums
+    // acc[j * m + i] for the block's row j and x row i, then y = acc + bias. With
+    // the counts right no kernel uses a value outside its row (loads may run into
+    // the next rows' values, never past the tensor).
+    auto run_blocks = [&](int64_t begin, int64_t end, int64_t block, bool kernel_checks_counts, const float* acc,
+                          auto&& kernel) {
+      for (int64_t r0 = begin; r0 < end; r0 += block) {
+        const int64_t nr = std::min(block, end - r0);
+        int64_t wrong = -1;
+        for (int64_t r = r0; r < r0 + nr && wrong < 0; ++r) {
+          const int32_t* words_r = b + r * words;
+          if (kernel_checks_counts ? has_padding_bits(words_r, words, padding)
+                                   : bad_row(words_r, words, padding, rp[r + 1] - rp[r])) {
+            wrong = r;
           }
         }
-        row(v, n_values, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
+        if (wrong < 0) {
+          const int64_t j = kernel(r0, nr);
+          wrong = j >= 0 ? r0 + j : -1;
+        }
+        if (wrong >= 0) {
+          int64_t expect = -1;
+          bad.compare_exchange_strong(expect, wrong);
+          return;
+        }
         for (int64_t j = 0; j < nr; ++j) {
-          const int64_t r = r0 + j;
-          const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
+          const float bias_r = bias_ptr ? static_cast<float>(bias_ptr[r0 + j]) : 0.0f;
           for (int64_t i = 0; i < m; ++i) {
-            out[i * n + r] = static_cast<scalar_t>(acc[j * m + i] + bias_r);
+            out[i * n + r0 + j] = static_cast<scalar_t>(acc[j * m + i] + bias_r);
           }
         }
       }
-    });
+    };
+
+    if (m == 1 && gemv != nullptr && all_finite(xp, ldx)) {
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        float acc[kRowGrain];
+        run_blocks(begin, end, kRowGrain, true, acc, [&](int64_t r0, int64_t nr) {
+          return gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
+        });
+      });
+    } else if (m >= kSpmmMinRows && m <= kSpmmMaxRows && spmm != nullptr && 2 * n_values <= n * k &&
+               all_finite(xp, m * ldx)) {
+      // x transposed in groups of 16 rows: xt[g][c][l] = x[16 g + l][c], zero past m.
+      const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
+      std::vector<float> xt(groups * ldx * kBitmapSpmmGroup);
+      at::parallel_for(0, groups * ldx, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t gc = begin; gc < end; ++gc) {
+          const int64_t g = gc / ldx, c = gc - g * ldx;
+          for (int64_t l = 0; l < kBitmapSpmmGroup; ++l) {
+            const int64_t i = g * kBitmapSpmmGroup + l;
+            xt[gc * kBitmapSpmmGroup + l] = i < m ? xp[i * ldx + c] : 0.0f;
+          }
+        }
+      });
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<int32_t> idx(2 * (words * 32 + kBitmapSpmmGroup));
+        std::vector<float> acc(kRowGrain * m);
+        run_blocks(begin, end, kRowGrain, true, acc.data(), [&](int64_t r0, int64_t nr) {
+          return spmm(v, n_values, rp + r0, b + r0 * words, words, nr, xt.data(), m, idx.data(), acc.data());
+        });
+      });
+    } else {
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(m * kBitmapRowsPerCall * kBitmapScratchPerRow);
+        std::vector<float> acc(m * kBitmapRowsPerCall);
+        run_blocks(begin, end, kBitmapRowsPerCall, false, acc.data(), [&](int64_t r0, int64_t nr) {
+          row(v, n_values, rp + r0, b + r0 * words, words, nr, xp, m, ldx, scratch.data(), acc.data());
+          return int64_t{-1};
+        });
+      });
+    }
     report_bad_row("multiflow::bitmap_linear", p, bad.load());
   });
   return y.view(p.out_shape);

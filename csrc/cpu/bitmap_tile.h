@@ -66,14 +66,41 @@ using BitmapGemvFn = int64_t (*)(
     const float* x,
     float* out);
 
+// Rows of x in groups of this many (one vector of float32 lanes per column).
+inline constexpr int64_t kBitmapSpmmGroup = 16;
+
+// Several rows of x, all finite (the caller checks; as for BitmapGemvFn, only the
+// kept columns are multiplied), given transposed: xt[(g * cols_pad + c) * 16 + l]
+// = x[16 g + l][c] (zero where 16 g + l >= m), for g < ceil(m / 16) and
+// c < cols_pad = words * 32. out[j * m + i] = sum over the kept columns c of
+// W_j[c] * x[i][c] for j < n_rows, i < m. Each weight row's kept columns are first
+// listed in idx (2 * (words * 32 + 16) int32 of scratch: two lists), then every
+// kept weight meets the 16-row vectors of its column. Same bound / count contract as BitmapGemvFn:
+// returns -1 or the first row whose count disagrees (out then undefined); the
+// caller has checked the padding bits.
+using BitmapSpmmFn = int64_t (*)(
+    const void* values,
+    int64_t n_values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* xt,
+    int64_t m,
+    int32_t* idx,
+    float* out);
+
 struct BitmapTiles {
   BitmapRowFn row_f32;
   BitmapRowFn row_f16;
   BitmapRowFn row_bf16;
-  // nullptr where the ISA has none (only AVX-512 has: it needs a register compress).
+  // nullptr where the ISA has none (only AVX-512 has: they need a register compress).
   BitmapGemvFn gemv_f32;
   BitmapGemvFn gemv_f16;
   BitmapGemvFn gemv_bf16;
+  BitmapSpmmFn spmm_f32;
+  BitmapSpmmFn spmm_f16;
+  BitmapSpmmFn spmm_bf16;
 };
 
 BitmapTiles bitmap_tiles_default();

@@ -348,6 +348,121 @@ int64_t gemv(
   }
   return -1;
 }
+
+// --- Several rows of x (BitmapSpmmFn) ---------------------------------------
+// A weight row's kept columns are listed first (each 16-column half: the
+// column numbers compressed in a register, stored whole at the running end of
+// the list: the next half overwrites the lanes past its count); the list of
+// row j + 1 is built before row j is summed, so the summing loads never wait
+// on the list's just-made stores. Then each kept weight, broadcast, meets the
+// 16-lane vectors of x rows at its column, for up to four 16-row groups per
+// pass (each weight and column number loaded once per pass): four accumulators
+// per group, a fixed trip count (no data-dependent branch per weight).
+
+// Column numbers of the set bits of b[0, words) into idx; returns their count.
+inline int64_t list_columns(const uint32_t* b, int64_t words, int32_t* idx) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t u = b[w];
+    const __m512i c0 = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(32 * w)));
+    _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(u), c0));
+    n += popcount32(u & 0xFFFFu);
+    const __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(16));
+    _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(u >> 16), c1));
+    n += popcount32(u >> 16);
+  }
+  return n;
+}
+
+// out_g[l] for the G 16-row groups starting at xg (group stride gs floats) of
+// sum_k v[k] * xg[idx[k]][l]: four accumulators per group (k mod 4), summed
+// (0 + 1) + (2 + 3).
+template <int G, typename T>
+inline void spmm_groups(const T* v, const int32_t* idx, int64_t n, const float* xg, int64_t gs, float* out_g) {
+  constexpr int U = 4;
+  __m512 a[G][U];
+  for (int g = 0; g < G; ++g) {
+    for (int q = 0; q < U; ++q) {
+      a[g][q] = _mm512_setzero_ps();
+    }
+  }
+  int64_t k = 0;
+  for (; k + U <= n; k += U) {
+    for (int q = 0; q < U; ++q) {
+      const __m512 w = _mm512_set1_ps(static_cast<float>(v[k + q]));
+      const float* col = xg + static_cast<int64_t>(idx[k + q]) * kBitmapSpmmGroup;
+      for (int g = 0; g < G; ++g) {
+        a[g][q] = _mm512_fmadd_ps(w, _mm512_loadu_ps(col + g * gs), a[g][q]);
+      }
+    }
+  }
+  for (int q = 0; k < n; ++k, ++q) {
+    const __m512 w = _mm512_set1_ps(static_cast<float>(v[k]));
+    const float* col = xg + static_cast<int64_t>(idx[k]) * kBitmapSpmmGroup;
+    for (int g = 0; g < G; ++g) {
+      a[g][q] = _mm512_fmadd_ps(w, _mm512_loadu_ps(col + g * gs), a[g][q]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm512_storeu_ps(out_g + g * kBitmapSpmmGroup,
+                     _mm512_add_ps(_mm512_add_ps(a[g][0], a[g][1]), _mm512_add_ps(a[g][2], a[g][3])));
+  }
+}
+
+template <typename T>
+int64_t spmm(
+    const void* values_v,
+    int64_t n_values,
+    const int64_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* xt,
+    int64_t m,
+    int32_t* idx,
+    float* out) {
+  (void)n_values;  // every row's count is checked before its values are read
+  const T* values = static_cast<const T*>(values_v);
+  const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
+  const int64_t gs = words * 32 * kBitmapSpmmGroup;  // floats per 16-row group of xt
+  const int64_t list = words * 32 + kBitmapSpmmGroup;  // ints per column list
+  int32_t* lists[2] = {idx, idx + list};
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(bits);
+  if (n_rows == 0) {
+    return -1;
+  }
+  int64_t count = list_columns(b, words, lists[0]);
+  if (count != row_ptr[1] - row_ptr[0]) {
+    return 0;
+  }
+  alignas(64) float sums[4 * kBitmapSpmmGroup];
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const int64_t n = count;
+    const int32_t* cols = lists[j & 1];
+    if (j + 1 < n_rows) {
+      count = list_columns(b + (j + 1) * words, words, lists[(j + 1) & 1]);
+      if (count != row_ptr[j + 2] - row_ptr[j + 1]) {
+        return j + 1;
+      }
+    }
+    const T* v = values + row_ptr[j];  // n values, inside the tensor: the count matched
+    for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+      const float* xg = xt + g0 * gs;
+      switch (std::min<int64_t>(4, groups - g0)) {
+        case 4: spmm_groups<4>(v, cols, n, xg, gs, sums); break;
+        case 3: spmm_groups<3>(v, cols, n, xg, gs, sums); break;
+        case 2: spmm_groups<2>(v, cols, n, xg, gs, sums); break;
+        default: spmm_groups<1>(v, cols, n, xg, gs, sums); break;
+      }
+      const int64_t rows_here = std::min(4 * kBitmapSpmmGroup, m - g0 * kBitmapSpmmGroup);
+      for (int64_t l = 0; l < rows_here; ++l) {
+        out[j * m + g0 * kBitmapSpmmGroup + l] = sums[l];
+      }
+    }
+  }
+  return -1;
+}
 #endif
 
 // For each row i of x and weight row j < R: the two accumulators at
@@ -465,10 +580,11 @@ void rows_dot(
 BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
 #if defined(CPU_CAPABILITY_AVX512)
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
-                     &bitmap::gemv<float>,     &bitmap::gemv<c10::Half>,     &bitmap::gemv<c10::BFloat16>};
+                     &bitmap::gemv<float>,     &bitmap::gemv<c10::Half>,     &bitmap::gemv<c10::BFloat16>,
+                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
-                     nullptr, nullptr, nullptr};
+                     nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 #endif
 }
 
