@@ -341,7 +341,7 @@ at::Tensor bitmap_linear_cpu(
         }
       });
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> idx(2 * (words * 32 + kBitmapSpmmGroup));
+        std::vector<int32_t> idx(kRowGrain * (words * 32 + kBitmapSpmmGroup));
         std::vector<float> acc(kRowGrain * m);
         run_blocks(begin, end, kRowGrain, true, acc.data(), [&](int64_t r0, int64_t nr) {
           return spmm(v, n_values, rp + r0, b + r0 * words, words, nr, xt.data(), m, idx.data(), acc.data());

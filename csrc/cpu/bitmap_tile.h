@@ -74,8 +74,8 @@ inline constexpr int64_t kBitmapSpmmGroup = 16;
 // = x[16 g + l][c] (zero where 16 g + l >= m), for g < ceil(m / 16) and
 // c < cols_pad = words * 32. out[j * m + i] = sum over the kept columns c of
 // W_j[c] * x[i][c] for j < n_rows, i < m. Each weight row's kept columns are first
-// listed in idx (2 * (words * 32 + 16) int32 of scratch: two lists), then every
-// kept weight meets the 16-row vectors of its column. Same bound / count contract as BitmapGemvFn:
+// listed in idx (n_rows * (words * 32 + 16) int32 of scratch), then every kept
+// weight meets the 16-row vectors of its column. Same bound / count contract as BitmapGemvFn:
 // returns -1 or the first row whose count disagrees (out then undefined); the
 // caller has checked the padding bits.
 using BitmapSpmmFn = int64_t (*)(

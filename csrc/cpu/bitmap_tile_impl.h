@@ -352,12 +352,12 @@ int64_t gemv(
 // --- Several rows of x (BitmapSpmmFn) ---------------------------------------
 // A weight row's kept columns are listed first (each 16-column half: the
 // column numbers compressed in a register, stored whole at the running end of
-// the list: the next half overwrites the lanes past its count); the list of
-// row j + 1 is built before row j is summed, so the summing loads never wait
-// on the list's just-made stores. Then each kept weight, broadcast, meets the
-// 16-lane vectors of x rows at its column, for up to four 16-row groups per
-// pass (each weight and column number loaded once per pass): four accumulators
-// per group, a fixed trip count (no data-dependent branch per weight).
+// the list: the next half overwrites the lanes past its count), for every row
+// of the block. Then each kept weight, broadcast, meets the 16-lane vectors of
+// x rows at its column, for up to four 16-row groups per pass (each weight and
+// column number loaded once per pass), pass by pass over the block's rows:
+// four accumulators per group, a fixed trip count (no data-dependent branch
+// per weight).
 
 // Column numbers of the set bits of b[0, words) into idx; returns their count.
 inline int64_t list_columns(const uint32_t* b, int64_t words, int32_t* idx) {
@@ -427,35 +427,29 @@ int64_t spmm(
   const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
   const int64_t gs = words * 32 * kBitmapSpmmGroup;  // floats per 16-row group of xt
   const int64_t list = words * 32 + kBitmapSpmmGroup;  // ints per column list
-  int32_t* lists[2] = {idx, idx + list};
   const uint32_t* b = reinterpret_cast<const uint32_t*>(bits);
-  if (n_rows == 0) {
-    return -1;
-  }
-  int64_t count = list_columns(b, words, lists[0]);
-  if (count != row_ptr[1] - row_ptr[0]) {
-    return 0;
-  }
-  alignas(64) float sums[4 * kBitmapSpmmGroup];
   for (int64_t j = 0; j < n_rows; ++j) {
-    const int64_t n = count;
-    const int32_t* cols = lists[j & 1];
-    if (j + 1 < n_rows) {
-      count = list_columns(b + (j + 1) * words, words, lists[(j + 1) & 1]);
-      if (count != row_ptr[j + 2] - row_ptr[j + 1]) {
-        return j + 1;
-      }
+    if (list_columns(b + j * words, words, idx + j * list) != row_ptr[j + 1] - row_ptr[j]) {
+      return j;
     }
-    const T* v = values + row_ptr[j];  // n values, inside the tensor: the count matched
-    for (int64_t g0 = 0; g0 < groups; g0 += 4) {
-      const float* xg = xt + g0 * gs;
-      switch (std::min<int64_t>(4, groups - g0)) {
+  }
+  // Passes of up to four 16-row groups outside, weight rows inside: the pass's
+  // columns of xt serve every row of the block while they are in cache.
+  alignas(64) float sums[4 * kBitmapSpmmGroup];
+  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+    const float* xg = xt + g0 * gs;
+    const int64_t in_pass = std::min<int64_t>(4, groups - g0);
+    const int64_t rows_here = std::min(4 * kBitmapSpmmGroup, m - g0 * kBitmapSpmmGroup);
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const T* v = values + row_ptr[j];  // inside the tensor: the count matched
+      const int64_t n = row_ptr[j + 1] - row_ptr[j];
+      const int32_t* cols = idx + j * list;
+      switch (in_pass) {
         case 4: spmm_groups<4>(v, cols, n, xg, gs, sums); break;
         case 3: spmm_groups<3>(v, cols, n, xg, gs, sums); break;
         case 2: spmm_groups<2>(v, cols, n, xg, gs, sums); break;
         default: spmm_groups<1>(v, cols, n, xg, gs, sums); break;
       }
-      const int64_t rows_here = std::min(4 * kBitmapSpmmGroup, m - g0 * kBitmapSpmmGroup);
       for (int64_t l = 0; l < rows_here; ++l) {
         out[j * m + g0 * kBitmapSpmmGroup + l] = sums[l];
       }
