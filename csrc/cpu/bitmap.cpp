@@ -41,12 +41,12 @@ namespace {
 // Output rows per parallel task.
 constexpr int64_t kRowGrain = 16;
 
-// The transposed-x kernel (BitmapSpmmFn) takes 5 to 4096 rows of x (at 1-4 the
-// kernels that expand the weight in registers are faster; the cap bounds its
-// copy of x) when at most half of the weights are kept: its work is per kept
-// weight, the segment kernel's per column (measured, benchmarks/RESULTS.md).
+// The transposed-x kernel (BitmapSpmmFn) takes 5 or more rows of x (at 1-4 the
+// kernels that expand the weight in registers are faster) when at most half of
+// the weights are kept: its work is per kept weight, the segment kernel's per
+// column, both linear in the rows of x (measured, benchmarks/RESULTS.md). Its
+// transposed copy of x is x's size (rows rounded up to 16).
 constexpr int64_t kSpmmMinRows = 5;
-constexpr int64_t kSpmmMaxRows = 4096;
 
 const BitmapTiles& tiles() {
   static const BitmapTiles table = MULTIFLOW_ISA_TABLE(bitmap_tiles);
@@ -326,8 +326,7 @@ at::Tensor bitmap_linear_cpu(
           return gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
         });
       });
-    } else if (m >= kSpmmMinRows && m <= kSpmmMaxRows && spmm != nullptr && 2 * n_values <= n * k &&
-               all_finite(xp, m * ldx)) {
+    } else if (m >= kSpmmMinRows && spmm != nullptr && 2 * n_values <= n * k && all_finite(xp, m * ldx)) {
       // x transposed in groups of 16 rows: xt[g][c][l] = x[16 g + l][c], zero past m.
       const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
       std::vector<float> xt(groups * ldx * kBitmapSpmmGroup);
