@@ -6,7 +6,7 @@
 //   AVX-512 (every dtype) per 16-bit half of a word, the next 16 values widened to
 //                    float32 and permuted to the set lanes (indices from a
 //                    256-entry byte table per 8 bits), zeros elsewhere. Not the
-//                    memory form of vexpandps: it is microcoded on AMD Zen 4 and
+//                    memory form of vexpandps: it is microcoded on AMD Zen 4 / 5 and
 //                    made this kernel 2x slower there. Near the end of the
 //                    values tensor, where 16 values would run past it, the
 //                    values go through a zero-padded copy first;
@@ -232,7 +232,7 @@ inline void row_dot_registers(
 // zeros above) to the popcount(k) kept ones, met by the next popcount(k)
 // values with a masked FMA (lanes above keep their sum). The 16 values are one
 // plain load, kept out of the FMA (an empty asm): folded, it becomes a masked
-// memory operand, which on AMD Zen 4 is 3x slower from DRAM. Four accumulators
+// memory operand, 3x slower from DRAM on our AMD EPYC (Zen 5). Four accumulators
 // (two words per step) hide the FMA latency. While 64 values are left in the
 // tensor no load needs a bound check (a word takes at most 32); the last words
 // go through a checked load. Rows with fewer kept weights than 1 in 128 walk
