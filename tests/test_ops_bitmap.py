@@ -344,13 +344,16 @@ def test_one_row_non_finite_x_like_f_linear(value, dtype):
     mask[2, 40] = True
     fmt = pack(w, mask)
     wm = torch.where(mask, w, torch.zeros((), dtype=dtype))
-    for m in (1, 3, 6, 20):
+    for m, row in ((1, 0), (3, None), (6, None), (20, None), (6, 5), (20, 17), (40, 1)):
         x = torch.randn(m, 100).to(dtype)
-        x[:, 40] = value
+        if row is None:
+            x[:, 40] = value  # every row
+        else:
+            x[row, 40] = value  # one row only, past the first group of 16 too
         y = ops.bitmap_linear(x, *fmt, 100, None)
         want = torch.nn.functional.linear(x, wm)
-        assert torch.equal(y.isnan(), want.isnan()), f"m={m}"
-        assert torch.equal(y.isinf(), want.isinf()), f"m={m}"
+        assert torch.equal(y.isnan(), want.isnan()), f"m={m}, row={row}"
+        assert torch.equal(y.isinf(), want.isinf()), f"m={m}, row={row}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,9 +12,12 @@
 // padded with zeros to whole words (or used in place when it already is
 // float32 in whole words). No dense copy of the weight is made. Rows whose
 // bits set a padding bit past in_features are rejected like wrong counts.
-// One row of x with no inf / NaN (the token-by-token case) takes the
-// ISA's gemv kernel where it has one (AVX-512): x compressed to each row's
-// kept columns, the count check folded into the kernel.
+// Where the ISA has them (AVX-512) and x has no inf / NaN, two kernels that
+// multiply kept columns only: one row of x (the token-by-token case) is
+// compressed to each weight row's kept columns (gemv); 5 or more rows, when
+// at most half the weights are kept, go transposed, each kept weight meeting
+// the 16-row vector of x at its column (spmm). Both check the counts
+// themselves. Everything else: the segment / register kernels above.
 //
 // Determinism: every output element is summed by one task in a fixed order.
 #include <ATen/ATen.h>
@@ -25,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -284,7 +288,8 @@ at::Tensor bitmap_linear_cpu(
 
     // One task's output rows [begin, end) in blocks of `block`: each block's rows
     // checked just before the kernel reads them (their words are in L1 then: the
-    // padding bits, and the counts unless the kernel checks them itself), then
+    // padding bits, and the counts unless the kernel checks them itself; so which
+    // bad row of a block is named may differ between kernels), then
     // kernel(r0, nr) (-1, or the block's first row whose count is wrong) sums
     // acc[j * m + i] for the block's row j and x row i, then y = acc + bias. With
     // the counts right no kernel uses a value outside its row (loads may run into
@@ -326,7 +331,8 @@ at::Tensor bitmap_linear_cpu(
           return gemv(v, n_values, rp + r0, b + r0 * words, words, nr, xp, acc);
         });
       });
-    } else if (m >= kSpmmMinRows && spmm != nullptr && 2 * n_values <= n * k && all_finite(xp, m * ldx)) {
+    } else if (m >= kSpmmMinRows && spmm != nullptr && 2 * n_values <= n * k &&
+               ldx <= std::numeric_limits<int32_t>::max() && all_finite(xp, m * ldx)) {  // int32 column lists
       // x transposed in groups of 16 rows: xt[g][c][l] = x[16 g + l][c], zero past m.
       const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
       std::vector<float> xt(groups * ldx * kBitmapSpmmGroup);
