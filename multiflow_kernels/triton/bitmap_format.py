@@ -9,9 +9,8 @@ plain torch ops are fast enough; the bits come from the ops' own CUDA kernels
 
 The arguments are checked as the CPU op checks them, with the same messages:
 the shared contract in ops.py, then the padding bits and the counts against row_ptr.
-Those last checks
-read row_ptr on the host (one device sync), acceptable for a one-time conversion;
-bitmap_linear (bitmap_linear.py) does not pay it.
+Those last checks read row_ptr on the host (one device sync), acceptable for a one-time
+conversion; bitmap_linear (bitmap_linear.py) does not pay it.
 
 Both functions are plain torch, so they run on CPU tensors too (the tests compare
 them with the CPU ops there).
