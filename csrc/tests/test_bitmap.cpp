@@ -1,0 +1,107 @@
+// bitmap_pack / bitmap_unpack / bitmap_linear through the dispatcher, against
+// plain loops. The masks mix densities so that every CPU kernel of
+// bitmap_linear runs (one row of x, 2-4 rows, 5+ rows at most half kept, 5+
+// rows more than half kept); ctest runs this once per ISA.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "tests/harness.h"
+
+namespace {
+
+using multiflow::test::op;
+using Format = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Format pack(const at::Tensor& weight, const at::Tensor& mask) {
+  static const auto handle = op<Format(const at::Tensor&, const at::Tensor&)>("bitmap_pack");
+  return handle.call(weight, mask);
+}
+
+at::Tensor unpack(const Format& f, int64_t in_features) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
+          "bitmap_unpack");
+  return handle.call(std::get<0>(f), std::get<1>(f), std::get<2>(f), std::get<3>(f), in_features);
+}
+
+at::Tensor linear(const at::Tensor& x, const Format& f, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  static const auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>(
+      "bitmap_linear");
+  return handle.call(x, std::get<0>(f), std::get<1>(f), std::get<2>(f), std::get<3>(f), in_features, bias);
+}
+
+// y = x W^T + b against a double loop: float32 sums of K terms, then one
+// rounding to the dtype.
+void check_linear(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, double density) {
+  const at::Tensor w = at::randn({n, k}).to(dtype);
+  const at::Tensor mask = at::rand({n, k}) < density;
+  const at::Tensor x = at::randn({m, k}).to(dtype);
+  const at::Tensor b = at::randn({n}).to(dtype);
+  const Format f = pack(w, mask);
+  const at::Tensor wm = at::where(mask, w, at::zeros({}, w.options()));
+  MF_CHECK(at::equal(unpack(f, k), wm), "unpack(pack(W, M)) != W * M, dtype ", dtype, ", ", n, "x", k);
+  const at::Tensor y = linear(x, f, k, b).to(at::kDouble);
+  const at::Tensor wd = wm.to(at::kDouble), xd = x.to(at::kDouble), bd = b.to(at::kDouble);
+  const auto ws = wd.accessor<double, 2>();
+  const auto xs = xd.accessor<double, 2>();
+  const auto bs = bd.accessor<double, 1>();
+  const auto ys = y.accessor<double, 2>();
+  const double out_eps = dtype == at::kFloat ? 0.0 : dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < n; ++r) {
+      double exact = bs[r], scale = std::abs(bs[r]);
+      for (int64_t c = 0; c < k; ++c) {
+        exact += xs[i][c] * ws[r][c];
+        scale += std::abs(xs[i][c] * ws[r][c]);
+      }
+      const double bound = 2.0 * k * 1.2e-7 * scale + out_eps * std::abs(exact) + 1e-30;
+      MF_CHECK(std::abs(ys[i][r] - exact) <= bound, "dtype ", dtype, " m ", m, " density ", density, " row ", r,
+               " token ", i, ": got ", ys[i][r], ", expected ", exact);
+    }
+  }
+}
+
+MF_TEST(bitmap_linear_against_loops) {
+  at::manual_seed(21);
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (int64_t m : {1, 3, 5, 20}) {
+      for (double density : {0.004, 0.25, 0.8}) {
+        check_linear(dtype, m, 37, 100, density);  // 100 columns: a partial last word
+      }
+    }
+    check_linear(dtype, 1, 9, 1056, 0.3);
+    check_linear(dtype, 17, 9, 1056, 0.3);
+  }
+}
+
+MF_TEST(bitmap_rejects_bad_formats) {
+  at::manual_seed(22);
+  const at::Tensor w = at::randn({6, 40});
+  const at::Tensor mask = at::rand({6, 40}) < 0.5;
+  const auto [values, bits, row_ptr, block_ptr] = pack(w, mask);
+  // Row 2 claims one value more than its bits (values grown to keep row_ptr[-1] = nnz).
+  at::Tensor counts = mask.sum(1);
+  counts.index_put_({2}, counts[2] + 1);
+  const at::Tensor shifted = at::cat({at::zeros({1}, at::kLong), counts.cumsum(0)});
+  const at::Tensor more = at::randn({shifted[-1].item<int64_t>()});
+  for (int64_t m : {1, 3, 7}) {
+    const at::Tensor x = at::randn({m, 40});
+    MF_CHECK_THROWS(linear(x, {more, bits, shifted, block_ptr}, 40, std::nullopt), "row_ptr does not match bits: row 2");
+    // A bit past in_features in row 4, counted by row_ptr.
+    at::Tensor padded = bits.clone();
+    padded.index_put_({4, 1}, padded[4][1].item<int32_t>() | (1 << 20));
+    at::Tensor c4 = mask.sum(1);
+    c4.index_put_({4}, c4[4] + 1);
+    const at::Tensor rp4 = at::cat({at::zeros({1}, at::kLong), c4.cumsum(0)});
+    const at::Tensor v4 = at::randn({rp4[-1].item<int64_t>()});
+    MF_CHECK_THROWS(linear(x, {v4, padded, rp4, block_ptr}, 40, std::nullopt), "bits sets bits past in_features = 40 in row 4");
+  }
+}
+
+}  // namespace
