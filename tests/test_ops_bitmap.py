@@ -9,6 +9,7 @@ relative to sum |x| |w|.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -488,8 +489,11 @@ print("ok", n)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mmap + mprotect guard pages: Linux only")
-def test_loads_never_leave_the_tensors():
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_loads_never_leave_the_tensors(isa):
     """values, bits, row_ptr and x each end right before a page with no access: any load past
-    one of them kills the process (run apart, so a crash fails this test only)."""
-    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600)
+    one of them kills the process (run apart, so a crash fails this test only); every ISA's
+    kernels."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])

@@ -359,6 +359,9 @@ int64_t gemv(
 // four accumulators per group, a fixed trip count (no data-dependent branch
 // per weight).
 
+// 16-row groups per pass of the transposed-x kernel.
+constexpr int64_t kSpmmPass = 4;
+
 // Column numbers of the set bits of b[0, words) into idx; returns their count.
 inline int64_t list_columns(const uint32_t* b, int64_t words, int32_t* idx) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -410,6 +413,104 @@ inline void spmm_groups(const T* v, const int32_t* idx, int64_t n, const float* 
   }
 }
 
+#endif
+
+#if !defined(CPU_CAPABILITY_AVX512)
+// --- Several rows of x (BitmapSpmmFn), AVX2 / baseline ---------------------------
+// As the AVX-512 kernel: the column lists first (AVX2: per byte of a word, the
+// positions of its set bits from a 256-entry table, stored whole; baseline: a
+// count-trailing-zeros walk), then each kept weight, broadcast, meets the
+// 16-row vectors of x at its column (16 / kLanes vectors per group): two groups
+// per pass, two accumulators per group (the 16 AVX2 registers hold them).
+constexpr int64_t kSpmmPass = 2;
+
+#if defined(CPU_CAPABILITY_AVX2)
+struct SetBitPositions {  // pos[k][i] = the i-th set bit of k (0 past popcount(k))
+  int32_t pos[256][8];
+};
+
+constexpr SetBitPositions make_set_bit_positions() {
+  SetBitPositions t{};
+  for (int k = 0; k < 256; ++k) {
+    int n = 0;
+    for (int l = 0; l < 8; ++l) {
+      if ((k >> l) & 1) {
+        t.pos[k][n++] = l;
+      }
+    }
+  }
+  return t;
+}
+
+alignas(32) constexpr SetBitPositions kSetBits = make_set_bit_positions();
+
+inline int64_t list_columns(const uint32_t* b, int64_t words, int32_t* idx) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t u = b[w];
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t k = (u >> (8 * q)) & 0xFFu;
+      const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(32 * w + 8 * q));
+      const __m256i pos = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSetBits.pos[k]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + n), _mm256_add_epi32(pos, base));
+      n += popcount32(k);
+    }
+  }
+  return n;
+}
+#else
+inline int64_t list_columns(const uint32_t* b, int64_t words, int32_t* idx) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t u = b[w];
+    while (u) {
+      idx[n++] = static_cast<int32_t>(32 * w + ctz32(u));
+      u &= u - 1;
+    }
+  }
+  return n;
+}
+#endif
+
+template <int G, typename T>
+inline void spmm_groups(const T* v, const int32_t* idx, int64_t n, const float* xg, int64_t gs, float* out_g) {
+  static_assert(kBitmapSpmmGroup % kLanes == 0, "a 16-row group is whole vectors");
+  constexpr int V = static_cast<int>(kBitmapSpmmGroup / kLanes);
+  FloatVec a[G][2][V];
+  for (int g = 0; g < G; ++g) {
+    for (int q = 0; q < 2; ++q) {
+      for (int u = 0; u < V; ++u) {
+        a[g][q][u] = FloatVec(0.0f);
+      }
+    }
+  }
+  auto add = [&](int64_t k, int q) {  // q: a constant at each call, the registers stay put
+    const FloatVec w(static_cast<float>(v[k]));
+    const float* col = xg + static_cast<int64_t>(idx[k]) * kBitmapSpmmGroup;
+    for (int g = 0; g < G; ++g) {
+      for (int u = 0; u < V; ++u) {
+        a[g][q][u] = at::vec::fmadd(w, FloatVec::loadu(col + g * gs + u * kLanes), a[g][q][u]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 <= n; k += 2) {
+    add(k, 0);
+    add(k + 1, 1);
+  }
+  if (k < n) {
+    add(k, 0);
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < V; ++u) {
+      (a[g][0][u] + a[g][1][u]).store(out_g + g * kBitmapSpmmGroup + u * kLanes);
+    }
+  }
+}
+#endif
+
+// The transposed-x kernel (BitmapSpmmFn), every ISA: list_columns, spmm_groups
+// and kSpmmPass come from the ISA's section above.
 template <typename T>
 int64_t spmm(
     const void* values_v,
@@ -435,18 +536,18 @@ int64_t spmm(
   }
   // Passes of up to four 16-row groups outside, weight rows inside: the pass's
   // columns of xt serve every row of the block while they are in cache.
-  alignas(64) float sums[4 * kBitmapSpmmGroup];
-  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+  alignas(64) float sums[kSpmmPass * kBitmapSpmmGroup];
+  for (int64_t g0 = 0; g0 < groups; g0 += kSpmmPass) {
     const float* xg = xt + g0 * gs;
-    const int64_t in_pass = std::min<int64_t>(4, groups - g0);
-    const int64_t rows_here = std::min(4 * kBitmapSpmmGroup, m - g0 * kBitmapSpmmGroup);
+    const int64_t in_pass = std::min<int64_t>(kSpmmPass, groups - g0);
+    const int64_t rows_here = std::min(kSpmmPass * kBitmapSpmmGroup, m - g0 * kBitmapSpmmGroup);
     for (int64_t j = 0; j < n_rows; ++j) {
       const T* v = values + row_ptr[j];  // inside the tensor: the count matched
       const int64_t n = row_ptr[j + 1] - row_ptr[j];
       const int32_t* cols = idx + j * list;
       switch (in_pass) {
-        case 4: spmm_groups<4>(v, cols, n, xg, gs, sums); break;
-        case 3: spmm_groups<3>(v, cols, n, xg, gs, sums); break;
+        case 4: spmm_groups<kSpmmPass == 4 ? 4 : 1>(v, cols, n, xg, gs, sums); break;
+        case 3: spmm_groups<kSpmmPass == 4 ? 3 : 1>(v, cols, n, xg, gs, sums); break;
         case 2: spmm_groups<2>(v, cols, n, xg, gs, sums); break;
         default: spmm_groups<1>(v, cols, n, xg, gs, sums); break;
       }
@@ -457,7 +558,6 @@ int64_t spmm(
   }
   return -1;
 }
-#endif
 
 // For each row i of x and weight row j < R: the two accumulators at
 // scratch[(i * R + j) * kBitmapScratchPerRow] += dense[j] . x_i over `cols` (a
@@ -578,7 +678,8 @@ BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
                      &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
-                     nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+                     nullptr,                  nullptr,                      nullptr,
+                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
 #endif
 }
 
