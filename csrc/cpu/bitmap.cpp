@@ -349,7 +349,7 @@ at::Tensor bitmap_linear_cpu(
         std::vector<int32_t> idx(kRowGrain * (words * 32 + kBitmapSpmmGroup));
         std::vector<float> acc(kRowGrain * m);
         run_blocks(begin, end, kRowGrain, true, acc.data(), [&](int64_t r0, int64_t nr) {
-          return spmm(v, n_values, rp + r0, b + r0 * words, words, nr, xt.data(), m, idx.data(), acc.data());
+          return spmm(v, rp + r0, b + r0 * words, words, nr, xt.data(), m, idx.data(), acc.data());
         });
       });
     } else {

@@ -75,12 +75,11 @@ inline constexpr int64_t kBitmapSpmmGroup = 16;
 // c < cols_pad = words * 32. out[j * m + i] = sum over the kept columns c of
 // W_j[c] * x[i][c] for j < n_rows, i < m. Each weight row's kept columns are first
 // listed in idx (n_rows * (words * 32 + 16) int32 of scratch), then every kept
-// weight meets the 16-row vectors of its column. Same bound / count contract as BitmapGemvFn:
-// returns -1 or the first row whose count disagrees (out then undefined); the
-// caller has checked the padding bits.
+// weight meets the 16-row vectors of its column. Every row's count is checked
+// before any of its values is read: returns -1 or the first row whose count
+// disagrees (out then undefined); the caller has checked the padding bits.
 using BitmapSpmmFn = int64_t (*)(
     const void* values,
-    int64_t n_values,
     const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,

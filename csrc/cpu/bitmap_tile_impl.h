@@ -514,7 +514,6 @@ inline void spmm_groups(const T* v, const int32_t* idx, int64_t n, const float* 
 template <typename T>
 int64_t spmm(
     const void* values_v,
-    int64_t n_values,
     const int64_t* row_ptr,
     const int32_t* bits,
     int64_t words,
@@ -523,7 +522,6 @@ int64_t spmm(
     int64_t m,
     int32_t* idx,
     float* out) {
-  (void)n_values;  // every row's count is checked before its values are read
   const T* values = static_cast<const T*>(values_v);
   const int64_t groups = (m + kBitmapSpmmGroup - 1) / kBitmapSpmmGroup;
   const int64_t gs = words * 32 * kBitmapSpmmGroup;  // floats per 16-row group of xt

@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <sstream>
 #include <tuple>
 #include <vector>
 
 #include "tests/harness.h"
+#include "tests/linear_check.h"
 
 namespace {
 
@@ -36,8 +38,7 @@ at::Tensor linear(const at::Tensor& x, const Format& f, int64_t in_features, con
   return handle.call(x, std::get<0>(f), std::get<1>(f), std::get<2>(f), std::get<3>(f), in_features, bias);
 }
 
-// y = x W^T + b against a double loop: float32 sums of K terms, then one
-// rounding to the dtype.
+// y = x W^T + b against a double loop (linear_check.h).
 void check_linear(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, double density) {
   const at::Tensor w = at::randn({n, k}).to(dtype);
   const at::Tensor mask = at::rand({n, k}) < density;
@@ -46,25 +47,9 @@ void check_linear(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, double 
   const Format f = pack(w, mask);
   const at::Tensor wm = at::where(mask, w, at::zeros({}, w.options()));
   MF_CHECK(at::equal(unpack(f, k), wm), "unpack(pack(W, M)) != W * M, dtype ", dtype, ", ", n, "x", k);
-  const at::Tensor y = linear(x, f, k, b).to(at::kDouble);
-  const at::Tensor wd = wm.to(at::kDouble), xd = x.to(at::kDouble), bd = b.to(at::kDouble);
-  const auto ws = wd.accessor<double, 2>();
-  const auto xs = xd.accessor<double, 2>();
-  const auto bs = bd.accessor<double, 1>();
-  const auto ys = y.accessor<double, 2>();
-  const double out_eps = dtype == at::kFloat ? 0.0 : dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t r = 0; r < n; ++r) {
-      double exact = bs[r], scale = std::abs(bs[r]);
-      for (int64_t c = 0; c < k; ++c) {
-        exact += xs[i][c] * ws[r][c];
-        scale += std::abs(xs[i][c] * ws[r][c]);
-      }
-      const double bound = 2.0 * k * 1.2e-7 * scale + out_eps * std::abs(exact) + 1e-30;
-      MF_CHECK(std::abs(ys[i][r] - exact) <= bound, "dtype ", dtype, " m ", m, " density ", density, " row ", r,
-               " token ", i, ": got ", ys[i][r], ", expected ", exact);
-    }
-  }
+  std::ostringstream what;
+  what << "bitmap_linear " << dtype << " density " << density;
+  multiflow::test::check_linear_against_loops(linear(x, f, k, b), x, wm, b, what.str());
 }
 
 MF_TEST(bitmap_linear_against_loops) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tests/harness.h"
+#include "tests/linear_check.h"
 
 namespace {
 
@@ -112,33 +113,15 @@ MF_TEST(sparse24_pack_rejects_three_of_four) {
   MF_CHECK_THROWS(pack(at::randn({4, 30}), at::zeros({4, 30}, at::kBool)), "in_features must be a multiple of 4");
 }
 
-// y against a double loop; float32 sums of K terms, then one rounding to the dtype.
+// y against a double loop (linear_check.h).
 void check_linear(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
   const at::Tensor w = at::randn({n, k}).to(dtype);
   const at::Tensor mask = random_mask(n, k);
   const at::Tensor x = at::randn({m, k}).to(dtype);
   const at::Tensor b = at::randn({n}).to(dtype);
   const auto [values, metadata] = pack(w, mask);
-  const at::Tensor y = linear(x, values, metadata, b).to(at::kDouble);
-  const at::Tensor wd = at::where(mask, w, at::zeros({}, w.options())).to(at::kDouble);
-  const at::Tensor xd = x.to(at::kDouble), bd = b.to(at::kDouble);
-  const auto ws = wd.accessor<double, 2>();
-  const auto xs = xd.accessor<double, 2>();
-  const auto bs = bd.accessor<double, 1>();
-  const auto ys = y.accessor<double, 2>();
-  const double out_eps = dtype == at::kFloat ? 0.0 : dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t r = 0; r < n; ++r) {
-      double exact = bs[r], scale = std::abs(bs[r]);
-      for (int64_t c = 0; c < k; ++c) {
-        exact += xs[i][c] * ws[r][c];
-        scale += std::abs(xs[i][c] * ws[r][c]);
-      }
-      const double bound = 2.0 * k * 1.2e-7 * scale + out_eps * std::abs(exact) + 1e-30;
-      MF_CHECK(std::abs(ys[i][r] - exact) <= bound, "m ", m, " row ", r, " token ", i, ": got ", ys[i][r], ", expected ",
-               exact);
-    }
-  }
+  multiflow::test::check_linear_against_loops(linear(x, values, metadata, b), x,
+                                              at::where(mask, w, at::zeros({}, w.options())), b, "sparse24_linear");
 }
 
 MF_TEST(sparse24_linear_against_loops) {
