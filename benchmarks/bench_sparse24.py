@@ -140,6 +140,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
           f"(see common.rotating_copies); ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'bitmap ms':>9} {'ours ms':>9} "
           f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9}")
+    out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -162,13 +163,13 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
             for r in case["rows"]:
                 for fmt, why in r.get("failed", {}).items():
                     print(f"{'':>10} {fmt} failed at {r['rows']} rows: {why}")
-    out = Path(out or results_dir(quick=quick))
-    path = write_json(out, f"sparse24_{device.type}", {
-        "benchmark": "sparse24", "family": "sparse24", "device": str(device), "quick": quick,
-        "copy_bandwidth_Bps": bandwidth, "timing": timing,
-        "note": "time_s: median seconds per call, best_s: fastest sample; of_roofline = (weight storage + x + y bytes) / "
-                "copy bandwidth / time_s; tflops: dense-equivalent 2*rows*out*in / time; ours/dense > 1 means faster",
-        "results": results})
+        # after each dtype, so a run cut short (gpu_check's time caps) keeps the dtypes it finished
+        path = write_json(out, f"sparse24_{device.type}", {
+            "benchmark": "sparse24", "family": "sparse24", "device": str(device), "quick": quick,
+            "copy_bandwidth_Bps": bandwidth, "timing": timing, "partial": dtype is not dtypes[-1],
+            "note": "time_s: median seconds per call, best_s: fastest sample; of_roofline = (weight storage + x + y bytes) / "
+                    "copy bandwidth / time_s; tflops: dense-equivalent 2*rows*out*in / time; ours/dense > 1 means faster",
+            "results": results})
     png = _plot(results, shapes, out / f"sparse24_{device.type}.png", device.type)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return path

@@ -161,6 +161,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
           f"(weight storage + x + y) take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>5} {'dense ms':>9} {'csr ms':>9} {'masked ms':>10} "
           f"{'bitmap ms':>10} {'bm/dense':>9} {'bm/csr':>7} {'dense %roof':>11} {'bitmap %roof':>12}")
+    out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -181,17 +182,18 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                           f"{r['of_roofline']['dense']:>11.0%} {roof_bm:>12}")
                 for fmt, why in case["unavailable"].items():
                     print(f"{'':>10} {fmt} not measured: {why}")
+        # after each dtype, so a run cut short (gpu_check's time caps) keeps the dtypes it finished
+        path = write_json(out, f"sparse_linear_{device.type}", {
+            "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
+            "rotation_bytes": ROTATION_BYTES[device.type], "copy_bandwidth_Bps": bandwidth, "timing": timing,
+            "partial": dtype is not dtypes[-1],
+            "note": "time_s: median seconds per call, best_s: fastest sample; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
+                    "of_roofline = roofline_s / time_s; masks are random with the given keep probability",
+            "results": results})
     print("\ncrossover (bitmap vs dense): bitmap faster up to / slower from rows")
     for c in results:
         print(f"  {c['shape']:>10} {c['dtype']:>8} {c['sparsity']:.2f}: {c['crossover']['bitmap_faster_up_to_rows']} / "
               f"{c['crossover']['bitmap_slower_from_rows']}   (bitmap storage {c['bitmap_bytes_ratio'] or float('nan'):.3f}x dense)")
-    out = Path(out or results_dir(quick=quick))
-    path = write_json(out, f"sparse_linear_{device.type}", {
-        "benchmark": "sparse_linear", "family": "bitmap", "device": str(device), "quick": quick,
-        "rotation_bytes": ROTATION_BYTES[device.type], "copy_bandwidth_Bps": bandwidth, "timing": timing,
-        "note": "time_s: median seconds per call, best_s: fastest sample; roofline_s: (weight storage + x + y bytes) / copy bandwidth; "
-                "of_roofline = roofline_s / time_s; masks are random with the given keep probability",
-        "results": results})
     png = _plot(results, shapes, out / f"sparse_linear_{device.type}.png", device.type)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return path
