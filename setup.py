@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +72,75 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
     if sys.platform == "darwin":  # Apple clang: OpenMP via torch's bundled libomp (untested here)
         return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
     return ["-fopenmp"], ["-fopenmp"]
+
+
+def _mapped_library(prefix: str) -> str | None:
+    """Path of the shared library named ``prefix*`` that this process (which has
+    imported torch) has loaded, e.g. the libstdc++ torch runs with."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and os.path.basename(parts[5]).startswith(prefix):
+                    return parts[5]
+    except OSError:
+        pass
+    return None
+
+
+def _shared_runtime_link_args(linker: str, openmp: bool) -> list[str]:
+    """Link flags that keep one C++ (and OpenMP) runtime in the process.
+
+    Some toolchains link libstdc++ statically (seen: a GCC in /opt/gcc on an
+    H200 image, with no shared libstdc++): the C++ runtime is then copied into
+    _C.so, the process holds two copies whose data (the locale's facet ids) the
+    dynamic loader mixes, and every op error message that formats a number
+    segfaulted there (or silently lost its numbers). So the libstdc++ torch runs
+    with is always linked by path (same soname: one copy at run time), and so is
+    torch's libgomp when the linker has no shared one."""
+    if not sys.platform.startswith("linux"):
+        return []
+    args = []
+    cxx_runtime = _mapped_library("libstdc++.so")
+    if cxx_runtime:
+        args.append(cxx_runtime)
+    if openmp:
+        try:
+            found = subprocess.run([linker, "-print-file-name=libgomp.so"], capture_output=True, text=True,
+                                   timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            found = ""
+        gomp = _mapped_library("libgomp")
+        if not (os.path.isabs(found) and os.path.exists(found)) and gomp:
+            print(f"multiflow_kernels._C: {linker} has no shared libgomp; linking {gomp}, the copy torch runs with",
+                  file=sys.stderr)
+            args.append(gomp)
+    return args
+
+
+def _needed_libraries(path: str) -> list[str] | None:
+    """The DT_NEEDED entries of a shared object (readelf), or None if unknown."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    return [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line and "[" in line]
+
+
+class _BuildExt(BuildExtension):
+    """torch's BuildExtension, plus: one C++ / OpenMP runtime in the process."""
+
+    def build_extension(self, ext):
+        if sys.platform.startswith("linux") and getattr(self.compiler, "linker_so", None):
+            openmp = any("-fopenmp" in a for a in ext.extra_link_args or [])
+            ext.extra_link_args = list(ext.extra_link_args or []) + _shared_runtime_link_args(
+                self.compiler.linker_so[0], openmp)
+        super().build_extension(ext)
+        needed = _needed_libraries(self.get_ext_fullpath(ext.name)) if sys.platform.startswith("linux") else None
+        if needed is not None and not any(n.startswith("libstdc++.so") for n in needed):
+            print(f"multiflow_kernels._C: WARNING: {self.get_ext_fullpath(ext.name)} does not load libstdc++ "
+                  f"(linked statically?): op error messages may crash the process. Needed: {', '.join(needed)}",
+                  file=sys.stderr)
 
 
 def _wheel_cuda_include_dirs() -> list[str]:
@@ -166,7 +237,7 @@ setup(
     package_dir={"multiflow": "python/multiflow"},
     package_data={"multiflow": ["configs/*.json"]},
     ext_modules=[ext_module],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -4,12 +4,14 @@
 # every benchmark family of benchmarks/run.py at sizes that fill the chip (the whole run
 # under 8 minutes on an H100 / H200). Prints a summary table last.
 #
-#   benchmarks/gpu_check.sh [--quick] [--bench-only] [--families "F ..."] [--out DIR]
+#   benchmarks/gpu_check.sh [--quick] [--bench-only] [--profile] [--families "F ..."] [--out DIR]
 #
 # --quick: build + tests only. --bench-only: build + benchmarks (no tests, no sanitizer),
 # e.g. a second call for the families the first one had no time for. --families: the
 # benchmark families to run, in that order (default: act masks sparse24 bitmap e2e scores
 # masked_linear, most wanted first: the 8-minute budget may not reach the last ones).
+# --profile: also benchmarks/gpu_profile.py (torch.profiler tables of the calls that miss
+# their goals) into profile.log, after the tests. --families "" runs no benchmark.
 # Environment: TEST_CAP / MEMCHECK_CAP (seconds for pytest / memcheck; 240 / 90),
 # GPU_CHECK_BUDGET_S (no benchmark family starts after this many seconds; 450).
 # Results (logs, JSON, PNG) go to --out, else $OUT, else benchmarks/results/. Needs a
@@ -20,15 +22,17 @@ cd "$(dirname "$0")/.."
 
 QUICK=0
 BENCH_ONLY=0
+PROFILE=0
 FAMILIES="act masks sparse24 bitmap e2e scores masked_linear"
 OUT_DIR=${OUT:-benchmarks/results}
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --bench-only) BENCH_ONLY=1 ;;
+        --profile) PROFILE=1 ;;
         --families) FAMILIES=$2; shift ;;
         --out) OUT_DIR=$2; shift ;;
-        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,19p "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -103,7 +107,8 @@ EOF
     rc=$?
     canary="$canary $dev:$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")"
 done
-ldd multiflow_kernels/_C*.so 2>/dev/null | grep -E "stdc|gcc_s" > "$OUT_DIR/canary_ldd.txt"
+{ "${CXX:-c++}" --version 2>&1 | head -1; grep "^multiflow_kernels._C:" "$OUT_DIR/build.log";
+  readelf -d multiflow_kernels/_C*.so 2>&1 | grep NEEDED; } > "$OUT_DIR/canary_ldd.txt"
 step "error-message canary" $(echo "$canary" | grep -q rc= && echo FAIL || echo ok) $(( $(date +%s) - t )) "$canary"
 t=$(date +%s)
 # pytest-xdist when installed: Triton compiles on the host's cores in parallel (its disk cache
@@ -143,6 +148,13 @@ else
     step "compute-sanitizer memcheck" skip 0 "compute-sanitizer not found"
 fi
 fi  # BENCH_ONLY
+
+if [ $PROFILE -eq 1 ]; then
+    t=$(date +%s)
+    timeout --kill-after=10 ${PROFILE_CAP:-90} "$PY" benchmarks/gpu_profile.py > "$OUT_DIR/profile.log" 2>&1
+    rc=$?
+    step "profile (gpu_profile.py)" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) "profile.log"
+fi
 
 # ---- benchmarks: every family of benchmarks/run.py, each in its own process --------------
 # The whole script stays under 8 minutes on an H100 / H200: build ~2 min, tests + sanitizer

@@ -322,6 +322,34 @@ def test_cuda_layouts_and_determinism(dtype):
 
 @pytest.mark.cuda
 @cuda_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_16_byte_path_layouts(dtype):
+    """x made on the GPU in its dtype (so views keep their strides): padded rows whose data
+    stays 16-byte aligned (the 16-byte-load kernel, with a row stride), a view one element
+    off (the one-element kernel), token counts that are not multiples of a load batch, and
+    many tokens with padded rows (several chunks). Inf / NaN in masked-out tokens only."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    base = torch.randn(37, 200, generator=gen, device="cuda").to(dtype)
+    big = torch.randn(20_001, 264, generator=gen, device="cuda").to(dtype)
+    views = {"padded_rows": base[:, :96], "aligned_offset": base[:, 8:104], "one_off": base[:, 1:97],
+             "few_tokens": base[:5, :64], "many_tokens_padded": big[:, :256], "odd_tokens": big[:1001, 8:256]}
+    for name, x in views.items():
+        for mask in (None, torch.rand(x.shape[0], generator=gen, device="cuda") < 0.7):
+            if mask is not None:  # masked-out tokens are not read: inf / NaN there change nothing
+                x = x.clone()
+                dropped = (~mask).nonzero().flatten()
+                x[dropped[: len(dropped) // 2]] = float("inf")
+                x[dropped[len(dropped) // 2 :]] = float("nan")
+                x = torch.cat([x, torch.zeros(x.shape[0], 8, dtype=dtype, device="cuda")], 1)[:, : x.shape[1]]
+            acc_in = (torch.rand(x.shape[-1], generator=gen, device="cuda") * 10 + 0.5)
+            out = run_op(acc_in, x, mask)
+            assert torch.isfinite(out).all(), name
+            assert_earned(acc_in, x, mask, out)
+            assert torch.equal(out, run_op(acc_in, x, mask)), f"{name}: not deterministic"
+
+
+@pytest.mark.cuda
+@cuda_only
 @pytest.mark.parametrize("sample", range(7))
 def test_opcheck_cuda(sample):
     acc, x, mask = list(_opcheck_samples("cuda"))[sample]

@@ -10,15 +10,18 @@
 // Determinism. No atomics: each thread sums its rows in order, the block adds
 // its kRows warp sums in order, and with several chunks the per-chunk sums go
 // to a partial buffer that a second kernel adds into acc in chunk order. The
-// chunking depends only on the shape, so repeated runs agree bitwise.
+// chunking depends only on the shape (and on whether x allows 16-byte loads, below), so
+// repeated runs agree bitwise.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "act_stats.h"
@@ -34,6 +37,9 @@ constexpr int kRows = 8;   // warps per block, down the tokens
 // partial buffer stays small (kMaxChunks * F floats).
 constexpr int64_t kMinChunkTokens = 256;
 constexpr int64_t kMaxChunks = 512;
+constexpr int64_t kMinVecChunkTokens = 64;
+constexpr int kBatch = 4;  // rows per load batch of the 16-byte path
+constexpr int64_t kTargetBlocks = 1024;
 constexpr int kReduceThreads = 256;
 constexpr int kFlush = 16;
 
@@ -90,6 +96,135 @@ __global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_kernel(
   }
 }
 
+// 16-byte loads: V = 16 / sizeof(scalar_t) consecutive features per thread (4 float32, 8
+// float16 / bfloat16), so a warp reads 512 contiguous bytes of a row per load instead of
+// 128 (float32) or 64 (16-bit). Used when x's data pointer is 16-byte aligned and both
+// n_features and row_stride are multiples of V. Each thread keeps V two-level sums; a
+// column's summation order is the one of sq_sum_chunks_kernel (a thread's rows in order,
+// then the kRows warp sums in order).
+template <typename scalar_t>
+struct Vec16 {
+  static constexpr int kWidth = 16 / sizeof(scalar_t);
+};
+
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[4], float /*tag*/) {
+  v[0] = __uint_as_float(raw.x);
+  v[1] = __uint_as_float(raw.y);
+  v[2] = __uint_as_float(raw.z);
+  v[3] = __uint_as_float(raw.w);
+}
+
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[8], c10::BFloat16 /*tag*/) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // little endian: the lower half is the earlier element
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[8], c10::Half /*tag*/) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &w[i], sizeof(h));
+    const float2 f = __half22float2(h);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_vec_kernel(
+    const scalar_t* __restrict__ x,
+    int64_t row_stride,
+    const bool* __restrict__ mask,
+    int64_t n_tokens,
+    int64_t n_features,
+    int64_t chunk_tokens,
+    float* __restrict__ out,
+    bool add_into_out) {
+  constexpr int V = Vec16<scalar_t>::kWidth;
+  constexpr int kBlockCols = kCols * V;
+  __shared__ float warp_sums[kRows][kBlockCols];
+
+  const int64_t block_col0 = static_cast<int64_t>(blockIdx.x) * kBlockCols;
+  const int64_t col0 = block_col0 + static_cast<int64_t>(threadIdx.x) * V;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * chunk_tokens;
+  const int64_t t1 = min(n_tokens, t0 + chunk_tokens);
+
+  float outer[V];
+  float inner[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    outer[i] = 0.0f;
+    inner[i] = 0.0f;
+  }
+  if (col0 < n_features) {  // n_features % V == 0: the whole vector is in range
+    // kBatch rows per step, their mask bytes and then their vectors loaded before any is
+    // used, so that several 16-byte loads are in flight per thread (a branch per row
+    // would wait for each load in turn). A row that is masked out or past the chunk
+    // loads nothing and counts as zeros: fmaf(0, 0, s) == s exactly, so the sums are
+    // those of skipping it.
+    static_assert(kFlush % kBatch == 0, "a flush falls between batches");
+    int rows = 0;
+    for (int64_t t = t0 + threadIdx.y; t < t1; t += kRows * kBatch) {
+      bool keep[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int64_t tb = t + b * kRows;
+        keep[b] = tb < t1 && (mask == nullptr || mask[tb]);
+      }
+      uint4 raw[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        raw[b] = keep[b] ? __ldg(reinterpret_cast<const uint4*>(x + (t + b * kRows) * row_stride + col0))
+                         : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        float v[V];
+        unpack16(raw[b], v, scalar_t{});
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          inner[i] = fmaf(v[i], v[i], inner[i]);
+        }
+      }
+      rows += kBatch;
+      if (rows == kFlush) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          outer[i] += inner[i];
+          inner[i] = 0.0f;
+        }
+        rows = 0;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    warp_sums[threadIdx.y][threadIdx.x * V + i] = outer[i] + inner[i];
+  }
+  __syncthreads();
+
+  for (int c = threadIdx.y * kCols + threadIdx.x; c < kBlockCols; c += kCols * kRows) {
+    const int64_t col = block_col0 + c;
+    if (col < n_features) {
+      float total = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        total += warp_sums[r][c];
+      }
+      if (add_into_out) {
+        out[col] += total;
+      } else {
+        out[static_cast<int64_t>(blockIdx.y) * n_features + col] = total;
+      }
+    }
+  }
+}
+
 // acc[j] += sum over chunks c, in order, of partial[c, j].
 __global__ void add_chunk_sums_kernel(
     const float* __restrict__ partial,
@@ -123,9 +258,20 @@ void sq_sum_accumulate_cuda(
   const c10::cuda::CUDAGuard device_guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const int64_t chunk_tokens = std::max(kMinChunkTokens, ceil_div(p.n_tokens, kMaxChunks));
+  // The 16-byte path when x's layout allows it (see sq_sum_chunks_vec_kernel).
+  const int64_t width = 16 / static_cast<int64_t>(p.x.element_size());
+  const bool vec = reinterpret_cast<std::uintptr_t>(p.x.const_data_ptr()) % 16 == 0 &&
+      p.n_features % width == 0 && p.row_stride % width == 0;
+  const int64_t n_col_blocks = ceil_div(p.n_features, kCols * (vec ? width : 1));
+  // Chunks: at least kMinChunkTokens tokens (kMinVecChunkTokens on the 16-byte path, whose
+  // blocks cover `width` times more columns), at most kMaxChunks, and about
+  // kTargetBlocks blocks in all so that every SM has several.
+  int64_t chunk_tokens = std::max(kMinChunkTokens, ceil_div(p.n_tokens, kMaxChunks));
+  if (vec) {
+    const int64_t want_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, n_col_blocks), 1, kMaxChunks);
+    chunk_tokens = std::max({kMinVecChunkTokens, ceil_div(p.n_tokens, want_chunks), ceil_div(p.n_tokens, kMaxChunks)});
+  }
   const int64_t n_chunks = ceil_div(p.n_tokens, chunk_tokens);
-  const int64_t n_col_blocks = ceil_div(p.n_features, kCols);
   TORCH_CHECK(
       n_col_blocks <= std::numeric_limits<int32_t>::max(),
       "multiflow::sq_sum_accumulate_: too many features for one launch: ", p.n_features);
@@ -144,7 +290,8 @@ void sq_sum_accumulate_cuda(
   const dim3 block(kCols, kRows);
   const auto launch = [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
-    sq_sum_chunks_kernel<scalar_t><<<grid, block, 0, stream>>>(
+    const auto kernel = vec ? sq_sum_chunks_vec_kernel<scalar_t> : sq_sum_chunks_kernel<scalar_t>;
+    kernel<<<grid, block, 0, stream>>>(
         p.x.const_data_ptr<scalar_t>(),
         p.row_stride,
         mask,
