@@ -164,16 +164,13 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
 # only the kept ones (0.41x at this density, 0.03x when all are pruned).
 AUTO_24_MIN_DENSITY = 0.375
 
-# Rows of x up to which the bitmap kernel is chosen on CUDA (the memory-bound regime its
-# decode-in-registers kernel is built for); above it the masked kernel's tensor-core GEMM.
-AUTO_CUDA_BITMAP_MAX_ROWS = 16
-
-
 def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
                   capability: tuple[int, int] | None = None) -> str:
     """The format ``auto`` picks for one layer: its keep-``mask``, weight ``dtype``, the
     ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
     ``capability``: the CUDA device's compute capability (read from the device if None).
+    No measured rule depends on ``rows`` at present (see the two cases below: the same
+    format won at every measured row count); it stays in the signature for when one does.
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
       weights (a sparser mask is much smaller as a bitmap), else ``bitmap``. Measured here
@@ -183,9 +180,12 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       (within 5% at 256) and beats dense up to 256 rows on most shapes.
     - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
       multiple of 16 and the GPU sm_80 or newer (sparse tensor cores for many rows, a
-      decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap`` up to
-      ``AUTO_CUDA_BITMAP_MAX_ROWS`` rows and ``masked`` above. This CUDA rule follows the
-      bytes each kernel moves; it has not been measured on a GPU yet.
+      decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap``. Measured
+      on an H200 (float16 / float32, benchmarks/RESULTS.md): sparse24_linear beat
+      bitmap_linear on the same 2:4 masks at every row count, and bitmap_linear beat
+      masked_linear in 231 of 252 cases (all 144 above 16 rows but 9 small float16 ones).
+      Neither sparse kernel is yet faster than dense cuBLAS on CUDA except 2:4 at 1-4 rows:
+      on a GPU the formats save memory, not time (see RESULTS.md).
     """
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
@@ -195,4 +195,4 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
         capability = torch.cuda.get_device_capability(device)
     if dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0) and mask.shape[-1] % 16 == 0 and as_24:
         return "2:4"
-    return "bitmap" if rows <= AUTO_CUDA_BITMAP_MAX_ROWS else "masked"
+    return "bitmap"

@@ -2,7 +2,7 @@
 plain-torch twin. Every test here needs an NVIDIA GPU (marked ``cuda``; skipped without one).
 
 sparse24_linear has three CUDA paths, each covered: a warp per output row (rows of x <=
-16, any dtype), mma.sp sparse tensor cores (float16 / bfloat16, more rows, in % 16 == 0,
+4, any dtype), mma.sp sparse tensor cores (float16 / bfloat16, 5 rows or more, in % 16 == 0,
 16-byte aligned), and the row kernel over blocks of 16 rows of x (float32 with more rows,
 in % 16 != 0, unaligned x).
 """
@@ -85,7 +85,7 @@ def test_pack_rejects_non_24_mask_on_cuda():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [0, 1, 3, 16, 17, 64, 129])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 16, 17, 64, 129])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_reference(dtype, shape, rows, with_bias):
     out_f, in_f = shape

@@ -12,7 +12,8 @@
 //
 // sparse24_linear, y = x @ W.T + bias, dispatched on the number of rows m of x:
 //
-//  * m <= kRowsGemv (the memory-bound regime, any dtype): one warp per output row.
+//  * m < kRowsTensorCoresFrom (the memory-bound regime, any dtype): one warp per
+//    output row (also the fallback below, in blocks of kRowsGemv rows of x).
 //    Lane L reads metadata words L, L + 32, ... of the row and their 8 values each
 //    (a warp reads 32 consecutive words: 64 bytes of metadata and 32 * 8 values,
 //    contiguous), decodes the positions in registers, gathers the matching
@@ -20,7 +21,7 @@
 //    up to kRowsGemv rows of x in float32 registers; a warp shuffle reduction
 //    ends the row. The weight is read once, about 0.56x the dense fp16 bytes.
 //
-//  * m > kRowsGemv, float16 / bfloat16, in % 16 == 0, 16-byte aligned, sm_80+:
+//  * m >= kRowsTensorCoresFrom, float16 / bfloat16, in % 16 == 0, 16-byte aligned, sm_80+:
 //    sparse tensor cores. W is operand A of mma.sp.m16n8k32 (16 output features by
 //    32 input columns, stored as 16 x 16 kept values), x^T is operand B (32 columns
 //    by 8 tokens). A block of 4 warps computes a 64 (features) x 64 (tokens) tile of
@@ -62,8 +63,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kBlocksPerSm = 32;
-// Rows of x up to which sparse24_linear runs the one-pass warp-per-row kernel.
+// Rows of x per launch of the warp-per-row kernel (its float32 accumulators per lane).
 constexpr int64_t kRowsGemv = 16;
+// Rows of x up to which sparse24_linear runs the warp-per-row kernel when the
+// tensor-core path could take them. Measured on an H200 (fp16, 2026-11-28,
+// benchmarks/RESULTS.md): the warp kernel's time grows faster than m (4096x4096: 0.017
+// ms at 1 row, 0.039 at 4, 0.215 at 16; 11008x4096: 0.030, 0.098, 0.424), while mma.sp
+// at 64 rows took 0.063 / 0.077 ms (a 64-token tile costs the same for 5 rows as for 64).
+constexpr int64_t kRowsTensorCoresFrom = 5;
 // A metadata word whose 4 chunks all name positions (0, 1): 0b0100 per chunk.
 constexpr uint32_t kFillerWord = 0x4444u;
 
@@ -599,7 +606,7 @@ at::Tensor sparse24_linear_cuda(
   }
   const auto dtype = p.x.scalar_type();
   // Evaluated only past the few-rows case (short-circuit): the memory-bound path asks nothing.
-  const bool tensor_cores = p.m > kRowsGemv && (dtype == at::kHalf || dtype == at::kBFloat16) &&
+  const bool tensor_cores = p.m >= kRowsTensorCoresFrom && (dtype == at::kHalf || dtype == at::kBFloat16) &&
                             at::cuda::getCurrentDeviceProperties()->major >= 8 &&
                             p.cols % kSparse24WordCols == 0 &&
                             ceil_div(p.rows, static_cast<int64_t>(kTileOut)) <= 65535 &&
