@@ -173,15 +173,16 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
         for row in [r for r in results if r["dtype"] == dname]:
             _print_row(row, dense, batches)
         del variants, base
-    path = write_json(Path(out or results_dir(quick=quick)), f"e2e_{device.type}", {
-        "benchmark": "e2e", "family": "e2e", "device": str(device), "quick": quick,
-        "model": desc, "params": n_params, "text_tokens": TEXT_TOKENS, "batches": batches, "timed_rounds": runs,
-        "warmup_rounds": "one before every batch size" if cuda else f"one before batch {batches[0]} only",
-        "masks": mask_info,
-        "note": "weight_bytes: the prunable linear weights (sparse storage for sparsified rows); model_bytes: all "
-                "parameters and buffers; latency_s: median seconds of the ITM forward per batch size; max_rel_err: "
-                "max |itm_score - dense-with-masks itm_score| / max |dense-with-masks itm_score| at batch 1",
-        "results": results})
+        # after each dtype, so a run cut short (gpu_check's time caps) keeps the dtypes it finished
+        path = write_json(Path(out or results_dir(quick=quick)), f"e2e_{device.type}", {
+            "benchmark": "e2e", "family": "e2e", "device": str(device), "quick": quick, "partial": dtype is not dtypes[-1],
+            "model": desc, "params": n_params, "text_tokens": TEXT_TOKENS, "batches": batches, "timed_rounds": runs,
+            "warmup_rounds": "one before every batch size" if cuda else f"one before batch {batches[0]} only",
+            "masks": mask_info,
+            "note": "weight_bytes: the prunable linear weights (sparse storage for sparsified rows); model_bytes: all "
+                    "parameters and buffers; latency_s: median seconds of the ITM forward per batch size; max_rel_err: "
+                    "max |itm_score - dense-with-masks itm_score| / max |dense-with-masks itm_score| at batch 1",
+            "results": results})
     print(f"wrote {path}")
     return path
 

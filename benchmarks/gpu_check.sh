@@ -162,7 +162,7 @@ fi
 # masks 15 s, sparse24 40 s, bitmap 60 s, masked_linear 30 s, e2e 60 s), and no family starts after 7.5 min.
 if [ $QUICK -eq 0 ]; then
     DEADLINE=$(( T0 + ${GPU_CHECK_BUDGET_S:-450} ))  # no family starts after this
-    declare -A CAP=([act]=40 [masks]=40 [scores]=60 [sparse24]=60 [bitmap]=120 [masked_linear]=60 [e2e]=90)
+    declare -A CAP=([act]=40 [masks]=40 [scores]=60 [sparse24]=60 [bitmap]=120 [masked_linear]=60 [e2e]=150)
     for fam in $FAMILIES; do
         cap=${CAP[$fam]:-90}
         left=$(( DEADLINE - $(date +%s) ))
