@@ -80,9 +80,12 @@ def _mapped_library(prefix: str) -> str | None:
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and os.path.basename(parts[5]).startswith(prefix):
-                    return parts[5]
+                parts = line.rstrip("\n").split(None, 5)  # the path (6th field) may hold spaces
+                if len(parts) < 6:
+                    continue
+                path = parts[5].removesuffix(" (deleted)")
+                if os.path.basename(path).startswith(prefix) and os.path.exists(path):
+                    return path
     except OSError:
         pass
     return None
@@ -133,14 +136,16 @@ class _BuildExt(BuildExtension):
     def build_extension(self, ext):
         if sys.platform.startswith("linux") and getattr(self.compiler, "linker_so", None):
             openmp = any("-fopenmp" in a for a in ext.extra_link_args or [])
-            ext.extra_link_args = list(ext.extra_link_args or []) + _shared_runtime_link_args(
-                self.compiler.linker_so[0], openmp)
+            # the linker itself, past launcher wrappers (CC="ccache gcc")
+            linker = next((a for a in self.compiler.linker_so
+                           if os.path.basename(a) not in ("ccache", "sccache", "distcc")), self.compiler.linker_so[0])
+            ext.extra_link_args = list(ext.extra_link_args or []) + _shared_runtime_link_args(linker, openmp)
         super().build_extension(ext)
         needed = _needed_libraries(self.get_ext_fullpath(ext.name)) if sys.platform.startswith("linux") else None
         if needed is not None and not any(n.startswith("libstdc++.so") for n in needed):
-            print(f"multiflow_kernels._C: WARNING: {self.get_ext_fullpath(ext.name)} does not load libstdc++ "
-                  f"(linked statically?): op error messages may crash the process. Needed: {', '.join(needed)}",
-                  file=sys.stderr)
+            print("\n" + "!" * 78 + f"\nmultiflow_kernels._C: WARNING: {self.get_ext_fullpath(ext.name)} does not "
+                  f"load libstdc++ (linked statically?): op error messages that format numbers may crash the "
+                  f"process. Needed: {', '.join(needed)}\n" + "!" * 78, file=sys.stderr)
 
 
 def _wheel_cuda_include_dirs() -> list[str]:

@@ -326,21 +326,30 @@ def test_cuda_layouts_and_determinism(dtype):
 def test_cuda_16_byte_path_layouts(dtype):
     """x made on the GPU in its dtype (so views keep their strides): padded rows whose data
     stays 16-byte aligned (the 16-byte-load kernel, with a row stride), a view one element
-    off (the one-element kernel), token counts that are not multiples of a load batch, and
-    many tokens with padded rows (several chunks). Inf / NaN in masked-out tokens only."""
+    off and a row stride that is not a multiple of the vector width (the one-element kernel),
+    token counts that are not multiples of a load batch, and many tokens with padded rows
+    (several chunks). With a mask: the same layouts, inf / NaN in masked-out tokens only
+    (and in the padding between rows)."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     base = torch.randn(37, 200, generator=gen, device="cuda").to(dtype)
     big = torch.randn(20_001, 264, generator=gen, device="cuda").to(dtype)
+    odd_stride = torch.randn(37, 202, generator=gen, device="cuda").to(dtype)  # aligned start, stride % 8 != 0
     views = {"padded_rows": base[:, :96], "aligned_offset": base[:, 8:104], "one_off": base[:, 1:97],
-             "few_tokens": base[:5, :64], "many_tokens_padded": big[:, :256], "odd_tokens": big[:1001, 8:256]}
-    for name, x in views.items():
-        for mask in (None, torch.rand(x.shape[0], generator=gen, device="cuda") < 0.7):
-            if mask is not None:  # masked-out tokens are not read: inf / NaN there change nothing
-                x = x.clone()
+             "stride_not_multiple": odd_stride[:, :96], "few_tokens": base[:5, :64],
+             "many_tokens_padded": big[:, :256], "odd_tokens": big[:1001, 8:256]}
+    for name, view in views.items():
+        for mask in (None, torch.rand(view.shape[0], generator=gen, device="cuda") < 0.7):
+            x = view
+            if mask is not None:
+                # the same layout (strides, offset) in a NaN-filled buffer; masked-out tokens
+                # set to inf / NaN: they are not read, so they change nothing
+                n = x.storage_offset() + (x.shape[0] - 1) * x.stride(0) + x.shape[1]
+                x = torch.full((n,), float("nan"), dtype=dtype, device="cuda").as_strided(
+                    x.shape, x.stride(), x.storage_offset()).copy_(x)
                 dropped = (~mask).nonzero().flatten()
                 x[dropped[: len(dropped) // 2]] = float("inf")
                 x[dropped[len(dropped) // 2 :]] = float("nan")
-                x = torch.cat([x, torch.zeros(x.shape[0], 8, dtype=dtype, device="cuda")], 1)[:, : x.shape[1]]
+                assert x.stride() == view.stride() and x.storage_offset() == view.storage_offset()
             acc_in = (torch.rand(x.shape[-1], generator=gen, device="cuda") * 10 + 0.5)
             out = run_op(acc_in, x, mask)
             assert torch.isfinite(out).all(), name

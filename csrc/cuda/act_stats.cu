@@ -9,9 +9,9 @@
 //
 // Determinism. No atomics: each thread sums its rows in order, the block adds
 // its kRows warp sums in order, and with several chunks the per-chunk sums go
-// to a partial buffer that a second kernel adds into acc in chunk order. The
-// chunking depends only on the shape (and on whether x allows 16-byte loads, below), so
-// repeated runs agree bitwise.
+// to a partial buffer that a second kernel adds into acc in a fixed order. The
+// chunking depends only on the shape, on whether x allows 16-byte loads and (on that
+// path) on the GPU model, so repeated runs on one GPU agree bitwise.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_fp16.h>
@@ -39,8 +39,7 @@ constexpr int64_t kMinChunkTokens = 256;
 constexpr int64_t kMaxChunks = 512;
 constexpr int64_t kMinVecChunkTokens = 64;
 constexpr int kBatch = 4;  // rows per load batch of the 16-byte path
-constexpr int64_t kTargetBlocks = 1024;
-constexpr int kReduceThreads = 256;
+constexpr int64_t kWaves = 2;  // full waves of resident blocks the 16-byte path aims for
 constexpr int kFlush = 16;
 
 template <typename scalar_t>
@@ -162,34 +161,42 @@ __global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_vec_kernel(
     inner[i] = 0.0f;
   }
   if (col0 < n_features) {  // n_features % V == 0: the whole vector is in range
-    // kBatch rows per step, their mask bytes and then their vectors loaded before any is
-    // used, so that several 16-byte loads are in flight per thread (a branch per row
-    // would wait for each load in turn). A row that is masked out or past the chunk
-    // loads nothing and counts as zeros: fmaf(0, 0, s) == s exactly, so the sums are
-    // those of skipping it.
+    // kBatch rows per step, double buffered: the mask bytes and 16-byte vectors of the
+    // next batch are loaded before the current batch is summed, so 4-8 loads are in
+    // flight per thread (a branch per row would wait for each load in turn; without
+    // the second buffer the compiler interleaves loads and uses, 2 in flight). A row
+    // that is masked out or past the chunk loads nothing and counts as zeros:
+    // fmaf(0, 0, s) == s exactly, so the sums are those of skipping it.
     static_assert(kFlush % kBatch == 0, "a flush falls between batches");
-    int rows = 0;
-    for (int64_t t = t0 + threadIdx.y; t < t1; t += kRows * kBatch) {
+    const auto load_batch = [&](int64_t t, uint4 (&raw)[kBatch]) {
       bool keep[kBatch];
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         const int64_t tb = t + b * kRows;
         keep[b] = tb < t1 && (mask == nullptr || mask[tb]);
       }
-      uint4 raw[kBatch];
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         raw[b] = keep[b] ? __ldg(reinterpret_cast<const uint4*>(x + (t + b * kRows) * row_stride + col0))
                          : make_uint4(0u, 0u, 0u, 0u);
       }
+    };
+    int rows = 0;
+    int64_t t = t0 + threadIdx.y;
+    uint4 cur[kBatch];
+    load_batch(t, cur);
+    for (; t < t1; t += kRows * kBatch) {
+      uint4 next[kBatch];
+      load_batch(t + kRows * kBatch, next);  // all predicated off past the chunk
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         float v[V];
-        unpack16(raw[b], v, scalar_t{});
+        unpack16(cur[b], v, scalar_t{});
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           inner[i] = fmaf(v[i], v[i], inner[i]);
         }
+        cur[b] = next[b];
       }
       rows += kBatch;
       if (rows == kFlush) {
@@ -225,26 +232,42 @@ __global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_vec_kernel(
   }
 }
 
-// acc[j] += sum over chunks c, in order, of partial[c, j].
-__global__ void add_chunk_sums_kernel(
+// acc[j] += the sum over chunks c of partial[c, j]: kSumRows threads per column, thread y
+// summing chunks y, y + kSumRows, ... in order (two-level), then thread 0 adding the
+// kSumRows sums in order: a fixed order (deterministic), and about n_chunks / kSumRows
+// dependent loads per thread instead of n_chunks.
+constexpr int kSumRows = 32;
+
+__global__ void __launch_bounds__(kCols * kSumRows) add_chunk_sums_kernel(
     const float* __restrict__ partial,
     int64_t n_chunks,
     int64_t n_features,
     float* __restrict__ acc) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= n_features) {
-    return;
-  }
+  __shared__ float sums[kSumRows][kCols];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
   float outer = 0.0f;
   float inner = 0.0f;
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    inner += partial[c * n_features + col];
-    if ((c + 1) % kFlush == 0) {
-      outer += inner;
-      inner = 0.0f;
+  if (col < n_features) {
+    int rows = 0;
+    for (int64_t c = threadIdx.y; c < n_chunks; c += kSumRows) {
+      inner += partial[c * n_features + col];
+      if (++rows == kFlush) {
+        outer += inner;
+        inner = 0.0f;
+        rows = 0;
+      }
     }
   }
-  acc[col] += outer + inner;
+  sums[threadIdx.y][threadIdx.x] = outer + inner;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n_features) {
+    float total = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kSumRows; ++r) {
+      total += sums[r][threadIdx.x];
+    }
+    acc[col] += total;
+  }
 }
 
 void sq_sum_accumulate_cuda(
@@ -263,35 +286,41 @@ void sq_sum_accumulate_cuda(
   const bool vec = reinterpret_cast<std::uintptr_t>(p.x.const_data_ptr()) % 16 == 0 &&
       p.n_features % width == 0 && p.row_stride % width == 0;
   const int64_t n_col_blocks = ceil_div(p.n_features, kCols * (vec ? width : 1));
-  // Chunks: at least kMinChunkTokens tokens (kMinVecChunkTokens on the 16-byte path, whose
-  // blocks cover `width` times more columns), at most kMaxChunks, and about
-  // kTargetBlocks blocks in all so that every SM has several.
-  int64_t chunk_tokens = std::max(kMinChunkTokens, ceil_div(p.n_tokens, kMaxChunks));
-  if (vec) {
-    const int64_t want_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, n_col_blocks), 1, kMaxChunks);
-    chunk_tokens = std::max({kMinVecChunkTokens, ceil_div(p.n_tokens, want_chunks), ceil_div(p.n_tokens, kMaxChunks)});
-  }
-  const int64_t n_chunks = ceil_div(p.n_tokens, chunk_tokens);
   TORCH_CHECK(
       n_col_blocks <= std::numeric_limits<int32_t>::max(),
       "multiflow::sq_sum_accumulate_: too many features for one launch: ", p.n_features);
-
   float* acc_ptr = acc.mutable_data_ptr<float>();
-  at::Tensor partial;
-  float* out = acc_ptr;
-  if (n_chunks > 1) {
-    // Every (chunk, column) is written by exactly one block: no zeroing needed.
-    partial = at::empty({n_chunks, p.n_features}, acc.options());
-    out = partial.mutable_data_ptr<float>();
-  }
   const bool* mask = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
 
-  const dim3 grid(static_cast<unsigned>(n_col_blocks), static_cast<unsigned>(n_chunks));
-  const dim3 block(kCols, kRows);
-  const auto launch = [&](auto dtype_tag) {
+  const auto run = [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const auto kernel = vec ? sq_sum_chunks_vec_kernel<scalar_t> : sq_sum_chunks_kernel<scalar_t>;
-    kernel<<<grid, block, 0, stream>>>(
+    // Chunks: at least kMinChunkTokens tokens and at most kMaxChunks. On the 16-byte path
+    // (whose blocks cover `width` times more columns) chunks of at least
+    // kMinVecChunkTokens tokens, as many as make about kWaves full waves of resident
+    // blocks on this GPU (a partial last wave runs latency bound). The chunking, and so
+    // the rounding, depends on the shape, the layout and the GPU model: repeated calls
+    // on one GPU agree bitwise.
+    int64_t chunk_tokens = std::max(kMinChunkTokens, ceil_div(p.n_tokens, kMaxChunks));
+    if (vec) {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kCols * kRows, 0));
+      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int64_t target_blocks = kWaves * sms * std::max(per_sm, 1);
+      const int64_t want_chunks = std::clamp<int64_t>(target_blocks / n_col_blocks, 1, kMaxChunks);
+      chunk_tokens =
+          std::max({kMinVecChunkTokens, ceil_div(p.n_tokens, want_chunks), ceil_div(p.n_tokens, kMaxChunks)});
+    }
+    const int64_t n_chunks = ceil_div(p.n_tokens, chunk_tokens);
+    at::Tensor partial;
+    float* out = acc_ptr;
+    if (n_chunks > 1) {
+      // Every (chunk, column) is written by exactly one block: no zeroing needed.
+      partial = at::empty({n_chunks, p.n_features}, acc.options());
+      out = partial.mutable_data_ptr<float>();
+    }
+    const dim3 grid(static_cast<unsigned>(n_col_blocks), static_cast<unsigned>(n_chunks));
+    kernel<<<grid, dim3(kCols, kRows), 0, stream>>>(
         p.x.const_data_ptr<scalar_t>(),
         p.row_stride,
         mask,
@@ -301,26 +330,25 @@ void sq_sum_accumulate_cuda(
         out,
         /*add_into_out=*/n_chunks == 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n_chunks > 1) {
+      const auto reduce_blocks = static_cast<unsigned>(ceil_div(p.n_features, static_cast<int64_t>(kCols)));
+      add_chunk_sums_kernel<<<reduce_blocks, dim3(kCols, kSumRows), 0, stream>>>(
+          out, n_chunks, p.n_features, acc_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   };
   switch (p.x.scalar_type()) {  // prepare_sq_sum has already rejected the rest
     case at::kFloat:
-      launch(float{});
+      run(float{});
       break;
     case at::kHalf:
-      launch(c10::Half{});
+      run(c10::Half{});
       break;
     case at::kBFloat16:
-      launch(c10::BFloat16{});
+      run(c10::BFloat16{});
       break;
     default:
       TORCH_CHECK(false, "multiflow::sq_sum_accumulate_: no CUDA kernel for x of dtype ", p.x.scalar_type());
-  }
-
-  if (n_chunks > 1) {
-    const auto reduce_blocks = static_cast<unsigned>(ceil_div(p.n_features, kReduceThreads));
-    add_chunk_sums_kernel<<<reduce_blocks, kReduceThreads, 0, stream>>>(
-        out, n_chunks, p.n_features, acc_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
