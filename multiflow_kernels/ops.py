@@ -27,7 +27,12 @@ def sq_sum_accumulate_(acc: Tensor, x: Tensor, token_mask: Tensor | None = None)
         x: activations of shape (..., F), float32, float16 or bfloat16; every
             leading index is a token (a 1-D x is a single token).
         token_mask: None to keep every token, or a bool tensor of shape
-            x.shape[:-1] that is False for the tokens to skip (padding).
+            x.shape[:-1] that is False for the tokens to skip (padding); skipped
+            tokens are not read (an inf / NaN there changes nothing).
+
+    Deterministic: repeated calls with the same inputs give bitwise-equal results. The
+    summation order (and so the last bits) may differ between a contiguous x and a view
+    of the same values, between CPU and CUDA, and between GPU models.
     """
     torch.ops.multiflow.sq_sum_accumulate_.default(acc, x, token_mask)
 
