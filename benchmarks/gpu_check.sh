@@ -5,6 +5,7 @@
 # under 8 minutes on an H100 / H200). Prints a summary table last.
 #
 #   benchmarks/gpu_check.sh [--quick] [--bench-only] [--profile] [--families "F ..."] [--out DIR]
+#                           [--tar FILE.tgz]
 #
 # --quick: build + tests only. --bench-only: build + benchmarks (no tests, no sanitizer),
 # e.g. a second call for the families the first one had no time for. --families: the
@@ -12,6 +13,8 @@
 # masked_linear, most wanted first: the 8-minute budget may not reach the last ones).
 # --profile: also benchmarks/gpu_profile.py (torch.profiler tables of the calls that miss
 # their goals) into profile.log, after the tests. --families "" runs no benchmark.
+# --tar: also pack the --out folder into FILE.tgz when the script ends, also when it is
+# stopped by a signal (e.g. a time limit): a device that returns few files gets them all.
 # Environment: TEST_CAP / MEMCHECK_CAP (seconds for pytest / memcheck; 240 / 90),
 # GPU_CHECK_BUDGET_S (no benchmark family starts after this many seconds; 450).
 # Results (logs, JSON, PNG) go to --out, else $OUT, else benchmarks/results/. Needs a
@@ -23,6 +26,7 @@ cd "$(dirname "$0")/.."
 QUICK=0
 BENCH_ONLY=0
 PROFILE=0
+TAR=""
 FAMILIES="act masks sparse24 bitmap e2e scores masked_linear"
 OUT_DIR=${OUT:-benchmarks/results}
 while [ $# -gt 0 ]; do
@@ -30,9 +34,10 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --bench-only) BENCH_ONLY=1 ;;
         --profile) PROFILE=1 ;;
+        --tar) TAR=$2; shift ;;
         --families) FAMILIES=$2; shift ;;
         --out) OUT_DIR=$2; shift ;;
-        -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -41,6 +46,11 @@ PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 mkdir -p "$OUT_DIR"
 T0=$(date +%s)
+if [ -n "$TAR" ]; then
+    pack() { tar czf "$TAR" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" 2>/dev/null; }
+    trap pack EXIT
+    trap 'exit 143' TERM INT
+fi
 declare -a SUMMARY
 : > "$OUT_DIR/summary.txt"
 # Each step's line goes to summary.txt at once, so a run cut short still says how far it got.
