@@ -121,11 +121,6 @@ __device__ __forceinline__ uint64_t pass_first_index(
   return row_start + static_cast<uint64_t>(in_block) + static_cast<uint64_t>(inclusive - count);
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ float kept_value(const scalar_t* __restrict__ values, uint64_t idx, uint64_t nnz) {
-  return idx < nnz ? static_cast<float>(values[idx]) : 0.f;
-}
-
 // kM consecutive elements of x's dtype, one shared-memory load (two for 32 bytes).
 template <typename scalar_t, int kM>
 struct alignas(kM * sizeof(scalar_t) < 16 ? kM * sizeof(scalar_t) : 16) XColumn {
@@ -206,14 +201,20 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvMinBlocks) gemv_kernel(
       for (int w0 = 0; w0 < chunk_words; w0 += kPassWords) {
         const int64_t wd = c0 / 32 + w0 + lane;  // this lane's word of the row
         const uint32_t word = wd < words ? static_cast<uint32_t>(__ldg(bits_row + wd)) : 0u;
-        uint64_t idx = pass_first_index(word, lane, row_start[j], block_ptr_row, blocks, (c0 / 32 + w0) / kPassWords);
+        const uint64_t first =
+            pass_first_index(word, lane, row_start[j], block_ptr_row, blocks, (c0 / 32 + w0) / kPassWords);
+        // The lane's values: first + k for k < popc(word); those inside [0, nnz) are the
+        // first `valid` (all of them for a consistent format), the rest read as 0.
+        const bool start_ok = first < static_cast<uint64_t>(nnz);
+        const scalar_t* vp = start_ok ? values + first : values;
+        const uint64_t room = start_ok ? static_cast<uint64_t>(nnz) - first : 0;
+        const int valid = room < 32u ? static_cast<int>(room) : 32;
         const scalar_t* xw = xs + (w0 + lane) * 32 * kM;
         uint32_t u = word;
-        while (u != 0u) {
+        for (int k = 0; u != 0u; ++k) {
           const int b = __ffs(u) - 1;
           u &= u - 1u;
-          const float v = kept_value(values, idx, static_cast<uint64_t>(nnz));
-          ++idx;
+          const float v = k < valid ? static_cast<float>(vp[k]) : 0.f;
           const XColumn<scalar_t, kM> xc = *reinterpret_cast<const XColumn<scalar_t, kM>*>(xw + b * kM);
 #pragma unroll
           for (int i = 0; i < kM; ++i) {
