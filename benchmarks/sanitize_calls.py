@@ -72,6 +72,23 @@ def main() -> int:
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
                 calls += 1
             calls += 2
+    # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the gemv kernel (1-8
+    # rows of x; 2100 columns: three 1024-column passes, the last partial) and the dense
+    # decode + cuBLAS (9+ rows); rows all pruned and all kept
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for out_f, in_f in ((37, 2100), (5, 33)):
+            w = torch.randn(out_f, in_f, generator=g).to(dev, dtype)
+            mb = (torch.rand(out_f, in_f, generator=g) > 0.75).to(dev)
+            mb[0] = False
+            mb[-1] = True
+            fmt = ops.bitmap_pack(w, mb)
+            bias = torch.randn(out_f, generator=g).to(dev, dtype)
+            for rows in (1, 3, 8, 9, 130):
+                xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
+                got = ops._bitmap_linear_cuda(xx, *fmt, in_f, bias)
+                want = R.bitmap_linear(xx, *fmt, in_f, bias)
+                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+                calls += 1
     torch.cuda.synchronize()
     print(f"{calls} calls checked")
     return 0

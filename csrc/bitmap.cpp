@@ -113,8 +113,8 @@ BitmapProblem prepare_bitmap_linear(
     const at::Tensor& row_ptr,
     const at::Tensor& block_ptr,
     int64_t in_features,
-    const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "multiflow::bitmap_linear";
+    const std::optional<at::Tensor>& bias,
+    const char* op) {
   check_format(op, values, bits, row_ptr, block_ptr, in_features);
   BitmapProblem p;
   fill_format(p, values, bits, row_ptr, block_ptr, in_features);

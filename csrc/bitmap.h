@@ -62,6 +62,7 @@ BitmapProblem prepare_bitmap_linear(
     const at::Tensor& row_ptr,
     const at::Tensor& block_ptr,
     int64_t in_features,
-    const std::optional<at::Tensor>& bias);
+    const std::optional<at::Tensor>& bias,
+    const char* op = "multiflow::bitmap_linear");  // the op named in error messages
 
 }  // namespace multiflow

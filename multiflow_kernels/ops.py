@@ -750,7 +750,21 @@ def _bitmap_linear_fake(
     in_features: int,
     bias: Tensor | None = None,
 ) -> Tensor:
-    _check_bitmap_linear_args("multiflow::bitmap_linear", x, values, bits, row_ptr, block_ptr, in_features, bias)
+    return _bitmap_linear_out("multiflow::bitmap_linear", x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+
+def _bitmap_linear_out(
+    op: str,
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """The fake kernels of bitmap_linear and _bitmap_linear_cuda: the checks, then y's shape."""
+    _check_bitmap_linear_args(op, x, values, bits, row_ptr, block_ptr, in_features, bias)
     return x.new_empty((*x.shape[:-1], bits.shape[0]))
 
 
@@ -767,6 +781,36 @@ def _check_bitmap_linear_args(
     """bitmap_linear's argument contract (the fake kernel and the Triton launcher)."""
     _check_bitmap_format(op, values, bits, row_ptr, block_ptr, in_features)
     _check_linear_input(op, x, values, in_features, bits.shape[0], bias)
+
+
+def _bitmap_linear_cuda(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`bitmap_linear` in CUDA C++ (csrc/cuda/bitmap.cu), CUDA tensors only: the
+    private op ``multiflow::_bitmap_linear_cuda``, beside the public op whose CUDA kernel is
+    Triton. The public op calls it when ``MULTIFLOW_BITMAP_CUDA=cpp`` (multiflow_kernels/triton).
+    Same contract, rows of x up to 8 in one pass over the format, more through a dense decode
+    and cuBLAS. Not yet run on a GPU: benchmarks and tests call it to measure and check it."""
+    return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+
+@torch.library.register_fake("multiflow::_bitmap_linear_cuda")
+def _bitmap_linear_cuda_fake(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    row_ptr: Tensor,
+    block_ptr: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    return _bitmap_linear_out("multiflow::_bitmap_linear_cuda", x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
 # =======================================================================================

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 # Shared test helpers get pytest's assertion messages too (before anything imports them).
-pytest.register_assert_rewrite("_isa_harness", "_earned")
+pytest.register_assert_rewrite("_isa_harness", "_earned", "_bitmap_inputs")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,11 +25,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import torch.nn.functional as F  # noqa: E402
-from _earned import assert_earned  # noqa: E402
+from _bitmap_inputs import assert_linear_earned, make_weight, make_x  # noqa: E402
 
 import multiflow_kernels  # noqa: E402, F401  (registers the ops)
-from multiflow_kernels import ops, reference  # noqa: E402
+from multiflow_kernels import ops  # noqa: E402
 from multiflow_kernels.triton import bitmap_format  # noqa: E402
 from multiflow_kernels.triton import bitmap_linear as triton_bitmap  # noqa: E402
 
@@ -42,36 +41,8 @@ PATHS = list(triton_bitmap.PATHS)
 SHAPES = [((), 1, 1), ((3,), 33, 3), ((2, 2), 100, 17), ((1,), 515, 5), ((65,), 70, 3), ((3, 6), 1100, 2), ((9, 10), 130, 70)]
 
 
-def make_weight(n_out, n_in, dtype, sparsity=0.75, seed=0):
-    """Fresh random weight and mask at the given sparsity; strictly between 0 and 1,
-    row 0 is all pruned and the last row all kept (where there are 3+ rows)."""
-    gen = torch.Generator().manual_seed(seed * 7919 + n_in * 101 + n_out * 13)
-    w = torch.randn(n_out, n_in, generator=gen).to(dtype)
-    mask = torch.rand(n_out, n_in, generator=gen) >= sparsity
-    if 0 < sparsity < 1 and n_out >= 3:
-        mask[0] = False
-        mask[-1] = True
-    return w, mask
-
-
-def make_x(leading, n_in, n_out, dtype, with_bias, seed=0):
-    gen = torch.Generator().manual_seed(seed * 31 + n_in * 7 + n_out)
-    x = torch.randn(*leading, n_in, generator=gen).to(dtype)
-    b = torch.randn(n_out, generator=gen).to(dtype) if with_bias else None
-    return x, b
-
-
 def on_device(*ts):
     return [t.to(DEVICE) if t is not None else None for t in ts]
-
-
-def assert_linear_earned(y, x, fmt, n_in, b, what):
-    wm = reference.bitmap_unpack(*fmt, n_in).double()
-    b64 = None if b is None else b.double()
-    exact = F.linear(x.double(), wm, b64)
-    scale = F.linear(x.double().abs(), wm.abs(), None if b is None else b64.abs())
-    plain = reference.bitmap_linear(x, *fmt, n_in, b)
-    assert_earned(y, exact, plain, scale, x.dtype, what)
 
 
 def run_triton(x, fmt, n_in, b, path):

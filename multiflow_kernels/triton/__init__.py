@@ -9,7 +9,13 @@ Registered here as the ops' CUDA kernels:
 - masked_linear and masked_linear_backward (masked_linear.py: there is no CUDA C++
   kernel for them);
 - bitmap_linear (bitmap_linear.py: a gemv path for a few rows of x, a tiled tl.dot
-  path above; no CUDA C++ kernel);
+  path above). With the environment variable ``MULTIFLOW_BITMAP_CUDA=cpp`` it calls
+  the CUDA C++ kernel instead, the private op ``multiflow::_bitmap_linear_cuda``
+  (csrc/cuda/bitmap.cu: one pass over the format for up to 8 rows of x, a dense decode
+  and cuBLAS above). That kernel has NOT yet run on a GPU (compiled, and its index
+  math emulated on CPU, only), so Triton stays the default (unset, or ``triton``);
+  any other value is a ValueError. The variable is read at each call, and this
+  kernel is registered even without triton (for the cpp choice);
 - bitmap_pack and bitmap_unpack (bitmap_format.py: compositions of torch CUDA ops,
   no Triton, so they are registered even without triton installed).
 
@@ -20,10 +26,14 @@ defined. act_stats.py (sq_sum_accumulate_triton) is for benchmarks only, not reg
 """
 
 import importlib.util
+import os
 
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+BITMAP_CUDA_ENV = "MULTIFLOW_BITMAP_CUDA"
+BITMAP_CUDA_CHOICES = ("triton", "cpp")
 
 
 def _bitmap_pack_cuda(weight, mask):
@@ -40,6 +50,30 @@ def _bitmap_unpack_cuda(values, bits, row_ptr, block_ptr, in_features):
 
 torch.library.register_kernel("multiflow::bitmap_pack", "cuda", _bitmap_pack_cuda)
 torch.library.register_kernel("multiflow::bitmap_unpack", "cuda", _bitmap_unpack_cuda)
+
+
+def bitmap_cuda_choice() -> str:
+    """Which kernel the public bitmap_linear runs on CUDA: ``MULTIFLOW_BITMAP_CUDA``,
+    "triton" (the default) or "cpp"."""
+    choice = os.environ.get(BITMAP_CUDA_ENV, "") or "triton"
+    if choice not in BITMAP_CUDA_CHOICES:
+        raise ValueError(f"{BITMAP_CUDA_ENV} must be one of {BITMAP_CUDA_CHOICES} (or unset), got {choice!r}")
+    return choice
+
+
+def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
+    if bitmap_cuda_choice() == "cpp":
+        return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
+    if not HAS_TRITON:
+        raise NotImplementedError(
+            f"multiflow::bitmap_linear on CUDA runs a Triton kernel: install triton, or set {BITMAP_CUDA_ENV}=cpp"
+        )
+    from .bitmap_linear import bitmap_linear_triton
+
+    return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+
+torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)
 
 if HAS_TRITON:
 
@@ -68,10 +102,3 @@ if HAS_TRITON:
 
     torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
     torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
-
-    def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
-        from .bitmap_linear import bitmap_linear_triton
-
-        return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
-
-    torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)

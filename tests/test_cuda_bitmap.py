@@ -1,0 +1,278 @@
+"""multiflow::_bitmap_linear_cuda, bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu), against
+the plain-torch twin (reference.bitmap_linear), and the switch that makes the public
+bitmap_linear call it on CUDA (MULTIFLOW_BITMAP_CUDA=cpp, multiflow_kernels/triton).
+
+The kernel tests need an NVIDIA GPU (marked ``cuda``; skipped without one). Two paths, both
+covered: one pass over the format for up to 8 rows of x (gemv_kernel, 1, 2, 4 or 8 rows of
+x per template), a dense decode and cuBLAS above. The fake kernel and the switch run
+everywhere.
+
+Tolerances are earned (tests/_earned.py, through _bitmap_inputs.py): the exact result is the dense masked expression
+in float64; plain torch's error is the reference's (float32 sums rounded once to the dtype).
+Outputs are freshly allocated by the op: the caching allocator is first filled with NaN
+(poison_cache), so an element the kernel does not write shows as NaN.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _bitmap_inputs import assert_linear_earned, make_weight, make_x
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import multiflow_kernels  # noqa: F401  (registers the ops)
+import multiflow_kernels.triton as mk_triton
+from multiflow_kernels import ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (out, in): in not a multiple of 32 / 512 / 1024, one column, one output row, several
+# 1024-column passes and (for 8 rows of float32) several staged chunks of x.
+SHAPES = [(1, 1), (3, 31), (7, 33), (17, 513), (5, 1025), (40, 1100), (33, 2100), (130, 4096)]
+ROWS_OF_X = [1, 2, 3, 5, 8, 9, 64, 300]
+
+
+def poison_cache(nbytes=1 << 26):
+    """Fill free blocks of the CUDA caching allocator with NaN, so a fresh output the kernel
+    leaves unwritten is NaN (its memory most likely comes from these blocks)."""
+    for size in (nbytes, 1 << 20, 1 << 14):
+        t = torch.full((size // 4,), float("nan"), device="cuda")
+        del t
+
+
+def cpp(x, fmt, n_in, b):
+    poison_cache()
+    return ops._bitmap_linear_cuda(x, *fmt, n_in, b)
+
+
+def assert_cpp_earned(y, x, fmt, n_in, b, what):
+    """No NaN (nothing left unwritten: x, w and b are finite here), then the earned bound."""
+    y = y.cpu()
+    assert not y.isnan().any(), f"{what}: NaN in the output (an element left unwritten?)"
+    assert_linear_earned(y, x.cpu(), [t.cpu() for t in fmt], n_in, None if b is None else b.cpu(), what)
+
+
+# ----------------------------------------------------------------------------- the kernels (GPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(shape, dtype, with_bias):
+    n_out, n_in = shape
+    w, mask = make_weight(n_out, n_in, dtype, seed=1)
+    fmt = [t.cuda() for t in ops.bitmap_pack(w.cuda(), mask.cuda())]
+    for m in ROWS_OF_X:
+        x, b = make_x((m,), n_in, n_out, dtype, with_bias, seed=m)
+        xd, bd = x.cuda(), None if b is None else b.cuda()
+        y = cpp(xd, fmt, n_in, bd)
+        assert y.shape == (m, n_out) and y.dtype == dtype and y.device == xd.device
+        assert_cpp_earned(y, x, fmt, n_in, b, f"{shape} m={m}")
+        if n_out >= 3:  # row 0 is all pruned: exactly the bias (or 0)
+            expect = b[0] if b is not None else torch.zeros((), dtype=dtype)
+            assert torch.equal(y[:, 0].cpu(), expect.expand(m)), f"{shape} m={m}: all-pruned row"
+        assert torch.equal(y, cpp(xd, fmt, n_in, bd)), f"{shape} m={m}: not deterministic"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.9, 1.0])
+def test_sparsities(sparsity):
+    for dtype in DTYPES:
+        w, mask = make_weight(9, 1100, dtype, sparsity, seed=2)
+        fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+        for m in (1, 4, 8, 9):
+            x, b = make_x((m,), 1100, 9, dtype, True, seed=2)
+            y = cpp(x.cuda(), fmt, 1100, b.cuda())
+            assert_cpp_earned(y, x, fmt, 1100, b, f"{dtype} sparsity {sparsity} m={m}")
+            if sparsity == 1.0:  # nnz = 0: exactly the bias
+                assert fmt[0].numel() == 0
+                assert torch.equal(y.cpu(), b.expand(m, 9))
+
+
+@pytest.mark.cuda
+def test_leading_dims_and_empty_shapes():
+    w, mask = make_weight(6, 70, torch.float16, seed=3)
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    for leading in ((), (2, 3), (3, 4, 2), (2, 150)):
+        x, b = make_x(leading, 70, 6, torch.float16, True, seed=len(leading))
+        y = cpp(x.cuda(), fmt, 70, b.cuda())
+        assert y.shape == (*leading, 6)
+        assert_cpp_earned(y.reshape(-1, 6), x.reshape(-1, 70), fmt, 70, b, f"leading {leading}")
+    for n_out, n_in, m in [(4, 10, 0), (0, 10, 3), (3, 0, 2), (0, 0, 2), (3, 0, 20)]:
+        w, mask = make_weight(n_out, n_in, torch.float32)
+        fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+        x, b = make_x((m,), n_in, n_out, torch.float32, True)
+        y = cpp(x.cuda(), fmt, n_in, b.cuda())
+        assert y.shape == (m, n_out)
+        assert torch.equal(y.cpu(), b.expand(m, n_out)), f"{(n_out, n_in, m)}: no columns, so y = bias"
+
+
+@pytest.mark.cuda
+def test_non_contiguous_and_offset_inputs():
+    w, mask = make_weight(7, 40, torch.float16, seed=4)
+    values, bits, row_ptr, block_ptr = ops.bitmap_pack(w.cuda(), mask.cuda())
+    x = torch.randn(40, 3, device="cuda").to(torch.float16).T
+    b = torch.randn(14, device="cuda").to(torch.float16)[::2]
+    shifted = torch.cat([values[:1], values])[1:]  # values not 16-byte aligned
+    for m_x in (x, torch.cat([x] * 4)):
+        got = cpp(m_x, (shifted, bits, row_ptr, block_ptr), 40, b)
+        assert torch.equal(got, cpp(m_x.contiguous(), (values, bits, row_ptr, block_ptr), 40, b.contiguous()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_x_like_f_linear(value, dtype):
+    """An inf / NaN of x at a column that a row prunes reaches that row as 0 * inf = NaN, like
+    F.linear on the decoded weight, on both paths, in the first staged chunk or a later one."""
+    n_in = 2100
+    w, mask = make_weight(9, n_in, dtype, seed=5)
+    for col in (40, 2099):
+        mask[:, col] = False
+        mask[2, col] = True
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).cuda()
+    for m, row, col in ((1, 0, 40), (3, None, 40), (8, 7, 2099), (5, 2, 2099), (9, 3, 40), (20, 17, 2099)):
+        x = torch.randn(m, n_in).to(dtype).cuda()
+        if row is None:
+            x[:, col] = value
+        else:
+            x[row, col] = value
+        y = cpp(x, fmt, n_in, None)
+        want = F.linear(x, wm)
+        assert torch.equal(y.isnan(), want.isnan()), f"m={m}, row={row}, col={col}"
+        assert torch.equal(y.isinf(), want.isinf()), f"m={m}, row={row}, col={col}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_non_finite_weights_stay_in_their_rows(m):
+    for dtype in DTYPES:
+        gen = torch.Generator().manual_seed(m)
+        w = torch.randn(5, 64, generator=gen).to(dtype)
+        mask = torch.rand(5, 64, generator=gen) < 0.5
+        w[1] = float("inf")
+        w[3] = float("nan")
+        fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+        x = torch.randn(m, 64, generator=gen).to(dtype)
+        y = cpp(x.cuda(), fmt, 64, None).cpu()
+        want = F.linear(x.double(), torch.where(mask, w, torch.zeros((), dtype=dtype)).double())
+        for r in (0, 2, 4):
+            assert torch.isfinite(y[:, r]).all(), f"row {r}: {y[:, r]}"
+            assert torch.allclose(y[:, r].double(), want[:, r], rtol=2e-2, atol=2e-2), f"row {r}"
+        assert torch.equal(y[:, 1].isnan(), want[:, 1].isnan()) and torch.equal(y[:, 3].isnan(), want[:, 3].isnan())
+
+
+@pytest.mark.cuda
+def test_hostile_offsets_stay_inside_values():
+    """row_ptr / block_ptr are not read on the host: wrong ones give wrong numbers but no
+    read outside values (compute-sanitizer in benchmarks/gpu_check.sh sees the reads)."""
+    gen = torch.Generator().manual_seed(7)
+    for m in (1, 5, 9):
+        w, mask = make_weight(19, 1100, torch.float16, seed=m)
+        values, bits, row_ptr, block_ptr = (t.cuda() for t in ops.bitmap_pack(w, mask))
+        x = torch.randn(m, 1100, device="cuda").half()
+        hostile = [
+            (values[:3], bits, row_ptr, block_ptr),
+            (values, bits, torch.randint(-(2**62), 2**62, row_ptr.shape, generator=gen).cuda(), block_ptr),
+            (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=gen).int().cuda()),
+            (values, bits, torch.full_like(row_ptr, 2**63 - 1), torch.full_like(block_ptr, 2**31 - 1)),
+            (values[:0], bits, row_ptr, block_ptr),
+        ]
+        for fmt in hostile:
+            y = ops._bitmap_linear_cuda(x, *fmt, 1100, None)
+            torch.cuda.synchronize()
+            assert y.shape == (m, 19)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    w, mask = make_weight(70, 600, dtype, seed=6)
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    for leading in ((2,), (3, 11)):
+        x = torch.randn(*leading, 600, device="cuda").to(dtype)
+        for b in (None, torch.randn(70, device="cuda").to(dtype)):
+            torch.library.opcheck(torch.ops.multiflow._bitmap_linear_cuda.default, (x, *fmt, 600, b))
+
+
+@pytest.mark.cuda
+def test_bad_inputs_name_the_argument():
+    w, mask = make_weight(5, 40, torch.float32)
+    values, bits, row_ptr, block_ptr = (t.cuda() for t in ops.bitmap_pack(w, mask))
+    x = torch.randn(3, 40, device="cuda")
+    cases = [
+        ((x.cpu(), values, bits, row_ptr, block_ptr, 40, None), "x is on cpu but values is on cuda"),
+        ((x, values, bits[:, :1], row_ptr, block_ptr, 40, None), "bits must have shape"),
+        ((x, values, bits, row_ptr.int(), block_ptr, 40, None), "row_ptr must be an int64"),
+        ((x.half(), values, bits, row_ptr, block_ptr, 40, None), "x must have values' dtype"),
+        ((x, values, bits, row_ptr, block_ptr, 40, torch.randn(3, device="cuda")), "bias must have shape"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match="multiflow::_bitmap_linear_cuda: " + message):
+            ops._bitmap_linear_cuda(*args)
+
+
+@pytest.mark.cuda
+def test_public_op_routes_by_the_environment(monkeypatch):
+    w, mask = make_weight(30, 700, torch.float16, seed=8)
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    x, b = make_x((4,), 700, 30, torch.float16, True)
+    x, b = x.cuda(), b.cuda()
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "cpp")
+    assert torch.equal(ops.bitmap_linear(x, *fmt, 700, b), ops._bitmap_linear_cuda(x, *fmt, 700, b))
+    monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
+    from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
+
+    assert torch.equal(ops.bitmap_linear(x, *fmt, 700, b), bitmap_linear_triton(x, *fmt, 700, b))
+
+
+# ----------------------------------------------------------------------------- fake kernel and switch (anywhere)
+
+
+def test_fake_kernel_states_the_contract():
+    w, mask = make_weight(5, 40, torch.float16)
+    fmt = ops.bitmap_pack(w, mask)
+    x, b = make_x((2, 3), 40, 5, torch.float16, True)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, *fmt, b)]
+        y = torch.ops.multiflow._bitmap_linear_cuda.default(*fake[:5], 40, fake[5])
+        assert y.shape == (2, 3, 5) and y.dtype == torch.float16
+        with pytest.raises(RuntimeError, match="multiflow::_bitmap_linear_cuda: bits must have shape"):
+            torch.ops.multiflow._bitmap_linear_cuda.default(fake[0], fake[1], fake[2][:, :1], *fake[3:5], 40, None)
+        with pytest.raises(RuntimeError, match="multiflow::_bitmap_linear_cuda: in_features mismatch"):
+            torch.ops.multiflow._bitmap_linear_cuda.default(fake[0][..., :30], *fake[1:5], 40, None)
+
+
+def test_switch_chooses_the_kernel(monkeypatch):
+    """The public op's registered CUDA kernel (called directly here, so on CPU tensors): the
+    C++ op under MULTIFLOW_BITMAP_CUDA=cpp (which has no CPU kernel: the call says so),
+    Triton when unset or "triton", a ValueError naming the variable otherwise."""
+    w, mask = make_weight(5, 40, torch.float32)
+    fmt = ops.bitmap_pack(w, mask)
+    x, _ = make_x((3,), 40, 5, torch.float32, False)
+    calls = []
+    # A stand-in for the Triton module (importing the real one here would define its kernels
+    # before test_triton_bitmap.py chooses the interpreter).
+    stand_in = types.ModuleType("multiflow_kernels.triton.bitmap_linear")
+    stand_in.bitmap_linear_triton = lambda *args: calls.append(args) or "triton"
+    monkeypatch.setitem(sys.modules, "multiflow_kernels.triton.bitmap_linear", stand_in)
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "cpp")
+    assert mk_triton.bitmap_cuda_choice() == "cpp"
+    with pytest.raises(NotImplementedError, match="_bitmap_linear_cuda"):
+        mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
+    for value in ("triton", ""):
+        monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, value)
+        assert mk_triton.bitmap_cuda_choice() == "triton"
+        if mk_triton.HAS_TRITON:
+            assert mk_triton._bitmap_linear_cuda(x, *fmt, 40, None) == "triton"
+    assert len(calls) == (2 if mk_triton.HAS_TRITON else 0)
+    monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
+    assert mk_triton.bitmap_cuda_choice() == "triton"
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "CPP")
+    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_CUDA must be one of"):
+        mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
