@@ -14,6 +14,7 @@ table, writes JSON (machine, versions, date, commit) to --out as masked_linear_<
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -50,11 +51,38 @@ def _impls(bufs, x):
     def pick():
         return bufs[next(it) % len(bufs)]
 
-    return {
+    impls = {
         "dense": lambda: (lambda b: (F.linear(x, b["w"]), b))(pick()),
         "dense_mask_mul": lambda: (lambda b: (F.linear(x, b["w"] * b["mask"]), b))(pick()),
         "masked_linear": lambda: (lambda b: (ops.masked_linear(x, b["w"], b["bits"], None), b))(pick()),
     }
+    if x.is_cuda and importlib.util.find_spec("triton") is not None:
+        # the op's default CUDA path is cuBLAS (masked_cublas.py); the Triton kernels beside it
+        impls["masked_triton"] = lambda: (lambda b: (_masked_triton(x, b["w"], b["bits"]), b))(pick())
+    return impls
+
+
+class _MaskedTriton(torch.autograd.Function):
+    """The Triton kernels with autograd, as the op runs them under MULTIFLOW_MASKED_CUDA=triton."""
+
+    @staticmethod
+    def forward(ctx, x, w, bits):
+        from multiflow_kernels.triton.masked_linear import masked_linear_triton
+
+        ctx.save_for_backward(x, w, bits)
+        return masked_linear_triton(x, w, bits, None)
+
+    @staticmethod
+    def backward(ctx, g):
+        from multiflow_kernels.triton.masked_linear import masked_linear_backward_triton
+
+        x, w, bits = ctx.saved_tensors
+        gx, gw, _ = masked_linear_backward_triton(g.contiguous(), x, w, bits, [True, True, False])
+        return gx, gw, None
+
+
+def _masked_triton(x, w, bits):
+    return _MaskedTriton.apply(x, w, bits)
 
 
 def bench_shape(shape, rows_list, dtype, device, timing):
@@ -72,7 +100,7 @@ def bench_shape(shape, rows_list, dtype, device, timing):
         flops = 2 * rows * in_f * out_f
         r = {"rows": rows, "forward": {}, "forward_backward": {}}
         for name, fwd in _impls(bufs, x).items():
-            extra = bits_bytes if name == "masked_linear" else (w_bytes if name == "dense_mask_mul" else 0)
+            extra = bits_bytes if name in ("masked_linear", "masked_triton") else (w_bytes if name == "dense_mask_mul" else 0)
             with torch.no_grad():
                 s_f = time_samples(lambda: fwd()[0], device, **timing)
 
@@ -104,9 +132,11 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     dtypes = torch_dtypes(dtypes, cuda)
     timing = {"min_seconds": 0.05 if (quick or cuda) else 0.2, "max_runs": 100}
     print(f"masked_linear vs dense F.linear and F.linear(x, W * M), {device}, 75% pruned, weight copies "
-          f"rotated ({ROTATION_BYTES[device.type] >> 20} MiB); ms per call (median), TFLOP/s achieved; ratio = masked_linear time / dense time")
-    print(f"{'shape':>9} {'dtype':>8} {'rows':>5} | {'fwd dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7} | "
-          f"{'f+b dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7}")
+          f"rotated ({ROTATION_BYTES[device.type] >> 20} MiB); ms per call (median), TFLOP/s achieved; ratio = masked_linear time / dense time"
+          + ("; on CUDA 'masked' is the op's default (cuBLAS on the masked weight), 'triton' the Triton kernels" if cuda else ""))
+    tri = f" {'triton':>8}" if cuda and importlib.util.find_spec("triton") is not None else ""
+    print(f"{'shape':>9} {'dtype':>8} {'rows':>5} | {'fwd dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7}{tri} | "
+          f"{'f+b dense':>9} {'W*M':>8} {'masked':>8} {'ratio':>6} {'TFLOP/s':>7}{tri}")
     results = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -117,10 +147,11 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 cells = []
                 for mode in ("forward", "forward_backward"):
                     m = r[mode]
+                    triton_ms = f" {m['masked_triton']['time_s'] * 1e3:>8.3f}" if "masked_triton" in m else ""
                     cells.append(f"{m['dense']['time_s'] * 1e3:>9.3f} {m['dense_mask_mul']['time_s'] * 1e3:>8.3f} "
                                  f"{m['masked_linear']['time_s'] * 1e3:>8.3f} "
                                  f"{m['masked_linear']['time_s'] / m['dense']['time_s']:>5.2f}x "
-                                 f"{m['masked_linear']['TFLOPs']:>7.3f}")
+                                 f"{m['masked_linear']['TFLOPs']:>7.3f}{triton_ms}")
                 print(f"{shape_name:>9} {dname:>8} {r['rows']:>5} | {cells[0]} | {cells[1]}")
     path = write_json(Path(out or results_dir(quick=quick)), f"masked_linear_{device.type}", {
         "benchmark": "masked_linear", "family": "masked_linear", "device": str(device), "quick": quick,

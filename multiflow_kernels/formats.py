@@ -2,9 +2,10 @@
 and multiplied. :class:`multiflow_kernels.nn.SparseLinear` holds one of these.
 
 ``masked``  the dense weight (a trainable ``nn.Parameter``) + 1 bit per weight
-            (``pack_mask`` layout). ``masked_linear`` applies the mask inside the kernel,
-            forward and backward: pruned weights get exactly zero gradient (sparse
-            fine-tuning). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
+            (``pack_mask`` layout). ``masked_linear`` applies the mask inside the kernel
+            (CPU, Triton; on CUDA by default the masked weight is built per call and
+            multiplied by cuBLAS, faster), forward and backward: pruned weights get
+            exactly zero gradient (sparse fine-tuning). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
 
 ``bitmap``  the kept values in row order + 1 bit per weight + row and 512-column offsets
             (``bitmap_pack`` layout); ``bitmap_linear`` decodes it inside the kernel.

@@ -515,6 +515,16 @@ def _check_masked_linear_args(op: str, x: Tensor, weight: Tensor, mask_bits: Ten
     )
 
 
+def _check_grad_out(op: str, grad_out: Tensor, x: Tensor, weight: Tensor) -> None:
+    """masked_linear_backward's grad_out: x.shape[:-1] + (out_features,), x's dtype."""
+    expect = (*x.shape[:-1], weight.shape[0])
+    torch._check(
+        tuple(grad_out.shape) == expect,
+        lambda: f"{op}: grad_out must have shape x.shape[:-1] + (out_features,) = {expect}, got {tuple(grad_out.shape)}",
+    )
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+
+
 def _check_bias(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if bias is None:
         return
@@ -559,12 +569,7 @@ def _masked_linear_backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     op = "multiflow::masked_linear_backward"
     _check_masked_linear_args(op, x, weight, mask_bits)
-    expect = (*x.shape[:-1], weight.shape[0])
-    torch._check(
-        tuple(grad_out.shape) == expect,
-        lambda: f"{op}: grad_out must have shape x.shape[:-1] + (out_features,) = {expect}, got {tuple(grad_out.shape)}",
-    )
-    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    _check_grad_out(op, grad_out, x, weight)
     skipped = x.new_empty(0)
     return (
         x.new_empty(x.shape) if output_mask[0] else skipped,

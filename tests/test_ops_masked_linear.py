@@ -111,18 +111,17 @@ def test_empty_shapes():
 # ----------------------------------------------------------------------------- backward
 
 
-def check_backward(x, w, mask, b):
-    bits = ops.pack_mask(mask)
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    bs = b.clone().requires_grad_() if b is not None else None
-    gen = torch.Generator().manual_seed(5)
-    g = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(x.dtype)
-    ops.masked_linear(xs, ws, bits, bs).backward(g)
+def assert_grads_earned(grads, x, w, mask, b, g):
+    """(grad_x, grad_weight, grad_bias or None) of masked_linear for upstream g, against
+    autograd of F.linear(x, w * mask, b) in float64 (exact) and in x's dtype (plain):
+    each within a small multiple of plain torch's own error; grad_weight exactly 0 where
+    pruned."""
+    gx, gw, gb = grads
 
-    def dense_grads(dtype):
-        xd = x.to(dtype).requires_grad_()
-        wd = w.to(dtype).requires_grad_()
-        bd = b.to(dtype).requires_grad_() if b is not None else None
+    def dense_grads(dtype):  # fresh leaves (x.to(x.dtype) would be x itself)
+        xd = x.detach().to(dtype, copy=True).requires_grad_()
+        wd = w.detach().to(dtype, copy=True).requires_grad_()
+        bd = b.detach().to(dtype, copy=True).requires_grad_() if b is not None else None
         y = F.linear(xd, wd * mask.to(dtype), bd)
         y.backward(g.to(dtype))
         return xd.grad, wd.grad, bd.grad if b is not None else None
@@ -133,14 +132,25 @@ def check_backward(x, w, mask, b):
     scale_x = g64.reshape(-1, w.shape[0]) @ w64
     scale_w = g64.reshape(-1, w.shape[0]).T @ x64.reshape(-1, w.shape[1])
     scale_b = g64.reshape(-1, w.shape[0]).sum(0)
-    assert_earned(xs.grad, exact[0], plain[0], scale_x, x.dtype, "grad_x")
-    assert_earned(ws.grad, exact[1], plain[1], scale_w, x.dtype, "grad_weight")
-    assert torch.equal(ws.grad[~mask], torch.zeros_like(ws.grad[~mask])), "grad_weight must be exactly 0 where pruned"
+    assert gx.shape == x.shape and gw.shape == w.shape
+    assert_earned(gx, exact[0], plain[0], scale_x, x.dtype, "grad_x")
+    assert_earned(gw, exact[1], plain[1], scale_w, x.dtype, "grad_weight")
+    assert torch.equal(gw[~mask], torch.zeros_like(gw[~mask])), "grad_weight must be exactly 0 where pruned"
     if b is not None:
-        assert_earned(bs.grad, exact[2], plain[2], scale_b, x.dtype, "grad_bias")
-    ref = reference.masked_linear_backward(g, x, w, bits, [True, True, b is not None])
-    assert_earned(ref[0], exact[0], plain[0], scale_x, x.dtype, "reference grad_x")
-    assert_earned(ref[1], exact[1], plain[1], scale_w, x.dtype, "reference grad_weight")
+        assert gb.shape == b.shape
+        assert_earned(gb, exact[2], plain[2], scale_b, x.dtype, "grad_bias")
+
+
+def check_backward(x, w, mask, b):
+    bits = ops.pack_mask(mask)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bs = b.clone().requires_grad_() if b is not None else None
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(x.dtype)
+    ops.masked_linear(xs, ws, bits, bs).backward(g)
+    assert_grads_earned((xs.grad, ws.grad, bs.grad if b is not None else None), x, w, mask, b, g)
+    ref = reference.masked_linear_backward(g, x, w, bits, [True, True, b is not None])  # the twin too
+    assert_grads_earned((ref[0], ref[1], ref[2] if b is not None else None), x, w, mask, b, g)
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])

@@ -3,8 +3,8 @@ plain torch, with the tolerances of tests/test_ops_masked_linear.py.
 
 Without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, set before
 the kernel module is imported) on CPU tensors, so small shapes only; with a GPU they
-run compiled on CUDA tensors, through the ops (the Triton kernels are the ops' CUDA
-implementation).
+run compiled on CUDA tensors (the ops' CUDA implementation when MULTIFLOW_MASKED_CUDA=triton;
+the default is cuBLAS, tests/test_masked_cublas.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 import multiflow_kernels  # noqa: E402, F401
 from multiflow_kernels import ops  # noqa: E402
 from multiflow_kernels.triton import masked_linear as triton_masked  # noqa: E402
-from test_ops_masked_linear import DTYPES, assert_earned, make_case  # noqa: E402
+from test_ops_masked_linear import DTYPES, assert_earned, assert_grads_earned, make_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (leading, in, out): edges in every dimension (BLOCK_M = BLOCK_N = 64, BLOCK_K = 32).
@@ -69,21 +69,8 @@ def test_backward(shape, dtype):
     bits = ops.pack_mask(mask)
     g = torch.randn(*leading, n_out, generator=torch.Generator().manual_seed(3)).to(dtype)
     gd, xd, wd, bitsd = on_device(g, x, w, bits)
-    gx, gw, gb = (t.cpu() for t in triton_masked.masked_linear_backward_triton(gd, xd, wd, bitsd, [True, True, True]))
-
-    def dense_grads(dt):
-        xx = x.to(dt).requires_grad_()
-        ww = w.to(dt).requires_grad_()
-        bb = b.to(dt).requires_grad_()
-        F.linear(xx, ww * mask.to(dt), bb).backward(g.to(dt))
-        return xx.grad, ww.grad, bb.grad
-
-    exact, plain = dense_grads(torch.float64), dense_grads(dtype)
-    g2 = g.double().abs().reshape(-1, n_out)
-    assert_earned(gx, exact[0], plain[0], g2 @ (w.double() * mask).abs(), dtype, "grad_x")
-    assert_earned(gw, exact[1], plain[1], g2.T @ x.double().abs().reshape(-1, n_in), dtype, "grad_weight")
-    assert_earned(gb, exact[2], plain[2], g2.sum(0), dtype, "grad_bias")
-    assert torch.equal(gw[~mask], torch.zeros_like(gw[~mask])), "grad_weight must be exactly 0 where pruned"
+    grads = [t.cpu() for t in triton_masked.masked_linear_backward_triton(gd, xd, wd, bitsd, [True, True, True])]
+    assert_grads_earned(grads, x, w, mask, b, g)
 
 
 def test_backward_output_mask():
@@ -105,7 +92,8 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.cuda
-def test_cuda_op_dispatches_to_triton_with_autograd():
+def test_cuda_op_dispatches_to_triton_with_autograd(monkeypatch):
+    monkeypatch.setenv("MULTIFLOW_MASKED_CUDA", "triton")  # the default is cuBLAS (masked_cublas.py)
     x, w, mask, b = make_case((2, 50), 100, 65, torch.float16, True, seed=13)
     bits = ops.pack_mask(mask)
     xd, wd, bitsd, bd = on_device(x, w, bits, b)

@@ -6,8 +6,11 @@ CUDA C++ kernel in csrc/cuda/ (the other is kept for comparison in benchmarks).
 Registered here as the ops' CUDA kernels:
 
 - flow_importance and flow_scores (flow.py);
-- masked_linear and masked_linear_backward (masked_linear.py: there is no CUDA C++
-  kernel for them);
+- masked_linear and masked_linear_backward: by default NOT the Triton kernels
+  (masked_linear.py) but the masked weight built in one pass and cuBLAS GEMMs
+  (multiflow_kernels/masked_cublas.py), which an H200 measured 3-41x faster forward;
+  ``MULTIFLOW_MASKED_CUDA=triton`` selects the Triton kernels (``cublas``, or unset:
+  the default; any other value is a ValueError; read at each call);
 - bitmap_linear (bitmap_linear.py: a gemv path for a few rows of x, a tiled tl.dot
   path above). With the environment variable ``MULTIFLOW_BITMAP_CUDA=cpp`` it calls
   the CUDA C++ kernel instead, the private op ``multiflow::_bitmap_linear_cuda``
@@ -34,6 +37,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 BITMAP_CUDA_ENV = "MULTIFLOW_BITMAP_CUDA"
 BITMAP_CUDA_CHOICES = ("triton", "cpp")
+MASKED_CUDA_ENV = "MULTIFLOW_MASKED_CUDA"
+MASKED_CUDA_CHOICES = ("cublas", "triton")
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name`` (the first of ``choices`` when unset or
+    empty); a ValueError naming the variable for anything else."""
+    choice = os.environ.get(name, "") or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{name} must be one of {choices} (or unset), got {choice!r}")
+    return choice
 
 
 def _bitmap_pack_cuda(weight, mask):
@@ -55,19 +69,50 @@ torch.library.register_kernel("multiflow::bitmap_unpack", "cuda", _bitmap_unpack
 def bitmap_cuda_choice() -> str:
     """Which kernel the public bitmap_linear runs on CUDA: ``MULTIFLOW_BITMAP_CUDA``,
     "triton" (the default) or "cpp"."""
-    choice = os.environ.get(BITMAP_CUDA_ENV, "") or "triton"
-    if choice not in BITMAP_CUDA_CHOICES:
-        raise ValueError(f"{BITMAP_CUDA_ENV} must be one of {BITMAP_CUDA_CHOICES} (or unset), got {choice!r}")
-    return choice
+    return _env_choice(BITMAP_CUDA_ENV, BITMAP_CUDA_CHOICES)
+
+
+def masked_cuda_choice() -> str:
+    """Which kernels masked_linear (and its backward) run on CUDA: ``MULTIFLOW_MASKED_CUDA``,
+    "cublas" (the default) or "triton"."""
+    return _env_choice(MASKED_CUDA_ENV, MASKED_CUDA_CHOICES)
+
+
+def _need_triton(op: str, env: str, other: str) -> None:
+    if not HAS_TRITON:
+        raise NotImplementedError(f"{op} on CUDA runs a Triton kernel here: install triton, or set {env}={other}")
+
+
+def _masked_linear_cuda(x, weight, mask_bits, bias):
+    if masked_cuda_choice() == "cublas":
+        from ..masked_cublas import masked_linear_cublas
+
+        return masked_linear_cublas(x, weight, mask_bits, bias)
+    _need_triton("multiflow::masked_linear", MASKED_CUDA_ENV, "cublas")
+    from .masked_linear import masked_linear_triton
+
+    return masked_linear_triton(x, weight, mask_bits, bias)
+
+
+def _masked_linear_backward_cuda(grad_out, x, weight, mask_bits, output_mask):
+    if masked_cuda_choice() == "cublas":
+        from ..masked_cublas import masked_linear_backward_cublas
+
+        return masked_linear_backward_cublas(grad_out, x, weight, mask_bits, output_mask)
+    _need_triton("multiflow::masked_linear_backward", MASKED_CUDA_ENV, "cublas")
+    from .masked_linear import masked_linear_backward_triton
+
+    return masked_linear_backward_triton(grad_out, x, weight, mask_bits, output_mask)
+
+
+torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
+torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
 
 
 def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
     if bitmap_cuda_choice() == "cpp":
         return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
-    if not HAS_TRITON:
-        raise NotImplementedError(
-            f"multiflow::bitmap_linear on CUDA runs a Triton kernel: install triton, or set {BITMAP_CUDA_ENV}=cpp"
-        )
+    _need_triton("multiflow::bitmap_linear", BITMAP_CUDA_ENV, "cpp")
     from .bitmap_linear import bitmap_linear_triton
 
     return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
@@ -90,15 +135,3 @@ if HAS_TRITON:
     torch.library.register_kernel("multiflow::flow_importance", "cuda", _flow_importance_cuda)
     torch.library.register_kernel("multiflow::flow_scores", "cuda", _flow_scores_cuda)
 
-    def _masked_linear_cuda(x, weight, mask_bits, bias):
-        from .masked_linear import masked_linear_triton
-
-        return masked_linear_triton(x, weight, mask_bits, bias)
-
-    def _masked_linear_backward_cuda(grad_out, x, weight, mask_bits, output_mask):
-        from .masked_linear import masked_linear_backward_triton
-
-        return masked_linear_backward_triton(grad_out, x, weight, mask_bits, output_mask)
-
-    torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear_cuda)
-    torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops import _check_bias, _check_masked_linear_args
+from ..ops import _check_bias, _check_grad_out, _check_masked_linear_args
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -144,13 +144,8 @@ def masked_linear_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     op = "multiflow::masked_linear_backward"
     _check_masked_linear_args(op, x, weight, mask_bits)
+    _check_grad_out(op, grad_out, x, weight)
     n, k = weight.shape
-    expect = (*x.shape[:-1], n)
-    torch._check(
-        tuple(grad_out.shape) == expect,
-        lambda: f"{op}: grad_out must have shape x.shape[:-1] + (out_features,) = {expect}, got {tuple(grad_out.shape)}",
-    )
-    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
     g = grad_out.reshape(-1, n).contiguous()
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
