@@ -253,25 +253,26 @@ def _bad(w_shapes, a_specs, w_dtype=torch.float32):
 F32 = torch.float32
 
 
+# (weights, act_sq_norms), the error's pattern: shared with the Triton launchers' tests
+BAD_FLOW_ARGS = [
+    (_bad([(3, 4), (2, 2)], [(4, F32)]), r"weights and act_sq_norms must have the same length.*2 weights and 1"),
+    (_bad([], [(4, F32)]), r"weights and act_sq_norms must have the same length.*0 weights and 1"),
+    (_bad([(3, 4), (2, 2)], [(4, F32), (3, F32)]), r"act_sq_norms\[1\] must have shape \(in,\) where in = "
+     r"weights\[1\].shape\[1\] = 2, got shape \[3\]"),
+    (_bad([(3, 4)], [(4, torch.float16)]), r"act_sq_norms\[0\] must be float32, got Half"),
+    (_bad([(3, 4)], [(4, torch.float64)]), r"act_sq_norms\[0\] must be float32, got Double"),
+    (_bad([(3, 4, 1)], [(4, F32)]), r"weights\[0\] must be 2-D \(out, in\), got shape \[3, 4, 1\]"),
+    (_bad([(4,)], [(4, F32)]), r"weights\[0\] must be 2-D"),
+    (_bad([(3, 4)], [(4, F32)], torch.float64), r"weights\[0\] must be float32, float16 or bfloat16, got Double"),
+    (([torch.randint(0, 3, (3, 4))], [torch.rand(4)]), r"weights\[0\] must be float32, float16 or bfloat16"),
+    (([torch.randn(3, 4)], [torch.rand(4, 1)]), r"act_sq_norms\[0\] must have shape \(in,\)"),
+]
+BAD_FLOW_IDS = ["len_mismatch", "no_weights", "act_wrong_len", "act_half", "act_double", "w_3d", "w_1d", "w_double",
+                "w_int", "act_2d"]
+
+
 @pytest.mark.parametrize("op", [ops.flow_importance, ops.flow_scores], ids=["flow_importance", "flow_scores"])
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (_bad([(3, 4), (2, 2)], [(4, F32)]), r"weights and act_sq_norms must have the same length.*2 weights and 1"),
-        (_bad([], [(4, F32)]), r"weights and act_sq_norms must have the same length.*0 weights and 1"),
-        (_bad([(3, 4), (2, 2)], [(4, F32), (3, F32)]), r"act_sq_norms\[1\] must have shape \(in,\) where in = "
-         r"weights\[1\].shape\[1\] = 2, got shape \[3\]"),
-        (_bad([(3, 4)], [(4, torch.float16)]), r"act_sq_norms\[0\] must be float32, got Half"),
-        (_bad([(3, 4)], [(4, torch.float64)]), r"act_sq_norms\[0\] must be float32, got Double"),
-        (_bad([(3, 4, 1)], [(4, F32)]), r"weights\[0\] must be 2-D \(out, in\), got shape \[3, 4, 1\]"),
-        (_bad([(4,)], [(4, F32)]), r"weights\[0\] must be 2-D"),
-        (_bad([(3, 4)], [(4, F32)], torch.float64), r"weights\[0\] must be float32, float16 or bfloat16, got Double"),
-        (([torch.randint(0, 3, (3, 4))], [torch.rand(4)]), r"weights\[0\] must be float32, float16 or bfloat16"),
-        (([torch.randn(3, 4)], [torch.rand(4, 1)]), r"act_sq_norms\[0\] must have shape \(in,\)"),
-    ],
-    ids=["len_mismatch", "no_weights", "act_wrong_len", "act_half", "act_double", "w_3d", "w_1d", "w_double",
-         "w_int", "act_2d"],
-)
+@pytest.mark.parametrize("args, match", BAD_FLOW_ARGS, ids=BAD_FLOW_IDS)
 def test_errors_name_the_argument(op, args, match):
     with pytest.raises(RuntimeError, match=match):
         op(*args)

@@ -24,7 +24,7 @@ from multiflow_kernels import reference  # noqa: E402
 from multiflow_kernels.triton import act_stats as triton_act_stats  # noqa: E402
 from multiflow_kernels.triton import flow as triton_flow  # noqa: E402
 from test_ops_act_stats import assert_earned, make_mask, random_acc  # noqa: E402
-from test_ops_flow import DTYPES, assert_equal_lists, make_layers  # noqa: E402
+from test_ops_flow import BAD_FLOW_ARGS, BAD_FLOW_IDS, DTYPES, assert_equal_lists, make_layers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -104,6 +104,16 @@ def test_flow_launcher_checks_and_empty_list():
         triton_flow.flow_importance_triton([torch.randn(2, 3, device=DEVICE)], [])
     with pytest.raises(RuntimeError, match=r"act_sq_norms\[0\] must have shape \(in,\) where in = "):
         triton_flow.flow_scores_triton([torch.randn(2, 3, device=DEVICE)], [torch.rand(4, device=DEVICE)])
+
+
+@pytest.mark.parametrize("launcher", ["flow_importance_triton", "flow_scores_triton"])
+@pytest.mark.parametrize("args, match", BAD_FLOW_ARGS, ids=BAD_FLOW_IDS)
+def test_flow_launchers_name_the_argument(launcher, args, match):
+    # the launchers' plain-Python fast check must send every bad input to the named checks
+    # (whose Python messages print shapes and dtypes unlike the C++ ones: up to ", got")
+    weights, acts = ([t.to(DEVICE) for t in ts] for ts in args)
+    with pytest.raises(RuntimeError, match=match.split(", got")[0]):
+        getattr(triton_flow, launcher)(weights, acts)
 
 
 # ----------------------------------------------------------------------------- sq_sum_accumulate_ (not registered)
