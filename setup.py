@@ -130,6 +130,16 @@ def _needed_libraries(path: str) -> list[str] | None:
     return [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line and "[" in line]
 
 
+def _defined_cxx_runtime_symbols(path: str) -> int:
+    """How many std::locale symbols the shared object defines itself (nm; 0 if unknown):
+    nonzero means libstdc++'s locale code was linked in statically."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return 0
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    return sum("_ZNSt6locale" in line for line in out.splitlines())
+
+
 class _BuildExt(BuildExtension):
     """torch's BuildExtension, plus: one C++ / OpenMP runtime in the process."""
 
@@ -141,9 +151,16 @@ class _BuildExt(BuildExtension):
                            if os.path.basename(a) not in ("ccache", "sccache", "distcc")), self.compiler.linker_so[0])
             ext.extra_link_args = list(ext.extra_link_args or []) + _shared_runtime_link_args(linker, openmp)
         super().build_extension(ext)
-        needed = _needed_libraries(self.get_ext_fullpath(ext.name)) if sys.platform.startswith("linux") else None
+        path = self.get_ext_fullpath(ext.name)
+        needed = _needed_libraries(path) if sys.platform.startswith("linux") else None
+        copied = _defined_cxx_runtime_symbols(path) if sys.platform.startswith("linux") else 0
+        if copied:
+            print("\n" + "!" * 78 + f"\nmultiflow_kernels._C: WARNING: {path} defines {copied} std::locale symbols "
+                  "itself: part of the C++ runtime was copied in statically (a toolchain libstdc++ newer than "
+                  "torch's?). Op error messages that format numbers may crash the process.\n" + "!" * 78,
+                  file=sys.stderr)
         if needed is not None and not any(n.startswith("libstdc++.so") for n in needed):
-            print("\n" + "!" * 78 + f"\nmultiflow_kernels._C: WARNING: {self.get_ext_fullpath(ext.name)} does not "
+            print("\n" + "!" * 78 + f"\nmultiflow_kernels._C: WARNING: {path} does not "
                   f"load libstdc++ (linked statically?): op error messages that format numbers may crash the "
                   f"process. Needed: {', '.join(needed)}\n" + "!" * 78, file=sys.stderr)
 

@@ -15,8 +15,9 @@
 # their goals) into profile.log, after the tests. --families "" runs no benchmark.
 # --tar: also pack the --out folder into FILE.tgz when the script ends, also when it is
 # stopped by a signal (e.g. a time limit): a device that returns few files gets them all.
-# Environment: TEST_CAP / MEMCHECK_CAP (seconds for pytest / memcheck; 240 / 90),
-# GPU_CHECK_BUDGET_S (no benchmark family starts after this many seconds; 450).
+# Environment: TEST_CAP / MEMCHECK_CAP / PROFILE_CAP (seconds for pytest / memcheck /
+# --profile; 240 / 90 / 90), GPU_CHECK_BUDGET_S (no benchmark family starts after this many
+# seconds from the start, the build, tests and profile included; 450).
 # Results (logs, JSON, PNG) go to --out, else $OUT, else benchmarks/results/. Needs a
 # preinstalled CUDA torch, triton and nvcc; installs nothing (no network): the extension is
 # built in place with --no-build-isolation semantics.
@@ -149,7 +150,9 @@ step "pytest -m cuda" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) -
 # ---- compute-sanitizer memcheck on one small call of each CUDA C++ kernel -------------
 if command -v compute-sanitizer > /dev/null; then
     t=$(date +%s)
-    timeout --kill-after=10 ${MEMCHECK_CAP:-90} compute-sanitizer --tool memcheck --error-exitcode 9 \
+    # Without torch's caching allocator every tensor is its own cudaMalloc, so a read past a
+    # tensor's end leaves the allocation and memcheck sees it (inside a cached segment it would not).
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 ${MEMCHECK_CAP:-90} compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" benchmarks/sanitize_calls.py > "$OUT_DIR/memcheck.log" 2>&1
     rc=$?
     step "compute-sanitizer memcheck" $([ $rc -eq 0 ] && echo ok || echo FAIL) $(( $(date +%s) - t )) \

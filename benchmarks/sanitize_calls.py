@@ -89,6 +89,23 @@ def main() -> int:
                 want = R.bitmap_linear(xx, *fmt, in_f, bias)
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
                 calls += 1
+    # hostile formats (row_ptr / block_ptr are trusted on CUDA: wrong numbers allowed, but no
+    # read outside values): each tensor its own allocation (gpu_check.sh turns the caching
+    # allocator off for memcheck), so a read past values' end is an error memcheck reports
+    w = torch.randn(19, 1100, generator=g).to(dev, torch.float16)
+    mb = (torch.rand(19, 1100, generator=g) > 0.75).to(dev)
+    values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mb)
+    hostile = [
+        (values[:3].clone(), bits, row_ptr, block_ptr),
+        (values, bits, torch.randint(-(2**62), 2**62, row_ptr.shape, generator=g).to(dev), block_ptr),
+        (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=g).int().to(dev)),
+        (values, bits, torch.full_like(row_ptr, 2**63 - 1), torch.full_like(block_ptr, 2**31 - 1)),
+    ]
+    for rows in (1, 5, 9):
+        xx = torch.randn(rows, 1100, generator=g).to(dev, torch.float16)
+        for fmt in hostile:
+            assert ops._bitmap_linear_cuda(xx, *fmt, 1100, None).shape == (rows, 19)
+            calls += 1
     torch.cuda.synchronize()
     print(f"{calls} calls checked")
     return 0

@@ -165,13 +165,15 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
 # only the kept ones (0.41x at this density, 0.03x when all are pruned).
 AUTO_24_MIN_DENSITY = 0.375
 
+# Rows of x up to which auto keeps a 2:4 mask as 2:4 on CUDA (above: masked, cuBLAS).
+AUTO_CUDA_24_MAX_ROWS = 256
+
+
 def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
                   capability: tuple[int, int] | None = None) -> str:
     """The format ``auto`` picks for one layer: its keep-``mask``, weight ``dtype``, the
     ``device`` it will run on and the expected ``rows`` of x per call (tokens x batch).
     ``capability``: the CUDA device's compute capability (read from the device if None).
-    No measured rule depends on ``rows`` at present (see the two cases below: the same
-    format won at every measured row count); it stays in the signature for when one does.
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
       weights (a sparser mask is much smaller as a bitmap), else ``bitmap``. Measured here
@@ -180,13 +182,13 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       on a 2:4 mask matches or beats bitmap_linear on the same 50% mask up to 64 rows
       (within 5% at 256) and beats dense up to 256 rows on most shapes.
     - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
-      multiple of 16 and the GPU sm_80 or newer (sparse tensor cores for many rows, a
-      decode kernel reading 0.56x the dense bytes for few); otherwise ``bitmap``. Measured
-      on an H200 (float16 / float32, benchmarks/RESULTS.md): sparse24_linear beat
-      bitmap_linear on the same 2:4 masks at every row count, and bitmap_linear beat
-      masked_linear in 231 of 252 cases (all 144 above 16 rows but 9 small float16 ones).
-      Neither sparse kernel is yet faster than dense cuBLAS on CUDA except 2:4 at 1-4 rows:
-      on a GPU the formats save memory, not time (see RESULTS.md).
+      multiple of 16, the GPU sm_80 or newer and at most ``AUTO_CUDA_24_MAX_ROWS`` rows;
+      otherwise ``masked``. Measured on an H200 (float16, benchmarks/RESULTS.md): on the
+      BLIP shapes sparse24_linear was 1.0-3.4x faster than ``F.linear(x, W * M)`` (what
+      masked_linear's CUDA default computes) up to 256 rows and 0.62-0.76x at 2048 on three
+      of four; the (Triton) bitmap_linear took 2.7-48x the dense time, slower than both.
+      On a GPU, bitmap is the smallest format (a memory choice), not the fastest; the rule
+      is to be measured again with the CUDA C++ bitmap kernel and the new masked path.
     """
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
@@ -194,6 +196,7 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
         return "2:4" if as_24 else "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
-    if dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0) and mask.shape[-1] % 16 == 0 and as_24:
+    if as_24 and rows <= AUTO_CUDA_24_MAX_ROWS and dtype in (torch.float16, torch.bfloat16) \
+            and tuple(capability) >= (8, 0) and mask.shape[-1] % 16 == 0:
         return "2:4"
-    return "bitmap"
+    return "masked"

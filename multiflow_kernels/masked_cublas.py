@@ -1,9 +1,10 @@
 """masked_linear on CUDA through cuBLAS: the masked weight built in one pass, then dense GEMMs.
 
 The Triton kernels (triton/masked_linear.py) apply the mask inside the GEMM; measured on an
-H200 (benchmarks/RESULTS.md, 2026-11-28) they were 3-41x slower forward and 2.2-7.8x
-slower forward + backward than ``F.linear(x, W * M)`` through cuBLAS, the code a user
-would write. So on CUDA the ops run this by default; ``MULTIFLOW_MASKED_CUDA=triton``
+H200 (benchmarks/RESULTS.md, 2026-11-28) their forward took 2.4-31x the time of
+``F.linear(x, W * M)`` through cuBLAS (median 6.7x), the code a user would write, and
+1.8-52x that of dense ``F.linear``. So on CUDA the ops run this by default (it computes
+that line, plus unpacking the bits; not yet timed itself); ``MULTIFLOW_MASKED_CUDA=triton``
 selects the Triton kernels (multiflow_kernels/triton/__init__.py).
 
 Same contract and semantics as the Triton kernels and reference.py's twins:
@@ -11,8 +12,10 @@ Same contract and semantics as the Triton kernels and reference.py's twins:
 - the weight is masked with ``torch.where(mask, weight, 0)``, not multiplied, so a NaN
   or inf stored at a pruned position never reaches the output (0 * inf would);
 - grad_weight is exactly 0 where the mask is False (pruned weights never revive);
-- float16 / bfloat16 GEMMs accumulate in float32 inside cuBLAS (torch's settings apply:
-  ``allow_fp16_reduced_precision_reduction`` / ``allow_tf32`` as the user set them).
+- the GEMMs are torch's (cuBLAS) with torch's settings: float16 / bfloat16 accumulate in
+  float32 except where ``allow_fp16_reduced_precision_reduction`` (on by default) /
+  ``allow_bf16_reduced_precision_reduction`` let cuBLAS reduce split-K partials in the
+  16-bit type; float32 uses TF32 only if the user enabled it.
 
 Cost per call: one masked copy of the weight (and the bool mask unpacked from the bits,
 1 byte per weight), freed after the call; then the GEMMs a dense layer runs.
@@ -29,7 +32,7 @@ from .ops import _check_bias, _check_grad_out, _check_masked_linear_args
 
 def _masked_weight(weight: Tensor, mask_bits: Tensor) -> tuple[Tensor, Tensor]:
     mask = torch.ops.multiflow.unpack_mask(mask_bits.contiguous(), weight.shape[1])
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+    return torch.where(mask, weight, 0), mask
 
 
 def masked_linear_cublas(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -51,15 +54,14 @@ def masked_linear_backward_cublas(
     _check_grad_out(op, grad_out, x, weight)
     n, k = weight.shape
     g = grad_out.reshape(-1, n)
-    skipped = x.new_empty(0)
-    grad_x = grad_w = grad_b = skipped
+    grad_x, grad_w, grad_b = (x.new_empty(0) for _ in range(3))  # distinct: outputs must not alias
     if output_mask[0] or output_mask[1]:
         w, mask = _masked_weight(weight, mask_bits)
         if output_mask[0]:
             grad_x = (g @ w).reshape(x.shape)
         if output_mask[1]:
             gw = g.t() @ x.reshape(-1, k)
-            grad_w = torch.where(mask, gw, torch.zeros((), dtype=gw.dtype, device=gw.device))
+            grad_w = torch.where(mask, gw, 0)
     if output_mask[2]:
         grad_b = g.float().sum(0).to(x.dtype)
     return grad_x, grad_w, grad_b

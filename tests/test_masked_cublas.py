@@ -21,7 +21,9 @@ from multiflow_kernels.masked_cublas import masked_linear_backward_cublas, maske
 from test_ops_masked_linear import DTYPES, assert_earned, assert_grads_earned, make_case
 
 SHAPES = [((), 1, 1), ((3,), 31, 7), ((2, 5), 33, 65), ((70,), 100, 7), ((0,), 9, 4)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CUDA cases carry the cuda mark: gpu_check.sh's `pytest -m cuda` selects them
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])]
 
 
 def _forward(device, x, w, bits, b):
@@ -82,6 +84,8 @@ def test_backward_output_mask(device):
         got = _backward(device, g, x, w, bits, output_mask)
         for want, t, f in zip(output_mask, got, full):
             assert torch.equal(t, f) if want else t.shape == (0,)
+    got = masked_linear_backward_cublas(g, x, w, bits, [False, True, False])
+    assert got[0] is not got[2], "outputs left out must be distinct tensors (an op's outputs may not alias)"
 
 
 def test_bad_inputs_name_the_argument():
@@ -130,3 +134,8 @@ def test_cuda_opcheck(dtype):
     x, w, mask, b = make_case((5,), 48, 17, dtype, True, seed=25)
     args = (x.cuda(), w.cuda().requires_grad_(), ops.pack_mask(mask).cuda(), b.cuda())
     torch.library.opcheck(torch.ops.multiflow.masked_linear.default, args)
+    g = torch.randn(5, 17, device="cuda").to(dtype)
+    for output_mask in ([True, True, True], [False, True, False], [False, False, False]):
+        # outputs left out are (0,)-shaped and must not alias each other
+        torch.library.opcheck(torch.ops.multiflow.masked_linear_backward.default,
+                              (g, args[0], args[1].detach(), args[2], output_mask))

@@ -80,12 +80,16 @@ def test_choose_format_rule():
     assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(0, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     h100 = (9, 0)
+    limit = formats.AUTO_CUDA_24_MAX_ROWS
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
-    assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "bitmap"  # no sparse tensor cores
-    assert formats.choose_format(_nm_mask(8, 20), torch.float16, "cuda", 1, h100) == "bitmap"  # in % 16 != 0
-    assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "bitmap"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "bitmap"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "bitmap"  # measured on an H200
+    assert formats.choose_format(nm, torch.bfloat16, "cuda", limit, h100) == "2:4"
+    assert formats.choose_format(nm, torch.float16, "cuda", limit + 1, h100) == "masked"  # cuBLAS wins at many rows
+    assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "masked"  # no sparse tensor cores
+    assert formats.choose_format(_nm_mask(8, 20), torch.float16, "cuda", 1, h100) == "masked"  # in % 16 != 0
+    assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "masked"
+    assert formats.choose_format(sparse_nm, torch.float16, "cuda", 1, h100) == "masked"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "masked"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "masked"
 
 
 def test_sparsify_checks_rows_dtype_and_names_the_mask():

@@ -152,8 +152,7 @@ def masked_linear_backward_triton(
     w = weight.contiguous()
     bits = mask_bits.contiguous()
     opts = dict(WIDEN=_widen(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    skipped = x.new_empty(0)
-    grad_x = grad_w = grad_b = skipped
+    grad_x, grad_w, grad_b = (x.new_empty(0) for _ in range(3))  # distinct: outputs must not alias
     if output_mask[0]:
         grad_x = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m and k:
