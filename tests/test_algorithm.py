@@ -262,6 +262,14 @@ def test_nonfinite_statistic_names_layer(backend):
     acts["l1.weight"][3] = math.inf
     with pytest.raises(ValueError, match="l1.weight"):
         _mfs(backend)(weights, acts, mods, 0.5)
+    # the offenders and only they (the check reads all layers at once, then names them)
+    last = list(acts)[-1]
+    acts[last][0] = math.nan
+    with pytest.raises(ValueError) as e:
+        _mfs(backend)(weights, acts, mods, 0.5)
+    named = str(e.value).split(":", 1)[1]
+    assert "l1.weight" in named and last in named
+    assert all(n not in named for n in acts if n not in ("l1.weight", last))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
