@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_profile.py [--out DIR] [--only NAME ...]
 
-For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear and
-sparse24_linear at a few row counts; sq_sum_accumulate_), prints the median time per call
+For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the Triton
+default, then the CUDA C++ kernel) and sparse24_linear at a few row counts;
+sq_sum_accumulate_), prints the median time per call
 (CUDA events, after warm-up) and the profiler's table of the ops and kernels it ran, sorted
 by device time, with host-side sync / copy calls counted: the first thing to read before
 changing a kernel. A diagnostic, not a benchmark: its numbers are not kept in RESULTS.md.
@@ -53,7 +54,7 @@ def _profile(name, fn, calls=3, rows=14):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="masks bitmap sparse24 act")
+    p.add_argument("--only", nargs="*", default=None, help="masks bitmap sparse24 act bitmap_cpp")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA GPU visible", file=sys.stderr)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     from multiflow_kernels import ops
 
     dev = torch.device("cuda")
-    want = set(args.only or ["masks", "bitmap", "sparse24", "act"])
+    want = set(args.only or ["masks", "bitmap", "sparse24", "act", "bitmap_cpp"])
     g = torch.Generator(device=dev).manual_seed(0)
 
     if "masks" in want:
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
         packed = ops.bitmap_pack(w, mask)
         for rows in (1, 16, 256):
             x = torch.randn(rows, in_f, device=dev, generator=g).half()
-            _profile(f"bitmap_linear 11008x4096 fp16 75% rows={rows}", lambda: ops.bitmap_linear(x, *packed, in_f, None))
+            _profile(f"bitmap_linear (public op: Triton) 11008x4096 fp16 75% rows={rows}",
+                     lambda: ops.bitmap_linear(x, *packed, in_f, None))
         del w, mask, packed
 
     if "sparse24" in want:
@@ -98,6 +100,16 @@ def main(argv=None) -> int:
             m = torch.rand(36928, device=dev, generator=g) < 0.8
             acc = torch.zeros(768, device=dev)
             _profile(f"sq_sum_accumulate_ [36928, 768] {dtype}", lambda: ops.sq_sum_accumulate_(acc, x, m))
+
+    if "bitmap_cpp" in want:  # last: the CUDA C++ kernel has not run on a GPU before (a fault ends the process)
+        out_f, in_f = 11008, 4096
+        w = torch.randn(out_f, in_f, device=dev, generator=g)
+        mask = torch.rand(out_f, in_f, device=dev, generator=g) >= 0.75
+        packed = ops.bitmap_pack((w * mask).half(), mask)
+        for rows in (1, 16, 256):
+            x = torch.randn(rows, in_f, device=dev, generator=g).half()
+            _profile(f"_bitmap_linear_cuda (C++) 11008x4096 fp16 75% rows={rows}",
+                     lambda: ops._bitmap_linear_cuda(x, *packed, in_f, None))
     return 0
 
 
