@@ -37,6 +37,13 @@ def _median_ms(fn, n=20):
 
 
 def _profile(name, fn, calls=3, rows=14):
+    try:
+        _profile_one(name, fn, calls, rows)
+    except Exception as e:  # report and go on: one failing target must not hide the others
+        print(f"\n### {name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+
+
+def _profile_one(name, fn, calls, rows):
     from torch.profiler import ProfilerActivity, profile
 
     ms = _median_ms(fn)
@@ -49,7 +56,7 @@ def _profile(name, fn, calls=3, rows=14):
     host = {e.key: e.count // calls for e in avgs
             if any(k in e.key for k in ("Synchronize", "Memcpy", "cudaLaunchKernel", "cuLaunchKernel", "item"))}
     print(f"\n### {name}: {ms:.3f} ms per call (median of 20, CUDA events); per call: {host}")
-    print(avgs.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    print(avgs.table(sort_by=sort, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def main(argv=None) -> int:
