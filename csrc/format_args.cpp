@@ -19,6 +19,23 @@ void check_pack_input(const char* op, const at::Tensor& weight, const at::Tensor
       mask.device() == weight.device(), op, ": mask is on ", mask.device(), " but weight is on ", weight.device());
 }
 
+std::optional<at::Tensor> trivial_linear_result(
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    int64_t m,
+    int64_t rows,
+    int64_t cols,
+    at::IntArrayRef out_shape) {
+  if (m == 0 || rows == 0) {
+    return at::empty({m, rows}, x.options()).view(out_shape);
+  }
+  if (cols == 0) {
+    at::Tensor y = at::empty({m, rows}, x.options());
+    return (bias.defined() ? y.copy_(bias.expand({m, rows})) : y.zero_()).view(out_shape);
+  }
+  return std::nullopt;
+}
+
 LinearInput prepare_linear_input(
     const char* op,
     const at::Tensor& x,

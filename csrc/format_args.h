@@ -34,6 +34,23 @@ LinearInput prepare_linear_input(
     int64_t in_features,
     int64_t out_features);
 
+// y of a linear op over a compressed weight when no kernel has to run: empty when x has no
+// rows or the weight no outputs, bias (or 0) broadcast when in_features is 0; nullopt
+// otherwise. x is (m, cols), y is returned viewed as out_shape.
+std::optional<at::Tensor> trivial_linear_result(
+    const at::Tensor& x,
+    const at::Tensor& bias,
+    int64_t m,
+    int64_t rows,
+    int64_t cols,
+    at::IntArrayRef out_shape);
+
+// The same for a format's problem struct (members x, bias, m, rows, cols, out_shape).
+template <typename Problem>
+std::optional<at::Tensor> trivial_linear_result(const Problem& p) {
+  return trivial_linear_result(p.x, p.bias, p.m, p.rows, p.cols, p.out_shape);
+}
+
 // Moves `in` into a format's problem struct (members x, bias, m, out_shape).
 template <typename Problem>
 void set_linear_input(Problem& p, LinearInput&& in) {

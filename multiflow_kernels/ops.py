@@ -760,32 +760,14 @@ def _check_linear_input(op: str, x: Tensor, values: Tensor, in_features: int, ro
         torch._check(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-@torch.library.register_fake("multiflow::bitmap_linear")
-def _bitmap_linear_fake(
-    x: Tensor,
-    values: Tensor,
-    bits: Tensor,
-    row_ptr: Tensor,
-    block_ptr: Tensor,
-    in_features: int,
-    bias: Tensor | None = None,
-) -> Tensor:
-    return _bitmap_linear_out("multiflow::bitmap_linear", x, values, bits, row_ptr, block_ptr, in_features, bias)
+def _register_bitmap_linear_fake(op: str) -> None:
+    """The fake kernel of bitmap_linear and of _bitmap_linear_cuda (same schema): the
+    checks, then y's shape."""
 
-
-def _bitmap_linear_out(
-    op: str,
-    x: Tensor,
-    values: Tensor,
-    bits: Tensor,
-    row_ptr: Tensor,
-    block_ptr: Tensor,
-    in_features: int,
-    bias: Tensor | None,
-) -> Tensor:
-    """The fake kernels of bitmap_linear and _bitmap_linear_cuda: the checks, then y's shape."""
-    _check_bitmap_linear_args(op, x, values, bits, row_ptr, block_ptr, in_features, bias)
-    return x.new_empty((*x.shape[:-1], bits.shape[0]))
+    @torch.library.register_fake(op)
+    def _fake(x, values, bits, row_ptr, block_ptr, in_features, bias=None):
+        _check_bitmap_linear_args(op, x, values, bits, row_ptr, block_ptr, in_features, bias)
+        return x.new_empty((*x.shape[:-1], bits.shape[0]))
 
 
 def _check_bitmap_linear_args(
@@ -820,17 +802,9 @@ def _bitmap_linear_cuda(
     return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
-@torch.library.register_fake("multiflow::_bitmap_linear_cuda")
-def _bitmap_linear_cuda_fake(
-    x: Tensor,
-    values: Tensor,
-    bits: Tensor,
-    row_ptr: Tensor,
-    block_ptr: Tensor,
-    in_features: int,
-    bias: Tensor | None = None,
-) -> Tensor:
-    return _bitmap_linear_out("multiflow::_bitmap_linear_cuda", x, values, bits, row_ptr, block_ptr, in_features, bias)
+for _op in ("multiflow::bitmap_linear", "multiflow::_bitmap_linear_cuda"):
+    _register_bitmap_linear_fake(_op)
+del _op
 
 
 # =======================================================================================

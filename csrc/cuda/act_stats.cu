@@ -42,6 +42,39 @@ constexpr int kBatch = 4;  // rows per load batch of the 16-byte path
 constexpr int64_t kWaves = 2;  // full waves of resident blocks the 16-byte path aims for
 constexpr int kFlush = 16;
 
+// A running sum in two levels: terms go to `inner`, which is added to `outer` every kFlush
+// steps, so that long runs keep the rounding error near that of torch's cascade sum.
+struct TwoLevelSum {
+  float outer = 0.0f;
+  float inner = 0.0f;
+  int steps = 0;
+  __device__ __forceinline__ void step() {  // after each term (or skipped term)
+    if (++steps == kFlush) {
+      outer += inner;
+      inner = 0.0f;
+      steps = 0;
+    }
+  }
+  __device__ __forceinline__ float total() const { return outer + inner; }
+};
+
+// A block of kR x kCols threads, thread (y, x) holding a partial sum of column x: thread
+// (0, x) gets the column's total (the kR partials added in order y = 0, 1, ...); the other
+// threads get 0.
+template <int kR>
+__device__ __forceinline__ float column_total(float (&sums)[kR][kCols], float partial) {
+  sums[threadIdx.y][threadIdx.x] = partial;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      total += sums[r][threadIdx.x];
+    }
+  }
+  return total;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_kernel(
     const scalar_t* __restrict__ x,
@@ -58,35 +91,20 @@ __global__ void __launch_bounds__(kCols * kRows) sq_sum_chunks_kernel(
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * chunk_tokens;
   const int64_t t1 = min(n_tokens, t0 + chunk_tokens);
 
-  // Two-level sum (flushed every kFlush rows) so that long chunks keep the
-  // rounding error near that of torch's cascade sum.
-  float outer = 0.0f;
-  float inner = 0.0f;
+  TwoLevelSum s;  // over the thread's rows, a step per row (kept or not)
   if (col < n_features) {
-    int rows = 0;
 #pragma unroll 4
     for (int64_t t = t0 + threadIdx.y; t < t1; t += kRows) {
       // Every lane of the warp reads the same mask byte: one broadcast load.
       if (mask == nullptr || mask[t]) {
         const float v = static_cast<float>(x[t * row_stride + col]);
-        inner = fmaf(v, v, inner);
+        s.inner = fmaf(v, v, s.inner);
       }
-      if (++rows == kFlush) {
-        outer += inner;
-        inner = 0.0f;
-        rows = 0;
-      }
+      s.step();
     }
   }
-  warp_sums[threadIdx.y][threadIdx.x] = outer + inner;
-  __syncthreads();
-
+  const float total = column_total(warp_sums, s.total());
   if (threadIdx.y == 0 && col < n_features) {
-    float total = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      total += warp_sums[r][threadIdx.x];
-    }
     if (add_into_out) {
       out[col] += total;  // one chunk: this block alone owns these columns of acc
     } else {
@@ -245,27 +263,15 @@ __global__ void __launch_bounds__(kCols * kSumRows) add_chunk_sums_kernel(
     float* __restrict__ acc) {
   __shared__ float sums[kSumRows][kCols];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
-  float outer = 0.0f;
-  float inner = 0.0f;
+  TwoLevelSum s;
   if (col < n_features) {
-    int rows = 0;
     for (int64_t c = threadIdx.y; c < n_chunks; c += kSumRows) {
-      inner += partial[c * n_features + col];
-      if (++rows == kFlush) {
-        outer += inner;
-        inner = 0.0f;
-        rows = 0;
-      }
+      s.inner += partial[c * n_features + col];
+      s.step();
     }
   }
-  sums[threadIdx.y][threadIdx.x] = outer + inner;
-  __syncthreads();
+  const float total = column_total(sums, s.total());
   if (threadIdx.y == 0 && col < n_features) {
-    float total = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kSumRows; ++r) {
-      total += sums[r][threadIdx.x];
-    }
     acc[col] += total;
   }
 }

@@ -66,6 +66,7 @@
 #include "bitmap.h"
 #include "ceil_div.h"
 #include "dtypes.h"
+#include "format_args.h"
 
 namespace multiflow::cuda {
 namespace {
@@ -396,12 +397,8 @@ at::Tensor bitmap_linear_cuda(
   const BitmapProblem p =
       prepare_bitmap_linear(x, values, bits, row_ptr, block_ptr, in_features, bias, "multiflow::_bitmap_linear_cuda");
   const c10::cuda::CUDAGuard guard(p.x.device());
-  if (p.m == 0 || p.rows == 0) {
-    return at::empty({p.m, p.rows}, p.x.options()).view(p.out_shape);
-  }
-  if (p.cols == 0) {
-    at::Tensor y = at::empty({p.m, p.rows}, p.x.options());
-    return (p.bias.defined() ? y.copy_(p.bias.expand({p.m, p.rows})) : y.zero_()).view(p.out_shape);
+  if (auto y = trivial_linear_result(p)) {
+    return *y;
   }
   if (p.m > kRowsGemv) {
     // cuBLAS on the decoded weight: F.linear exactly, inf / NaN of x included.

@@ -56,6 +56,7 @@
 
 #include "ceil_div.h"
 #include "dtypes.h"
+#include "format_args.h"
 #include "sparse24.h"
 
 namespace multiflow::cuda {
@@ -597,13 +598,10 @@ at::Tensor sparse24_linear_cuda(
     const std::optional<at::Tensor>& bias) {
   const Sparse24Problem p = prepare_sparse24_linear(x, values, metadata, bias);
   const c10::cuda::CUDAGuard guard(p.x.device());
+  if (auto trivial = trivial_linear_result(p)) {
+    return *trivial;
+  }
   auto y = at::empty({p.m, p.rows}, p.x.options());
-  if (p.m == 0 || p.rows == 0) {
-    return y.view(p.out_shape);
-  }
-  if (p.cols == 0) {
-    return (p.bias.defined() ? y.copy_(p.bias.expand({p.m, p.rows})) : y.zero_()).view(p.out_shape);
-  }
   const auto dtype = p.x.scalar_type();
   // Evaluated only past the few-rows case (short-circuit): the memory-bound path asks nothing.
   const bool tensor_cores = p.m >= kRowsTensorCoresFrom && (dtype == at::kHalf || dtype == at::kBFloat16) &&
