@@ -115,6 +115,9 @@ def main(argv=None) -> int:
         packed = ops.bitmap_pack((w * mask).half(), mask)
         for rows in (1, 16, 256):
             x = torch.randn(rows, in_f, device=dev, generator=g).half()
+            dense = (w * mask).half()
+            print(f"\n### dense F.linear 11008x4096 fp16 rows={rows}: "
+                  f"{_median_ms(lambda: torch.nn.functional.linear(x, dense)):.4f} ms per call", flush=True)
             _profile(f"_bitmap_linear_cuda (C++) 11008x4096 fp16 75% rows={rows}",
                      lambda: ops._bitmap_linear_cuda(x, *packed, in_f, None))
     return 0
