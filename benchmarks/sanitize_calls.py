@@ -5,12 +5,16 @@ with the plain-torch twin, so a kernel that reads or writes out of bounds is cau
 memcheck and a wrong answer by the comparison.
 """
 import sys
+from pathlib import Path
 
 import torch
 
 import multiflow_kernels  # noqa: F401
 from multiflow_kernels import ops
 from multiflow_kernels import reference as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _bitmap_inputs import assert_linear_earned  # noqa: E402  (the tests' earned bound)
 
 
 def main() -> int:
@@ -86,8 +90,10 @@ def main() -> int:
             for rows in (1, 3, 8, 9, 130):
                 xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
                 got = ops._bitmap_linear_cuda(xx, *fmt, in_f, bias)
-                want = R.bitmap_linear(xx, *fmt, in_f, bias)
-                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+                # 2100 inputs in bfloat16: a fixed 2e-2 is tighter than plain torch's own
+                # error (seen on the H200); the bound the CUDA tests use instead
+                assert_linear_earned(got.cpu(), xx.cpu(), [t.cpu() for t in fmt], in_f, bias.cpu(),
+                                     f"_bitmap_linear_cuda {dtype} {out_f}x{in_f} rows={rows}")
                 calls += 1
     # hostile formats (row_ptr / block_ptr are trusted on CUDA: wrong numbers allowed, but no
     # read outside values): each tensor its own allocation (gpu_check.sh turns the caching
