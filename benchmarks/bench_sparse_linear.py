@@ -1,8 +1,8 @@
 """Sparse linear layers for inference (family ``bitmap``): ``bitmap_linear`` against dense
 ``F.linear``, ``torch.sparse.mm`` with a CSR weight and ``masked_linear``; time vs rows of x.
 
-On CUDA a fifth column, ``bitmap_cpp``, times the CUDA C++ kernel (the private op
-``multiflow::_bitmap_linear_cuda``, called directly) beside the registered Triton one.
+On CUDA ``bitmap`` is the public op's default there, the CUDA C++ kernel (csrc/cuda/bitmap.cu),
+and a fifth column, ``bitmap_triton``, times the Triton kernel (called directly) beside it.
 
 Rows 1 ... 2048; sparsity 0.63 / 0.75 / 0.9; BLIP shapes (768x768, 2304x768, 3072x768,
 768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Copies of the weight filling 256 MiB (CPU) /
@@ -30,7 +30,7 @@ from common import (ROTATION_BYTES, copy_bandwidth, family_main, plot_time_vs_ro
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-FORMATS = ("dense", "csr", "masked", "bitmap", "bitmap_cpp")  # bitmap_cpp: CUDA only
+FORMATS = ("dense", "csr", "masked", "bitmap", "bitmap_triton")  # bitmap_triton: CUDA only
 
 
 def _nbytes(*tensors) -> int:
@@ -73,9 +73,13 @@ def _format_fns(bufs, x, in_f):
         "masked": lambda: (lambda b: ops.masked_linear(x, b["dense"], b["bits"], None))(pick()),
         "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None),
     }
-    if x.is_cuda:
-        fns["bitmap_cpp"] = lambda: torch.ops.multiflow._bitmap_linear_cuda.default(x, *pick()["bitmap"], in_f, None)
-    return {f: fn for f, fn in fns.items() if f.removesuffix("_cpp") in bufs[0] or f == "masked"}
+    from multiflow_kernels.triton import HAS_TRITON
+
+    if x.is_cuda and HAS_TRITON:
+        from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
+
+        fns["bitmap_triton"] = lambda: bitmap_linear_triton(x, *pick()["bitmap"], in_f, None)
+    return {f: fn for f, fn in fns.items() if f.removesuffix("_triton") in bufs[0] or f == "masked"}
 
 
 def _format_bytes(b):
@@ -86,7 +90,7 @@ def _format_bytes(b):
         "csr": _nbytes(csr.values(), csr.col_indices(), csr.crow_indices()) if csr is not None else None,
         "masked": _nbytes(b["dense"], b["bits"]),
         "bitmap": _nbytes(*bitmap) if bitmap is not None else None,
-        "bitmap_cpp": _nbytes(*bitmap) if bitmap is not None else None,
+        "bitmap_triton": _nbytes(*bitmap) if bitmap is not None else None,
     }
 
 
@@ -167,7 +171,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
           f"(weight storage + x + y) take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>5} {'dense ms':>9} {'csr ms':>9} {'masked ms':>10} "
           f"{'bitmap ms':>10} {'bm/dense':>9} {'bm/csr':>7} {'dense %roof':>11} {'bitmap %roof':>12}"
-          + (f" {'cpp ms':>9} {'cpp/dense':>9} {'cpp %roof':>9}" if cuda else ""))
+          + (f" {'triton ms':>9} {'tri/dense':>9} {'tri %roof':>9}" if cuda else ""))
     out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
@@ -184,14 +188,14 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                     vs_dense = f"{t['dense'] / t['bitmap']:.2f}x" if "bitmap" in t else "-"
                     vs_csr = f"{t['csr'] / t['bitmap']:.2f}x" if "bitmap" in t and "csr" in t else "-"
                     roof_bm = f"{r['of_roofline']['bitmap']:.0%}" if "bitmap" in t else "-"
-                    cpp = ""
+                    tri = ""
                     if cuda:
-                        cpp_vs_dense = f"{t['dense'] / t['bitmap_cpp']:.2f}x" if "bitmap_cpp" in t else "-"
-                        roof_cpp = f"{r['of_roofline']['bitmap_cpp']:.0%}" if "bitmap_cpp" in t else "-"
-                        cpp = f" {_ms(r, 'bitmap_cpp'):>9} {cpp_vs_dense:>9} {roof_cpp:>9}"
+                        tri_vs_dense = f"{t['dense'] / t['bitmap_triton']:.2f}x" if "bitmap_triton" in t else "-"
+                        roof_tri = f"{r['of_roofline']['bitmap_triton']:.0%}" if "bitmap_triton" in t else "-"
+                        tri = f" {_ms(r, 'bitmap_triton'):>9} {tri_vs_dense:>9} {roof_tri:>9}"
                     print(f"{shape_name:>10} {dname:>8} {s:>5.2f} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'csr'):>9} "
                           f"{_ms(r, 'masked'):>10} {_ms(r, 'bitmap'):>10} {vs_dense:>9} {vs_csr:>7} "
-                          f"{r['of_roofline']['dense']:>11.0%} {roof_bm:>12}" + cpp)
+                          f"{r['of_roofline']['dense']:>11.0%} {roof_bm:>12}" + tri)
                 for fmt, why in case["unavailable"].items():
                     print(f"{'':>10} {fmt} not measured: {why}")
         # after each dtype, so a run cut short (gpu_check's time caps) keeps the dtypes it finished

@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_profile.py [--out DIR] [--only NAME ...]
 
-For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the Triton
-default, then the CUDA C++ kernel) and sparse24_linear at a few row counts;
+For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the public
+op: the CUDA C++ kernel; the Triton kernel beside it) and sparse24_linear at a few row counts;
 sq_sum_accumulate_), prints the median time per call
 (CUDA events, after warm-up) and the profiler's table of the ops and kernels it ran, sorted
 by device time, with host-side sync / copy calls counted: the first thing to read before
@@ -61,7 +61,7 @@ def _profile_one(name, fn, calls, rows):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="masks bitmap sparse24 act bitmap_cpp")
+    p.add_argument("--only", nargs="*", default=None, help="masks bitmap bitmap_triton sparse24 act")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA GPU visible", file=sys.stderr)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from multiflow_kernels import ops
 
     dev = torch.device("cuda")
-    want = set(args.only or ["masks", "bitmap", "sparse24", "act", "bitmap_cpp"])
+    want = set(args.only or ["masks", "bitmap", "bitmap_triton", "sparse24", "act"])
     g = torch.Generator(device=dev).manual_seed(0)
 
     if "masks" in want:
@@ -80,17 +80,25 @@ def main(argv=None) -> int:
         _profile("masks_from_stats BLIP-base 0.75", lambda: multiflow.masks_from_stats(weights, acts, mods, 0.75))
         del weights, acts
 
-    if "bitmap" in want:
+    if "bitmap" in want or "bitmap_triton" in want:
         out_f, in_f = 11008, 4096
         w = torch.randn(out_f, in_f, device=dev, generator=g)
         mask = torch.rand(out_f, in_f, device=dev, generator=g) >= 0.75
-        w = (w * mask).half()
-        packed = ops.bitmap_pack(w, mask)
+        dense = (w * mask).half()
+        packed = ops.bitmap_pack(dense, mask)
         for rows in (1, 16, 256):
             x = torch.randn(rows, in_f, device=dev, generator=g).half()
-            _profile(f"bitmap_linear (public op: Triton) 11008x4096 fp16 75% rows={rows}",
-                     lambda: ops.bitmap_linear(x, *packed, in_f, None))
-        del w, mask, packed
+            print(f"\n### dense F.linear 11008x4096 fp16 rows={rows}: "
+                  f"{_median_ms(lambda: torch.nn.functional.linear(x, dense)):.4f} ms per call", flush=True)
+            if "bitmap" in want:
+                _profile(f"bitmap_linear (public op: CUDA C++) 11008x4096 fp16 75% rows={rows}",
+                         lambda: ops.bitmap_linear(x, *packed, in_f, None))
+            if "bitmap_triton" in want:
+                from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
+
+                _profile(f"bitmap_linear_triton 11008x4096 fp16 75% rows={rows}",
+                         lambda: bitmap_linear_triton(x, *packed, in_f, None))
+        del w, mask, dense, packed
 
     if "sparse24" in want:
         out_f, in_f = 4096, 4096
@@ -108,18 +116,6 @@ def main(argv=None) -> int:
             acc = torch.zeros(768, device=dev)
             _profile(f"sq_sum_accumulate_ [36928, 768] {dtype}", lambda: ops.sq_sum_accumulate_(acc, x, m))
 
-    if "bitmap_cpp" in want:  # last: the CUDA C++ kernel has not run on a GPU before (a fault ends the process)
-        out_f, in_f = 11008, 4096
-        w = torch.randn(out_f, in_f, device=dev, generator=g)
-        mask = torch.rand(out_f, in_f, device=dev, generator=g) >= 0.75
-        packed = ops.bitmap_pack((w * mask).half(), mask)
-        for rows in (1, 16, 256):
-            x = torch.randn(rows, in_f, device=dev, generator=g).half()
-            dense = (w * mask).half()
-            print(f"\n### dense F.linear 11008x4096 fp16 rows={rows}: "
-                  f"{_median_ms(lambda: torch.nn.functional.linear(x, dense)):.4f} ms per call", flush=True)
-            _profile(f"_bitmap_linear_cuda (C++) 11008x4096 fp16 75% rows={rows}",
-                     lambda: ops._bitmap_linear_cuda(x, *packed, in_f, None))
     return 0
 
 

@@ -795,10 +795,10 @@ def _bitmap_linear_cuda(
     bias: Tensor | None = None,
 ) -> Tensor:
     """:func:`bitmap_linear` in CUDA C++ (csrc/cuda/bitmap.cu), CUDA tensors only: the
-    private op ``multiflow::_bitmap_linear_cuda``, beside the public op whose CUDA kernel is
-    Triton. The public op calls it when ``MULTIFLOW_BITMAP_CUDA=cpp`` (multiflow_kernels/triton).
-    Same contract, rows of x up to 8 in one pass over the format, more through a dense decode
-    and cuBLAS. Not yet run on a GPU: benchmarks and tests call it to measure and check it."""
+    private op ``multiflow::_bitmap_linear_cuda``. The public op calls it on CUDA unless
+    ``MULTIFLOW_BITMAP_CUDA=triton`` (multiflow_kernels/triton). Same contract, rows of x up
+    to 8 in one pass over the format, more through a dense decode and cuBLAS. Benchmarks and
+    tests call it directly to measure and check it beside the Triton kernel."""
     return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 

@@ -224,9 +224,11 @@ def test_public_op_routes_by_the_environment(monkeypatch):
     fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
     x, b = make_x((4,), 700, 30, torch.float16, True)
     x, b = x.cuda(), b.cuda()
+    monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV, raising=False)  # the default: C++
+    assert torch.equal(ops.bitmap_linear(x, *fmt, 700, b), ops._bitmap_linear_cuda(x, *fmt, 700, b))
     monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "cpp")
     assert torch.equal(ops.bitmap_linear(x, *fmt, 700, b), ops._bitmap_linear_cuda(x, *fmt, 700, b))
-    monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "triton")
     from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
 
     assert torch.equal(ops.bitmap_linear(x, *fmt, 700, b), bitmap_linear_triton(x, *fmt, 700, b))
@@ -251,8 +253,8 @@ def test_fake_kernel_states_the_contract():
 
 def test_switch_chooses_the_kernel(monkeypatch):
     """The public op's registered CUDA kernel (called directly here, so on CPU tensors): the
-    C++ op under MULTIFLOW_BITMAP_CUDA=cpp (which has no CPU kernel: the call says so),
-    Triton when unset or "triton", a ValueError naming the variable otherwise."""
+    C++ op when unset, empty or "cpp" (it has no CPU kernel: the call says so), Triton
+    under MULTIFLOW_BITMAP_CUDA=triton, a ValueError naming the variable otherwise."""
     w, mask = make_weight(5, 40, torch.float32)
     fmt = ops.bitmap_pack(w, mask)
     x, _ = make_x((3,), 40, 5, torch.float32, False)
@@ -262,18 +264,18 @@ def test_switch_chooses_the_kernel(monkeypatch):
     stand_in = types.ModuleType("multiflow_kernels.triton.bitmap_linear")
     stand_in.bitmap_linear_triton = lambda *args: calls.append(args) or "triton"
     monkeypatch.setitem(sys.modules, "multiflow_kernels.triton.bitmap_linear", stand_in)
-    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "cpp")
-    assert mk_triton.bitmap_cuda_choice() == "cpp"
-    with pytest.raises(NotImplementedError, match="_bitmap_linear_cuda"):
-        mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
-    for value in ("triton", ""):
+    for value in ("cpp", ""):
         monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, value)
-        assert mk_triton.bitmap_cuda_choice() == "triton"
-        if mk_triton.HAS_TRITON:
-            assert mk_triton._bitmap_linear_cuda(x, *fmt, 40, None) == "triton"
-    assert len(calls) == (2 if mk_triton.HAS_TRITON else 0)
+        assert mk_triton.bitmap_cuda_choice() == "cpp"
+        with pytest.raises(NotImplementedError, match="_bitmap_linear_cuda"):
+            mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
     monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
+    assert mk_triton.bitmap_cuda_choice() == "cpp"
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "triton")
     assert mk_triton.bitmap_cuda_choice() == "triton"
+    if mk_triton.HAS_TRITON:
+        assert mk_triton._bitmap_linear_cuda(x, *fmt, 40, None) == "triton"
+    assert len(calls) == (1 if mk_triton.HAS_TRITON else 0)
     monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "CPP")
     with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_CUDA must be one of"):
         mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)

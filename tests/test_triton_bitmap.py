@@ -31,6 +31,14 @@ import multiflow_kernels  # noqa: E402, F401  (registers the ops)
 from multiflow_kernels import ops  # noqa: E402
 from multiflow_kernels.triton import bitmap_format  # noqa: E402
 from multiflow_kernels.triton import bitmap_linear as triton_bitmap  # noqa: E402
+from multiflow_kernels.triton import BITMAP_CUDA_ENV  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _public_op_runs_triton(monkeypatch):
+    """The public bitmap_linear runs the CUDA C++ kernel on CUDA by default; the CUDA tests
+    here call it to check the Triton kernel (the C++ one: test_cuda_bitmap.py)."""
+    monkeypatch.setenv(BITMAP_CUDA_ENV, "triton")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
-"""bitmap_linear in Triton: the CUDA implementation of the op (the default; the CUDA C++
-kernel of csrc/cuda/bitmap.cu, not yet run on a GPU, replaces it under
-MULTIFLOW_BITMAP_CUDA=cpp: see multiflow_kernels/triton/__init__.py).
+"""bitmap_linear in Triton: a CUDA implementation of the op, run by the public op under
+MULTIFLOW_BITMAP_CUDA=triton (the default is the faster CUDA C++ kernel of
+csrc/cuda/bitmap.cu: see multiflow_kernels/triton/__init__.py).
 
 The weight is never decoded to memory. A program decodes (rows x BLOCK_K) tiles of
 W into registers straight from the format (csrc/bitmap.h) and multiplies them with x:
