@@ -165,8 +165,12 @@ def linear(format: str, x: Tensor, tensors: Mapping[str, Tensor], in_features: i
 # only the kept ones (0.41x at this density, 0.03x when all are pruned).
 AUTO_24_MIN_DENSITY = 0.375
 
-# Rows of x up to which auto keeps a 2:4 mask as 2:4 on CUDA (above: masked, cuBLAS).
+# On CUDA auto keeps a 2:4 mask as 2:4 up to AUTO_CUDA_24_ANY_ROWS rows of x on any layer,
+# and up to AUTO_CUDA_24_MAX_ROWS rows on layers of at most AUTO_CUDA_24_MAX_IN inputs
+# (above: bitmap, whose CUDA C++ kernel decodes + cuBLAS; see choose_format).
+AUTO_CUDA_24_ANY_ROWS = 4
 AUTO_CUDA_24_MAX_ROWS = 256
+AUTO_CUDA_24_MAX_IN = 3072
 
 
 def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
@@ -181,14 +185,16 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
       on a 2:4 mask matches or beats bitmap_linear on the same 50% mask up to 64 rows
       (within 5% at 256) and beats dense up to 256 rows on most shapes.
-    - CUDA: ``2:4`` when the mask is 2:4, the dtype float16 / bfloat16, ``in_features`` a
-      multiple of 16, the GPU sm_80 or newer and at most ``AUTO_CUDA_24_MAX_ROWS`` rows;
-      otherwise ``masked``. Measured on an H200 (float16, benchmarks/RESULTS.md): on the
-      BLIP shapes sparse24_linear was 1.0-3.4x faster than ``F.linear(x, W * M)`` (what
-      masked_linear's CUDA default computes) up to 256 rows and 0.62-0.76x at 2048 on three
-      of four; the (Triton) bitmap_linear took 2.7-48x the dense time, slower than both.
-      On a GPU, bitmap is the smallest format (a memory choice), not the fastest; the rule
-      is to be measured again with the CUDA C++ bitmap kernel and the new masked path.
+    - CUDA: ``2:4`` when the mask is 2:4 (and keeps at least ``AUTO_24_MIN_DENSITY``), the
+      dtype float16 / bfloat16, ``in_features`` a multiple of 16, the GPU sm_80 or newer,
+      and the rows at most ``AUTO_CUDA_24_ANY_ROWS``, or at most ``AUTO_CUDA_24_MAX_ROWS``
+      on a layer of at most ``AUTO_CUDA_24_MAX_IN`` inputs; otherwise ``bitmap``. Measured
+      on an H200 (float16, benchmarks/RESULTS.md): the CUDA C++ bitmap kernel was faster
+      than masked_linear's CUDA default on every measured shape, sparsity and row count
+      (and it is the smallest format), so masked is never the faster kernel here either;
+      sparse24_linear matched or beat it on the BLIP shapes up to 256 rows and at 1 row
+      everywhere, and lost to it from 4 rows on 4096x4096 and 11008x4096 (e.g. 0.16 vs
+      0.09 ms at 256 rows, 1.0 vs 0.3 ms at 2048 on 11008x4096).
     """
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
@@ -196,7 +202,9 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
         return "2:4" if as_24 else "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
-    if as_24 and rows <= AUTO_CUDA_24_MAX_ROWS and dtype in (torch.float16, torch.bfloat16) \
-            and tuple(capability) >= (8, 0) and mask.shape[-1] % 16 == 0:
+    in_features = mask.shape[-1]
+    few_rows = rows <= AUTO_CUDA_24_ANY_ROWS or (rows <= AUTO_CUDA_24_MAX_ROWS and in_features <= AUTO_CUDA_24_MAX_IN)
+    if as_24 and few_rows and dtype in (torch.float16, torch.bfloat16) \
+            and tuple(capability) >= (8, 0) and in_features % 16 == 0:
         return "2:4"
-    return "masked"
+    return "bitmap"

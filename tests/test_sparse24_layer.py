@@ -83,13 +83,18 @@ def test_choose_format_rule():
     limit = formats.AUTO_CUDA_24_MAX_ROWS
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
     assert formats.choose_format(nm, torch.bfloat16, "cuda", limit, h100) == "2:4"
-    assert formats.choose_format(nm, torch.float16, "cuda", limit + 1, h100) == "masked"  # cuBLAS wins at many rows
-    assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "masked"  # no sparse tensor cores
-    assert formats.choose_format(_nm_mask(8, 20), torch.float16, "cuda", 1, h100) == "masked"  # in % 16 != 0
-    assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "masked"
-    assert formats.choose_format(sparse_nm, torch.float16, "cuda", 1, h100) == "masked"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "masked"
-    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "masked"
+    assert formats.choose_format(nm, torch.float16, "cuda", limit + 1, h100) == "bitmap"  # decode + cuBLAS wins
+    wide = _nm_mask(8, formats.AUTO_CUDA_24_MAX_IN + 16)  # a 4096-input layer: 2:4 only for a few rows
+    assert formats.choose_format(wide, torch.float16, "cuda", formats.AUTO_CUDA_24_ANY_ROWS, h100) == "2:4"
+    assert formats.choose_format(wide, torch.float16, "cuda", formats.AUTO_CUDA_24_ANY_ROWS + 1, h100) == "bitmap"
+    edge = _nm_mask(8, formats.AUTO_CUDA_24_MAX_IN)
+    assert formats.choose_format(edge, torch.float16, "cuda", limit, h100) == "2:4"
+    assert formats.choose_format(nm, torch.float16, "cuda", 1, (7, 5)) == "bitmap"  # no sparse tensor cores
+    assert formats.choose_format(_nm_mask(8, 20), torch.float16, "cuda", 1, h100) == "bitmap"  # in % 16 != 0
+    assert formats.choose_format(nm, torch.float32, "cuda", 1, h100) == "bitmap"
+    assert formats.choose_format(sparse_nm, torch.float16, "cuda", 1, h100) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 1, h100) == "bitmap"
+    assert formats.choose_format(unstructured, torch.float16, "cuda", 4096, h100) == "bitmap"
 
 
 def test_sparsify_checks_rows_dtype_and_names_the_mask():
