@@ -22,9 +22,13 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    """``MULTIFLOW_COMMIT`` when set (a copied working tree may carry a stale .git: seen on a
+    lent GPU machine), else ``git describe --always --dirty`` of this checkout."""
+    if os.environ.get("MULTIFLOW_COMMIT"):
+        return os.environ["MULTIFLOW_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

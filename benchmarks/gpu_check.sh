@@ -18,6 +18,7 @@
 # Environment: TEST_CAP / MEMCHECK_CAP / PROFILE_CAP (seconds for pytest / memcheck /
 # --profile; 240 / 90 / 90), GPU_CHECK_BUDGET_S (no benchmark family starts after this many
 # seconds from the start, the build, tests and profile included; 450).
+# MULTIFLOW_COMMIT: the commit to record in the JSON (a copied tree's .git may be stale).
 # Results (logs, JSON, PNG) go to --out, else $OUT, else benchmarks/results/. Needs a
 # preinstalled CUDA torch, triton and nvcc; installs nothing (no network): the extension is
 # built in place with --no-build-isolation semantics.
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
         --tar) TAR=$2; shift ;;
         --families) FAMILIES=$2; shift ;;
         --out) OUT_DIR=$2; shift ;;
-        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

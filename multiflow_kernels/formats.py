@@ -192,8 +192,8 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       on an H200 (float16, benchmarks/RESULTS.md): the CUDA C++ bitmap kernel was faster
       than masked_linear's CUDA default on every measured shape, sparsity and row count
       (and it is the smallest format), so masked is never the faster kernel here either;
-      sparse24_linear matched or beat it on the BLIP shapes up to 256 rows and at 1 row
-      everywhere, and lost to it from 4 rows on 4096x4096 and 11008x4096 (e.g. 0.16 vs
+      sparse24_linear was faster or within 20% on the BLIP shapes up to 256 rows, faster
+      at 1 row on 4096x4096 and 11008x4096, and slower there from 4 rows (e.g. 0.16 vs
       0.09 ms at 256 rows, 1.0 vs 0.3 ms at 2048 on 11008x4096).
     """
     device = torch.device(device)
