@@ -1,6 +1,7 @@
 """multiflow::_bitmap_linear_cuda, bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu), against
 the plain-torch twin (reference.bitmap_linear), and the switch that makes the public
-bitmap_linear call it on CUDA (MULTIFLOW_BITMAP_CUDA=cpp, multiflow_kernels/triton).
+bitmap_linear call it on CUDA (the default; MULTIFLOW_BITMAP_CUDA=triton picks Triton,
+multiflow_kernels/triton).
 
 The kernel tests need an NVIDIA GPU (marked ``cuda``; skipped without one). Two paths, both
 covered: one pass over the format for up to 8 rows of x (gemv_kernel, 1, 2, 4 or 8 rows of
