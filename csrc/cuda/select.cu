@@ -69,9 +69,6 @@ struct Item {
   int32_t pad;
 };
 
-// The device tables are one blob, the items right after the sources.
-static_assert(sizeof(Source) % alignof(Item) == 0, "the item table must stay aligned after the sources");
-
 int32_t dtype_of(at::ScalarType t) {
   switch (t) {
     case at::kFloat:
@@ -322,16 +319,30 @@ std::vector<Source> flow_sources(const FlowLayers& f) {
   return sources;
 }
 
-// The sources and the items of the groups with use_group[g], on the device in
-// one upload. The returned tensor owns both tables.
+// The ranks (select_each's k per group, which radix_pick_kernel counts down),
+// the sources, and the items of the groups with use_group[g], on the device in
+// one upload. The host tables are pinned and the copy is queued without
+// waiting: a copy from pageable memory makes the host wait for everything
+// queued on the stream (one cudaStreamSynchronize per op, the GPU then idle
+// while the host prepares the next launch). The caching host allocator keeps
+// the pinned block until the copy has run. The returned tensor owns the tables.
 struct DeviceTables {
   at::Tensor blob;
+  int64_t* ranks = nullptr;
   const Source* sources = nullptr;
   const Item* items = nullptr;
   int64_t n_items = 0;
 };
 
-DeviceTables upload(const std::vector<Source>& sources, const std::vector<bool>& use_group, at::Device device) {
+// The blob is [ranks | sources | items]: each part starts 8-byte aligned.
+static_assert(alignof(Source) <= alignof(int64_t) && alignof(Item) <= alignof(int64_t));
+static_assert(sizeof(Source) % alignof(int64_t) == 0, "the items must stay aligned after the sources");
+
+DeviceTables upload(
+    const std::vector<Source>& sources,
+    const std::vector<bool>& use_group,
+    at::Device device,
+    const std::vector<int64_t>& ranks = {}) {
   std::vector<Item> items;
   for (size_t i = 0; i < sources.size(); ++i) {
     if (!use_group[sources[i].group]) {
@@ -344,16 +355,27 @@ DeviceTables upload(const std::vector<Source>& sources, const std::vector<bool>&
   TORCH_CHECK(
       static_cast<int64_t>(items.size()) <= std::numeric_limits<int32_t>::max(),
       "multiflow selection: too many elements for one launch");
+  const size_t rank_bytes = ranks.size() * sizeof(int64_t);
   const size_t src_bytes = sources.size() * sizeof(Source);
   const size_t item_bytes = items.size() * sizeof(Item);
-  at::Tensor host = at::empty({static_cast<int64_t>(src_bytes + item_bytes)}, at::TensorOptions().dtype(at::kByte));
-  std::memcpy(host.mutable_data_ptr<uint8_t>(), sources.data(), src_bytes);
-  std::memcpy(host.mutable_data_ptr<uint8_t>() + src_bytes, items.data(), item_bytes);
+  const auto n_bytes = static_cast<int64_t>(rank_bytes + src_bytes + item_bytes);
+  at::Tensor host = at::empty({n_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* h = host.mutable_data_ptr<uint8_t>();
+  const auto put = [&](size_t offset, const void* data, size_t bytes) {
+    if (bytes != 0) {  // an empty vector's data() may be null, which memcpy must not see
+      std::memcpy(h + offset, data, bytes);
+    }
+  };
+  put(0, ranks.data(), rank_bytes);
+  put(rank_bytes, sources.data(), src_bytes);
+  put(rank_bytes + src_bytes, items.data(), item_bytes);
   DeviceTables t;
-  t.blob = host.to(device);
-  const uint8_t* base = t.blob.const_data_ptr<uint8_t>();
-  t.sources = reinterpret_cast<const Source*>(base);
-  t.items = reinterpret_cast<const Item*>(base + src_bytes);
+  t.blob = at::empty({n_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  t.blob.copy_(host, /*non_blocking=*/true);
+  uint8_t* base = t.blob.mutable_data_ptr<uint8_t>();
+  t.ranks = reinterpret_cast<int64_t*>(base);
+  t.sources = reinterpret_cast<const Source*>(base + rank_bytes);
+  t.items = reinterpret_cast<const Item*>(base + rank_bytes + src_bytes);
   t.n_items = static_cast<int64_t>(items.size());
   return t;
 }
@@ -370,8 +392,7 @@ at::Tensor select_each(const std::vector<Source>& sources, const std::vector<int
   for (int64_t g = 0; g < n_groups; ++g) {
     active[g] = ks[g] >= 1;
   }
-  const DeviceTables tables = upload(sources, active, device);
-  at::Tensor k = at::tensor(ks, at::TensorOptions().dtype(at::kLong)).to(device);
+  const DeviceTables tables = upload(sources, active, device, ks);
   at::Tensor prefix = at::zeros({n_groups}, dev.dtype(at::kInt));
   at::Tensor hist = at::zeros({kRadixPasses, n_groups, kRadixBuckets}, dev.dtype(at::kLong));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -387,7 +408,7 @@ at::Tensor select_each(const std::vector<Source>& sources, const std::vector<int
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     radix_pick_kernel<<<static_cast<unsigned>(ceil_div(n_groups * kWarp, kThreads)), kThreads, 0, stream>>>(
-        pass_hist, n_groups, bits, k.mutable_data_ptr<int64_t>(), prefix_ptr,
+        pass_hist, n_groups, bits, tables.ranks, prefix_ptr,
         pass == kRadixPasses - 1 ? out.mutable_data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
