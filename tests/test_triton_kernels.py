@@ -106,6 +106,44 @@ def test_flow_launcher_checks_and_empty_list():
         triton_flow.flow_scores_triton([torch.randn(2, 3, device=DEVICE)], [torch.rand(4, device=DEVICE)])
 
 
+def test_flow_layout_cache_hits_with_each_calls_pointers():
+    # Same shapes, other tensors: the second call reuses the cached layout, fills in its
+    # own pointers, and leaves the cached table unwritten (its pointer fields stay 0).
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(70, 130), (3, 5), (0, 4)]
+    triton_flow._layout.cache_clear()
+    check_triton_flow(*make_layers(shapes, DTYPES, gen, DEVICE))
+    misses = triton_flow._layout.cache_info().misses
+    check_triton_flow(*make_layers(shapes, DTYPES, gen, DEVICE))
+    info = triton_flow._layout.cache_info()
+    assert info.misses == misses and info.hits >= 2, info
+    key = ((70, 130, 130, torch.float32), (3, 5, 5, torch.float16), (0, 4, 4, torch.bfloat16))
+    layout = triton_flow._layout(key)
+    assert triton_flow._layout.cache_info().misses == misses, "the launchers' key is (rows, cols, stride, dtype)"
+    rows = layout.table[: layout.n_layers * triton_flow._NF.value].view(layout.n_layers, -1)
+    assert not rows[:, : triton_flow._N_POINTERS].any()
+
+
+def test_flow_layout_cache_keys_do_not_collide_and_are_capped():
+    key = ((70, 130, 130, torch.float32), (65, 129, 129, torch.float16))
+    other_keys = [
+        ((70, 130, 200, torch.float32), (65, 129, 129, torch.float16)),  # another row stride
+        ((70, 130, 130, torch.float32), (65, 129, 129, torch.bfloat16)),  # another dtype
+        ((65, 129, 129, torch.float16), (70, 130, 130, torch.float32)),  # another order
+        ((70, 130, 130, torch.float32),),  # a prefix
+    ]
+    triton_flow._layout.cache_clear()
+    tables = [triton_flow._layout(k).table for k in [key, *other_keys]]
+    assert all(not torch.equal(tables[0], t) for t in tables[1:])
+    assert triton_flow._layout(key).table is tables[0]  # a hit
+    triton_flow._layout.cache_clear()
+    assert torch.equal(triton_flow._layout(key).table, tables[0])  # built again: the same table
+    cap = triton_flow._LAYOUT_CACHE_SIZE
+    for n in range(1, cap + 10):
+        triton_flow._layout(((n, 1, 1, torch.float32),))
+    assert triton_flow._layout.cache_info().currsize == cap
+
+
 @pytest.mark.parametrize("launcher", ["flow_importance_triton", "flow_scores_triton"])
 @pytest.mark.parametrize("args, match", BAD_FLOW_ARGS, ids=BAD_FLOW_IDS)
 def test_flow_launchers_name_the_argument(launcher, args, match):

@@ -29,6 +29,9 @@ Deterministic: no atomics, every sum in an order fixed by the shapes.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -37,24 +40,27 @@ from torch import Tensor
 from ..ops import _check_flow_args, _flow_args_ok
 
 # Fields of a layer's row in the metadata table (tl.constexpr globals: the kernels read them).
+# The pointer fields come first: they change every call, the others depend on the shapes
+# only (see _layout), so a call writes its pointers into a copy of a cached table.
 _W = tl.constexpr(0)  # weight data pointer
-_ROWS = tl.constexpr(1)
-_COLS = tl.constexpr(2)
-_STRIDE = tl.constexpr(3)  # row stride of the weight, in elements (columns are contiguous)
-_DTYPE = tl.constexpr(4)  # 0 float32, 1 float16, 2 bfloat16
-_R_OFF = tl.constexpr(5)  # offset of its r in root_a / r_buf
-_TILE_BEGIN = tl.constexpr(6)
-_N_RB = tl.constexpr(7)  # row blocks (0 for an empty weight)
-_N_CB = tl.constexpr(8)  # column blocks
-_ROW_PART = tl.constexpr(9)  # offset of its row partials (n_cb x rows float64)
-_COL_PART = tl.constexpr(10)  # offset of its column partials (n_rb x cols float64)
-_IMP_OUT = tl.constexpr(11)  # data pointer of its imp_out (rows,) float32
-_IMP_IN = tl.constexpr(12)  # data pointer of its imp_in (cols,) float32
-_SCORES = tl.constexpr(13)  # data pointer of its scores (rows, cols) float32, or 0
+_IMP_OUT = tl.constexpr(1)  # data pointer of its imp_out (rows,) float32
+_IMP_IN = tl.constexpr(2)  # data pointer of its imp_in (cols,) float32
+_SCORES = tl.constexpr(3)  # data pointer of its scores (rows, cols) float32, or 0
+_ROWS = tl.constexpr(4)
+_COLS = tl.constexpr(5)
+_STRIDE = tl.constexpr(6)  # row stride of the weight, in elements (columns are contiguous)
+_DTYPE = tl.constexpr(7)  # 0 float32, 1 float16, 2 bfloat16
+_R_OFF = tl.constexpr(8)  # offset of its r in root_a / r_buf
+_TILE_BEGIN = tl.constexpr(9)
+_N_RB = tl.constexpr(10)  # row blocks (0 for an empty weight)
+_N_CB = tl.constexpr(11)  # column blocks
+_ROW_PART = tl.constexpr(12)  # offset of its row partials (n_cb x rows float64)
+_COL_PART = tl.constexpr(13)  # offset of its column partials (n_rb x cols float64)
 _NF = tl.constexpr(16)
-_FIELD_ORDER = (_W, _ROWS, _COLS, _STRIDE, _DTYPE, _R_OFF, _TILE_BEGIN, _N_RB, _N_CB, _ROW_PART, _COL_PART,
-                _IMP_OUT, _IMP_IN, _SCORES)
-assert [f.value for f in _FIELD_ORDER] == list(range(len(_FIELD_ORDER))), "_Plan writes a row in field order"
+_N_POINTERS = 4  # fields [0, _N_POINTERS): the pointers
+_FIELD_ORDER = (_W, _IMP_OUT, _IMP_IN, _SCORES, _ROWS, _COLS, _STRIDE, _DTYPE, _R_OFF, _TILE_BEGIN, _N_RB, _N_CB,
+                _ROW_PART, _COL_PART)
+assert [f.value for f in _FIELD_ORDER] == list(range(len(_FIELD_ORDER))), "_layout writes a row in field order"
 _ROW_PAD = (0,) * (_NF.value - len(_FIELD_ORDER))
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -217,6 +223,48 @@ def _scores_kernel(meta, tile_layer, w_scale, TILE_ROWS: tl.constexpr, BLOCK_R: 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
+class _Layout(NamedTuple):
+    """What the launches need that depends on the layers' shapes only (see _layout)."""
+
+    table: Tensor  # CPU int64: the metadata rows (pointer fields 0), then the layer of every tile
+    n_layers: int
+    n_tiles: int
+    max_dim: int
+    row_part: int  # float64 row partials over all layers
+    col_part: int  # float64 column partials over all layers
+
+
+_LAYOUT_CACHE_SIZE = 64  # distinct layer lists kept (a model's groups need a few)
+
+
+@functools.lru_cache(maxsize=_LAYOUT_CACHE_SIZE)
+def _layout(key: tuple[tuple[int, int, int, torch.dtype], ...]) -> _Layout:
+    """The table of the layers ``key`` = ((rows, cols, row stride, dtype), ...), without
+    their pointers. Cached: pruning calls the launchers with the same layer lists again
+    and again (one call per group of layers per masks_from_stats call), and building the
+    table is most of a launcher's host time. Bounded (LRU), and a shared read-only CPU
+    tensor: callers copy it before writing pointers into it."""
+    rows_meta, tiles_per_layer = [], []
+    n_tiles = r_off = row_part = col_part = 0
+    for rows, cols, stride, dtype in key:
+        n_rb = -(-rows // TILE_ROWS) if rows and cols else 0  # ceil; not triton.cdiv (a JIT call from Python)
+        n_cb = -(-cols // BLOCK_C) if rows and cols else 0
+        # the fields in _FIELD_ORDER's order (a tuple: indexing by the tl.constexpr
+        # fields costs a conversion each)
+        rows_meta.extend((0,) * _N_POINTERS + (
+            rows, cols, stride, _DTYPE_CODES[dtype], r_off, n_tiles, n_rb, n_cb, row_part, col_part,
+        ) + _ROW_PAD)
+        tiles_per_layer.append(n_rb * n_cb)
+        n_tiles += n_rb * n_cb
+        r_off += cols
+        row_part += n_cb * rows
+        col_part += n_rb * cols
+    tile_layer = torch.repeat_interleave(torch.arange(len(key)), torch.tensor(tiles_per_layer))
+    table = torch.cat([torch.tensor(rows_meta, dtype=torch.int64), tile_layer])
+    max_dim = max(max(rows, cols) for rows, cols, _, _ in key)
+    return _Layout(table, len(key), n_tiles, max_dim, row_part, col_part)
+
+
 class _Plan:
     """The metadata table, the outputs and the buffers of one call."""
 
@@ -240,34 +288,25 @@ class _Plan:
             self.root_a = torch.cat([a.clamp_min(0).sqrt() for a in acts])
         self.r_buf = torch.empty_like(self.root_a)
 
-        rows_meta, tiles_per_layer = [], []
-        n_tiles = r_off = row_part = col_part = 0
+        layout = _layout(tuple((*w.shape, w.stride(0), w.dtype) for w in self.weights))
+        self.n_layers, self.n_tiles, self.max_dim = layout.n_layers, layout.n_tiles, layout.max_dim
+        # The cached table with this call's pointers, sent with one copy. On CUDA from
+        # pinned memory, queued without waiting: a copy from pageable memory would make
+        # the host wait for the whole stream (the caching host allocator keeps the
+        # pinned block until the copy has run).
+        pointers = []
         for l, w in enumerate(self.weights):
-            rows, cols = w.shape
-            n_rb = -(-rows // TILE_ROWS) if rows and cols else 0  # ceil; not triton.cdiv (a JIT call from Python)
-            n_cb = -(-cols // BLOCK_C) if rows and cols else 0
-            # the fields in _FIELD_ORDER's order (a tuple: indexing by the tl.constexpr
-            # fields costs a conversion each, ~0.3 ms a call over 171 layers)
-            rows_meta.extend((
-                w.data_ptr(), rows, cols, w.stride(0), _DTYPE_CODES[w.dtype], r_off, n_tiles, n_rb, n_cb,
-                row_part, col_part, self.imp_out[l].data_ptr(), self.imp_in[l].data_ptr(),
-                self.scores[l].data_ptr() if with_scores else 0,
-            ) + _ROW_PAD)
-            tiles_per_layer.append(n_rb * n_cb)
-            n_tiles += n_rb * n_cb
-            r_off += cols
-            row_part += n_cb * rows
-            col_part += n_rb * cols
-        self.n_layers = len(weights)
-        self.n_tiles = n_tiles
-        self.max_dim = max(max(w.shape) for w in weights)
-        # One host-to-device copy: the table, then the layer of every tile.
-        tile_layer = torch.repeat_interleave(torch.arange(self.n_layers), torch.tensor(tiles_per_layer))
-        table = torch.cat([torch.tensor(rows_meta, dtype=torch.int64), tile_layer]).to(device)
-        self.meta, self.tile_layer = table[: len(rows_meta)], table[len(rows_meta) :]
-        self.row_part = torch.empty(row_part, dtype=torch.float64, device=device)
-        self.col_part = torch.empty(col_part, dtype=torch.float64, device=device)
-        self.tile_max = torch.empty(n_tiles, dtype=torch.int32, device=device)
+            pointers += (w.data_ptr(), self.imp_out[l].data_ptr(), self.imp_in[l].data_ptr(),
+                         self.scores[l].data_ptr() if with_scores else 0)
+        host = torch.empty_like(layout.table, pin_memory=device.type == "cuda").copy_(layout.table)
+        n_meta = self.n_layers * _NF.value
+        host[:n_meta].view(self.n_layers, _NF.value)[:, :_N_POINTERS] = torch.tensor(
+            pointers, dtype=torch.int64).view(self.n_layers, _N_POINTERS)
+        table = host.to(device, non_blocking=True)
+        self.meta, self.tile_layer = table[:n_meta], table[n_meta:]
+        self.row_part = torch.empty(layout.row_part, dtype=torch.float64, device=device)
+        self.col_part = torch.empty(layout.col_part, dtype=torch.float64, device=device)
+        self.tile_max = torch.empty(self.n_tiles, dtype=torch.int32, device=device)
 
 
 def _run_importance(p: _Plan) -> None:
