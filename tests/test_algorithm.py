@@ -281,6 +281,46 @@ def test_nonfinite_weights_name_layer(bad, backend):
             _mfs(backend)(weights, acts, mods, 0.5, method)
 
 
+def test_input_errors_keep_their_order(backend):
+    # non-finite weights are named before a check that needs no device work (a missing
+    # modality, a missing or misshapen statistic), and those before non-finite statistics
+    weights, acts, mods = _layers()
+    weights["l2.weight"][0, 0] = math.nan
+    acts["l0.weight"][0] = math.inf
+    no_l1_mod = {n: m for n, m in mods.items() if n != "l1.weight"}
+    for bad_mods, bad_acts in ((no_l1_mod, acts), (mods, {**acts, "l1.weight": torch.ones(3)})):
+        with pytest.raises(ValueError, match=r"weights contain NaN/Inf in layers: \['l2.weight'\]"):
+            _mfs(backend)(weights, bad_acts, bad_mods, 0.5)
+    weights["l2.weight"][0, 0] = 0.0
+    with pytest.raises(ValueError, match="no modality given for layers"):
+        _mfs(backend)(weights, acts, no_l1_mod, 0.5)
+    with pytest.raises(ValueError, match=r"activation statistic has NaN/Inf for layers: \['l0.weight'\]"):
+        _mfs(backend)(weights, acts, mods, 0.5)
+
+
+def test_multiflow_reads_the_device_twice(monkeypatch):
+    # Each read of a tensor's value on the host (tolist, item, bool, int, float) waits for
+    # the device on CUDA. MULTIFLOW needs two: the input checks, then the prior's counts
+    # (every modality's at once) for the ranks; the rest stays queued on the device. The
+    # Python code counted here is the CUDA path's (the CUDA ops themselves never wait).
+    weights, acts, mods = _layers()
+    mods = {**mods, "l1.weight": "fusion"}  # three modalities
+    want = multiflow.masks_from_stats(weights, acts, mods, 0.5)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    got = multiflow.masks_from_stats(weights, acts, mods, 0.5)
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"], reads
+    assert all(torch.equal(got[n], want[n]) for n in weights)
+
+
 def test_other_dtypes_are_accepted(backend):
     weights, acts, mods = _layers()
     ref = _mfs(backend)(weights, acts, mods, 0.6)

@@ -35,18 +35,24 @@ def modality_prior(
     """Layer name -> sparsity ``s_l`` chosen by the multimodal magnitude prior.
 
     One exact k-th-value selection over each modality's ``|W|`` (never concatenated) and
-    one count per layer of the magnitudes at or below it."""
+    one count per layer of the magnitudes at or below it. The counts of every modality
+    are read back at once: each read waits for the device, so one read, not one per
+    modality."""
     impl = impl or get_impl()
     prior: dict[str, float] = {}
+    pending = []  # (names, weights, counts on the device) per modality to read back
     for names in group_by_modality({n: modalities[n] for n in weights}).values():
         ws = [weights[n].detach() for n in names]
         total = sum(w.numel() for w in ws)
         k = int(sparsity * total)
-        if k < 1:
-            prior.update({n: 0.0 for n in names})
-            continue
-        t = impl.kth_smallest_group(ws, k, True)
-        counts = impl.count_at_most(ws, t, True).tolist()
-        for n, w, c in zip(names, ws, counts):
+        # every name now, so that the order of the result is the modalities' order
+        prior.update({n: 0.0 for n in names})
+        if k >= 1:
+            t = impl.kth_smallest_group(ws, k, True)
+            pending.append((names, ws, impl.count_at_most(ws, t, True)))
+    if pending:
+        counts = torch.cat([c for _, _, c in pending]).tolist()
+        layers = ((n, w) for names, ws, _ in pending for n, w in zip(names, ws))
+        for (n, w), c in zip(layers, counts):
             prior[n] = c / w.numel() if w.numel() else 0.0
     return prior

@@ -129,20 +129,16 @@ def _layer_groups(weights: Mapping[str, torch.Tensor], max_elements: int) -> lis
     return groups
 
 
-def _check_inputs(weights, act_sq_norms, modalities, grads, method: Method) -> None:
-    if not weights:
-        raise ValueError("no prunable layers: the weights mapping is empty")
-    bad = [n for n, w in weights.items() if w.dim() != 2]
-    if bad:
-        raise ValueError(f"weights must be 2-D (out x in); not 2-D: {bad}")
-    # a NaN or Inf anywhere makes a layer's float32 L1 norm non-finite: one multi-tensor
-    # reduction (a few launches, not one per layer: 171 on BLIP-base) and one host sync
-    first = next(iter(weights.values())).device
-    norms = torch._foreach_norm([w.detach() for w in weights.values()], 1, dtype=torch.float32)
-    finite = torch.isfinite(torch.stack([n.to(first) for n in norms]))
-    nonfinite_w = [n for n, ok in zip(weights, finite.tolist()) if not ok]
-    if nonfinite_w:
-        raise ValueError(f"weights contain NaN/Inf in layers: {nonfinite_w}")
+def _on(device: torch.device, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on ``device`` (the list itself when they are all there already: a
+    ``.to`` per layer costs host time even when it moves nothing)."""
+    if all(t.device == device for t in tensors):
+        return tensors
+    return [t.to(device) for t in tensors]
+
+
+def _check_names_and_shapes(weights, act_sq_norms, modalities, method: Method) -> None:
+    """The checks of :func:`_check_inputs` that need no device work, in their order."""
     missing_mod = [n for n in weights if n not in modalities]
     if missing_mod:
         raise ValueError(f"no modality given for layers: {missing_mod}")
@@ -158,14 +154,49 @@ def _check_inputs(weights, act_sq_norms, modalities, grads, method: Method) -> N
                 "activation statistic must have length in_features; wrong for layers: "
                 + ", ".join(f"{n} ({tuple(act_sq_norms[n].shape)} vs in_features {weights[n].shape[1]})" for n in shape)
             )
-        # all statistics at once (three launches and one host sync, not two launches a layer);
-        # the layers are named only when one is bad
-        stats = [act_sq_norms[n].detach().flatten().to(first) for n in weights]
-        nonfinite = []
-        if not bool(torch.isfinite(torch.cat(stats)).all()):
-            nonfinite = [n for n, s in zip(weights, stats) if not bool(torch.isfinite(s).all())]
-        if nonfinite:
-            raise ValueError(f"activation statistic has NaN/Inf for layers: {nonfinite}")
+
+
+def _raise_if_nonfinite_weights(weights, finite: list[bool]) -> None:
+    nonfinite_w = [n for n, ok in zip(weights, finite) if not ok]
+    if nonfinite_w:
+        raise ValueError(f"weights contain NaN/Inf in layers: {nonfinite_w}")
+
+
+def _check_inputs(weights, act_sq_norms, modalities, grads, method: Method) -> None:
+    """Raise ValueError naming the layers of the first failed check: 2-D weights, finite
+    weights, a modality per layer, activation statistics (present, of length in_features,
+    finite) and gradients where the method needs them.
+
+    The finiteness checks run on the weights' device and are read back together: each
+    read makes the host wait for the device, so one read, not one per check. When a
+    check that needs no device work fails, the weights' finiteness is read first, so
+    that the errors keep the order above."""
+    if not weights:
+        raise ValueError("no prunable layers: the weights mapping is empty")
+    bad = [n for n, w in weights.items() if w.dim() != 2]
+    if bad:
+        raise ValueError(f"weights must be 2-D (out x in); not 2-D: {bad}")
+    first = next(iter(weights.values())).device
+    with torch.no_grad():
+        # a NaN or Inf anywhere makes a layer's float32 L1 norm non-finite: one
+        # multi-tensor reduction (a few launches, not one per layer: 171 on BLIP-base)
+        norms = torch._foreach_norm(list(weights.values()), 1, dtype=torch.float32)
+        finite = [torch.isfinite(torch.stack(_on(first, norms)))]
+        try:
+            _check_names_and_shapes(weights, act_sq_norms, modalities, method)
+        except ValueError:
+            _raise_if_nonfinite_weights(weights, finite[0].tolist())
+            raise
+        if method.needs_activations:
+            # all statistics at once (three launches, not two a layer); the layers are
+            # named only when one is bad
+            stats = _on(first, [act_sq_norms[n] for n in weights])
+            finite.append(torch.isfinite(torch.cat(stats)).all().reshape(1))
+        ok = torch.cat(finite).tolist()
+    _raise_if_nonfinite_weights(weights, ok[: len(weights)])
+    if method.needs_activations and not ok[-1]:
+        nonfinite = [n for n, s in zip(weights, stats) if not bool(torch.isfinite(s).all())]
+        raise ValueError(f"activation statistic has NaN/Inf for layers: {nonfinite}")
     if method.needs_gradients:
         if grads is None:
             raise ValueError(f"method {method.name!r} needs gradients (grads)")
