@@ -298,7 +298,8 @@ class _Plan:
         for l, w in enumerate(self.weights):
             pointers += (w.data_ptr(), self.imp_out[l].data_ptr(), self.imp_in[l].data_ptr(),
                          self.scores[l].data_ptr() if with_scores else 0)
-        host = torch.empty_like(layout.table, pin_memory=device.type == "cuda").copy_(layout.table)
+        host = torch.empty(layout.table.shape, dtype=torch.int64, pin_memory=device.type == "cuda")
+        host.copy_(layout.table)
         n_meta = self.n_layers * _NF.value
         host[:n_meta].view(self.n_layers, _NF.value)[:, :_N_POINTERS] = torch.tensor(
             pointers, dtype=torch.int64).view(self.n_layers, _N_POINTERS)
