@@ -65,7 +65,7 @@ TORCH_LIBRARY(multiflow, m) {
   // y = x @ W.T + bias with W decoded from the bitmap format inside the kernel.
   m.def("bitmap_linear(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
   // bitmap_linear's contract, CUDA only, in CUDA C++ (csrc/cuda/bitmap.cu): the public op's CUDA
-  // kernel is Triton, and calls this one when MULTIFLOW_BITMAP_CUDA=cpp (not yet run on a GPU).
+  // kernel (multiflow_kernels/triton) calls it unless MULTIFLOW_BITMAP_CUDA=triton.
   m.def("_bitmap_linear_cuda(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
 
   // 2:4 semi-structured weights (csrc/sparse24.h): W (out, in), in % 4 == 0, keeps at most 2

@@ -168,7 +168,7 @@ AUTO_24_MIN_DENSITY = 0.375
 # On CUDA auto keeps a 2:4 mask as 2:4 up to AUTO_CUDA_24_ANY_ROWS rows of x on any layer,
 # and up to AUTO_CUDA_24_MAX_ROWS rows on layers of at most AUTO_CUDA_24_MAX_IN inputs
 # (above: bitmap, whose CUDA C++ kernel decodes + cuBLAS; see choose_format).
-AUTO_CUDA_24_ANY_ROWS = 4
+AUTO_CUDA_24_ANY_ROWS = 1
 AUTO_CUDA_24_MAX_ROWS = 256
 AUTO_CUDA_24_MAX_IN = 3072
 
@@ -192,9 +192,12 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       on an H200 (float16, benchmarks/RESULTS.md): the CUDA C++ bitmap kernel was faster
       than masked_linear's CUDA default on every measured shape, sparsity and row count
       (and it is the smallest format), so masked is never the faster kernel here either;
-      sparse24_linear was faster or within 20% on the BLIP shapes up to 256 rows, faster
-      at 1 row on 4096x4096 and 11008x4096, and slower there from 4 rows (e.g. 0.16 vs
-      0.09 ms at 256 rows, 1.0 vs 0.3 ms at 2048 on 11008x4096).
+      sparse24_linear on 2:4 masks against the C++ bitmap kernel on 63% masks (different
+      runs; the bitmap kernel timed as its private op): on the BLIP shapes (in <= 3072)
+      at 1-256 rows 2:4 was faster or equal in 15 of 20 cases (up to 3.9x) and at most
+      1.35x slower in the others; on 4096x4096 and 11008x4096 2:4 was 1.65-1.8x faster at
+      1 row and slower from 4 rows (up to 6x at 16 rows; 1.06x faster once, 64 rows on
+      11008x4096); 2 and 3 rows were not measured.
     """
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY

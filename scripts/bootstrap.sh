@@ -17,8 +17,8 @@ VPY=.venv/bin/python
 # The CUDA build of torch and its nvidia-* wheels need about 6 GB in .venv: say so up front
 # when the disk is short, and show the free space when pip fails (ENOSPC reads like any error).
 free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR == 2 {print $4}'; }
-FREE=$(free_mb .)
-if [ -n "$FREE" ] && [ "$FREE" -lt 7000 ] && [ ! -d .venv/lib/python3*/site-packages/torch ]; then
+FREE=$(free_mb . || true)
+if [ -n "$FREE" ] && [ "$FREE" -lt 7000 ] && ! compgen -G ".venv/lib/python3*/site-packages/torch" > /dev/null; then
     echo "bootstrap: warning: only ${FREE} MB free on $(pwd); .venv needs about 6000 MB" >&2
 fi
 if ! "$VPY" -m pip install -q --no-cache-dir -r requirements-dev.txt; then

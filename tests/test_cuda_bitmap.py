@@ -255,7 +255,8 @@ def test_fake_kernel_states_the_contract():
 def test_switch_chooses_the_kernel(monkeypatch):
     """The public op's registered CUDA kernel (called directly here, so on CPU tensors): the
     C++ op when unset, empty or "cpp" (it has no CPU kernel: the call says so), Triton
-    under MULTIFLOW_BITMAP_CUDA=triton, a ValueError naming the variable otherwise."""
+    under MULTIFLOW_BITMAP_CUDA=triton, a ValueError naming the variable otherwise. In a
+    build without CUDA kernels the default falls back to Triton and "cpp" says why."""
     w, mask = make_weight(5, 40, torch.float32)
     fmt = ops.bitmap_pack(w, mask)
     x, _ = make_x((3,), 40, 5, torch.float32, False)
@@ -265,10 +266,11 @@ def test_switch_chooses_the_kernel(monkeypatch):
     stand_in = types.ModuleType("multiflow_kernels.triton.bitmap_linear")
     stand_in.bitmap_linear_triton = lambda *args: calls.append(args) or "triton"
     monkeypatch.setitem(sys.modules, "multiflow_kernels.triton.bitmap_linear", stand_in)
+    monkeypatch.setattr(mk_triton, "_has_cpp_bitmap_cuda", lambda: True)  # a CUDA build
     for value in ("cpp", ""):
         monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, value)
         assert mk_triton.bitmap_cuda_choice() == "cpp"
-        with pytest.raises(NotImplementedError, match="_bitmap_linear_cuda"):
+        with pytest.raises(NotImplementedError, match="_bitmap_linear_cuda"):  # the C++ op, on CPU tensors
             mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
     monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
     assert mk_triton.bitmap_cuda_choice() == "cpp"
@@ -280,3 +282,22 @@ def test_switch_chooses_the_kernel(monkeypatch):
     monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "CPP")
     with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_CUDA must be one of"):
         mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
+
+    monkeypatch.setattr(mk_triton, "_has_cpp_bitmap_cuda", lambda: False)  # a build without CUDA kernels
+    monkeypatch.setenv(mk_triton.BITMAP_CUDA_ENV, "cpp")
+    with pytest.raises(NotImplementedError, match="built without its CUDA kernels"):
+        mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
+    monkeypatch.delenv(mk_triton.BITMAP_CUDA_ENV)
+    for has_triton in (True, False):
+        monkeypatch.setattr(mk_triton, "HAS_TRITON", has_triton)
+        if has_triton:  # the default falls back to Triton
+            assert mk_triton._bitmap_linear_cuda(x, *fmt, 40, None) == "triton"
+        else:
+            with pytest.raises(NotImplementedError, match="install triton"):
+                mk_triton._bitmap_linear_cuda(x, *fmt, 40, None)
+
+
+def test_build_without_cuda_kernels_is_detected():
+    """_has_cpp_bitmap_cuda reads the dispatcher: true exactly when _C holds the kernel."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key("multiflow::_bitmap_linear_cuda", "CUDA")
+    assert mk_triton._has_cpp_bitmap_cuda() is has

@@ -84,7 +84,7 @@ def test_choose_format_rule():
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
     assert formats.choose_format(nm, torch.bfloat16, "cuda", limit, h100) == "2:4"
     assert formats.choose_format(nm, torch.float16, "cuda", limit + 1, h100) == "bitmap"  # decode + cuBLAS wins
-    wide = _nm_mask(8, formats.AUTO_CUDA_24_MAX_IN + 16)  # a 4096-input layer: 2:4 only for a few rows
+    wide = _nm_mask(8, formats.AUTO_CUDA_24_MAX_IN + 16)  # wider than AUTO_CUDA_24_MAX_IN: 2:4 only for a few rows
     assert formats.choose_format(wide, torch.float16, "cuda", formats.AUTO_CUDA_24_ANY_ROWS, h100) == "2:4"
     assert formats.choose_format(wide, torch.float16, "cuda", formats.AUTO_CUDA_24_ANY_ROWS + 1, h100) == "bitmap"
     edge = _nm_mask(8, formats.AUTO_CUDA_24_MAX_IN)

@@ -1,7 +1,8 @@
 // _bitmap_linear_cuda: bitmap_linear (y = x @ W.T + bias, W in the bitmap format)
 // in CUDA C++. A private op; the public op calls it on CUDA (multiflow_kernels/triton)
 // unless MULTIFLOW_BITMAP_CUDA=triton picks the Triton kernel. On an H200 it passed every
-// CUDA test and memcheck, at 2.3-36x the Triton kernel's speed (benchmarks/RESULTS.md).
+// CUDA test (memcheck of its float32 and hostile-format calls: still to run), at 2.3-36x
+// the Triton kernel's speed (benchmarks/RESULTS.md).
 //
 // The format (csrc/bitmap.h): values (nnz,) the kept weights row-major; bits int32
 // (out, words = ceil(in / 32)), bit b of word w of row r keeps column 32 w + b;

@@ -16,11 +16,12 @@ Registered here as the ops' CUDA kernels:
 - bitmap_linear: by default NOT a Triton kernel but the CUDA C++ one, the private op
   ``multiflow::_bitmap_linear_cuda`` (csrc/cuda/bitmap.cu: one pass over the format for
   up to 8 rows of x, a dense decode and cuBLAS above): on an H200 it passed every CUDA
-  test and took 0.03-0.5x the time of the Triton kernel (bitmap_linear.py: a gemv path
+  test and took 0.03-0.44x the time of the Triton kernel (the private op timed directly) (bitmap_linear.py: a gemv path
   for a few rows of x, a tiled tl.dot path above) on every measured shape and row count.
   ``MULTIFLOW_BITMAP_CUDA=triton`` selects the Triton kernel (``cpp``, or unset: the
   default; any other value is a ValueError). The variable is read at each call, and
-  this kernel is registered even without triton (for the cpp choice);
+  this kernel is registered even without triton (for the cpp choice). When _C was
+  built without its CUDA kernels, the default falls back to Triton;
 - bitmap_pack and bitmap_unpack (bitmap_format.py: compositions of torch CUDA ops,
   no Triton, so they are registered even without triton installed).
 
@@ -30,6 +31,7 @@ nothing), and a test can still choose TRITON_INTERPRET=1 before the kernels are
 defined. act_stats.py (sq_sum_accumulate_triton) is for benchmarks only, not registered.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -111,9 +113,25 @@ torch.library.register_kernel("multiflow::masked_linear", "cuda", _masked_linear
 torch.library.register_kernel("multiflow::masked_linear_backward", "cuda", _masked_linear_backward_cuda)
 
 
+@functools.cache
+def _has_cpp_bitmap_cuda() -> bool:
+    """Whether multiflow_kernels._C holds the CUDA C++ bitmap kernel (not when it was
+    built without nvcc or with MULTIFLOW_NO_CUDA=1)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("multiflow::_bitmap_linear_cuda", "CUDA")
+
+
 def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
     if bitmap_cuda_choice() == "cpp":
-        return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
+        if _has_cpp_bitmap_cuda():
+            return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
+        # A build without CUDA kernels: the default falls back to Triton; an explicit
+        # choice of the C++ kernel (or no triton) is an error that says why.
+        if os.environ.get(BITMAP_CUDA_ENV) == "cpp" or not HAS_TRITON:
+            raise NotImplementedError(
+                "multiflow::bitmap_linear on CUDA: multiflow_kernels._C was built without its CUDA kernels "
+                "(no nvcc, or MULTIFLOW_NO_CUDA=1), so the CUDA C++ kernel (_bitmap_linear_cuda) is missing; "
+                + (f"set {BITMAP_CUDA_ENV}=triton (or unset it) for the Triton kernel" if HAS_TRITON
+                   else "install triton for the Triton kernel, or rebuild with nvcc"))
     _need_triton("multiflow::bitmap_linear", BITMAP_CUDA_ENV, "cpp")
     from .bitmap_linear import bitmap_linear_triton
 

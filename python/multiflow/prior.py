@@ -51,7 +51,8 @@ def modality_prior(
             t = impl.kth_smallest_group(ws, k, True)
             pending.append((names, ws, impl.count_at_most(ws, t, True)))
     if pending:
-        counts = torch.cat([c for _, _, c in pending]).tolist()
+        # (modalities may live on different devices: gathered on the first one's)
+        counts = torch.cat([c.to(pending[0][2].device) for _, _, c in pending]).tolist()
         layers = ((n, w) for names, ws, _ in pending for n, w in zip(names, ws))
         for (n, w), c in zip(layers, counts):
             prior[n] = c / w.numel() if w.numel() else 0.0
