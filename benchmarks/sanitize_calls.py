@@ -4,6 +4,8 @@ Small awkward shapes (not multiples of any block), every result synchronised and
 with the plain-torch twin, so a kernel that reads or writes out of bounds is caught by
 memcheck and a wrong answer by the comparison.
 """
+import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -76,10 +78,12 @@ def main() -> int:
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
                 calls += 1
             calls += 2
-    # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the gemv kernel (1-8
-    # rows of x; 2100 columns: three 1024-column passes, the last partial) and the dense
-    # decode + cuBLAS (9+ rows); rows all pruned and all kept
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
+    # (gemv2, the default, 1-16 rows of x; gemv under MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows;
+    # 2100 columns: three 1024-column passes, the last partial) and the dense decode +
+    # cuBLAS above; rows all pruned and all kept
+    for gemv, dtype in itertools.product(("v2", "v1"), (torch.float16, torch.bfloat16, torch.float32)):
+        os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv
         for out_f, in_f in ((37, 2100), (5, 33)):
             w = torch.randn(out_f, in_f, generator=g).to(dev, dtype)
             mb = (torch.rand(out_f, in_f, generator=g) > 0.75).to(dev)
@@ -87,7 +91,7 @@ def main() -> int:
             mb[-1] = True
             fmt = ops.bitmap_pack(w, mb)
             bias = torch.randn(out_f, generator=g).to(dev, dtype)
-            for rows in (1, 3, 8, 9, 130):
+            for rows in (1, 3, 8, 9, 16, 130):
                 xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
                 got = ops._bitmap_linear_cuda(xx, *fmt, in_f, bias)
                 # 2100 inputs in bfloat16: a fixed 2e-2 is tighter than plain torch's own
@@ -107,11 +111,13 @@ def main() -> int:
         (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=g).int().to(dev)),
         (values, bits, torch.full_like(row_ptr, 2**63 - 1), torch.full_like(block_ptr, 2**31 - 1)),
     ]
-    for rows in (1, 5, 9):
+    for gemv, rows in itertools.product(("v2", "v1"), (1, 5, 9, 16)):
+        os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv
         xx = torch.randn(rows, 1100, generator=g).to(dev, torch.float16)
         for fmt in hostile:
             assert ops._bitmap_linear_cuda(xx, *fmt, 1100, None).shape == (rows, 19)
             calls += 1
+    os.environ.pop("MULTIFLOW_BITMAP_GEMV")
     torch.cuda.synchronize()
     print(f"{calls} calls checked")
     return 0

@@ -65,8 +65,11 @@ TORCH_LIBRARY(multiflow, m) {
   // y = x @ W.T + bias with W decoded from the bitmap format inside the kernel.
   m.def("bitmap_linear(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
   // bitmap_linear's contract, CUDA only, in CUDA C++ (csrc/cuda/bitmap.cu): the public op's CUDA
-  // kernel (multiflow_kernels/triton) calls it unless MULTIFLOW_BITMAP_CUDA=triton.
+  // kernel (registered in C++ there) calls it unless MULTIFLOW_BITMAP_CUDA=triton.
   m.def("_bitmap_linear_cuda(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
+  // The same contract, the Triton kernel (CUDA kernel registered in Python,
+  // multiflow_kernels/triton): what the public op calls under MULTIFLOW_BITMAP_CUDA=triton.
+  m.def("_bitmap_linear_triton(Tensor x, Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features, Tensor? bias) -> Tensor");
 
   // 2:4 semi-structured weights (csrc/sparse24.h): W (out, in), in % 4 == 0, keeps at most 2
   // of every 4 consecutive weights of a row. values (out, in/2), W's dtype: each chunk of 4

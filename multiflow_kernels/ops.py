@@ -761,8 +761,8 @@ def _check_linear_input(op: str, x: Tensor, values: Tensor, in_features: int, ro
 
 
 def _register_bitmap_linear_fake(op: str) -> None:
-    """The fake kernel of bitmap_linear and of _bitmap_linear_cuda (same schema): the
-    checks, then y's shape."""
+    """The fake kernel of bitmap_linear, _bitmap_linear_cuda and _bitmap_linear_triton (same
+    schema): the checks, then y's shape."""
 
     @torch.library.register_fake(op)
     def _fake(x, values, bits, row_ptr, block_ptr, in_features, bias=None):
@@ -797,12 +797,13 @@ def _bitmap_linear_cuda(
     """:func:`bitmap_linear` in CUDA C++ (csrc/cuda/bitmap.cu), CUDA tensors only: the
     private op ``multiflow::_bitmap_linear_cuda``. The public op calls it on CUDA unless
     ``MULTIFLOW_BITMAP_CUDA=triton`` (multiflow_kernels/triton). Same contract, rows of x up
-    to 8 in one pass over the format, more through a dense decode and cuBLAS. Benchmarks and
-    tests call it directly to measure and check it beside the Triton kernel."""
+    to 16 in one pass over the format (8 under ``MULTIFLOW_BITMAP_GEMV=v1``, the older
+    few-row kernel), more through a dense decode and cuBLAS. Benchmarks and tests call it
+    directly to measure and check it beside the Triton kernel."""
     return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
-for _op in ("multiflow::bitmap_linear", "multiflow::_bitmap_linear_cuda"):
+for _op in ("multiflow::bitmap_linear", "multiflow::_bitmap_linear_cuda", "multiflow::_bitmap_linear_triton"):
     _register_bitmap_linear_fake(_op)
 del _op
 

@@ -4,8 +4,9 @@ bitmap_linear call it on CUDA (the default; MULTIFLOW_BITMAP_CUDA=triton picks T
 multiflow_kernels/triton).
 
 The kernel tests need an NVIDIA GPU (marked ``cuda``; skipped without one). Two paths, both
-covered: one pass over the format for up to 8 rows of x (gemv_kernel, 1, 2, 4 or 8 rows of
-x per template), a dense decode and cuBLAS above. The fake kernel and the switch run
+covered: one pass over the format for few rows of x (gemv2_kernel, the default, up to 16 rows:
+1, 2, 4, 8 or 16 per template; gemv_kernel under MULTIFLOW_BITMAP_GEMV=v1, up to 8), a dense
+decode and cuBLAS above. The kernel tests run under both few-row kernels. The fake kernel and the switch run
 everywhere.
 
 Tolerances are earned (tests/_earned.py, through _bitmap_inputs.py): the exact result is the dense masked expression
@@ -33,7 +34,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (out, in): in not a multiple of 32 / 512 / 1024, one column, one output row, several
 # 1024-column passes and (for 8 rows of float32) several staged chunks of x.
 SHAPES = [(1, 1), (3, 31), (7, 33), (17, 513), (5, 1025), (40, 1100), (33, 2100), (130, 4096)]
-ROWS_OF_X = [1, 2, 3, 5, 8, 9, 64, 300]
+ROWS_OF_X = [1, 2, 3, 5, 8, 9, 12, 16, 17, 64, 300]
+# The few-row kernels (MULTIFLOW_BITMAP_GEMV): v2 (the default: staged pieces, up to 16 rows
+# of x) and v1 (up to 8 rows); each test of the kernels runs under both.
+GEMV = ["v2", "v1"]
+
+
+@pytest.fixture(params=GEMV)
+def gemv(request, monkeypatch):
+    monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", request.param)
+    return request.param
 
 
 def poison_cache(nbytes=1 << 26):
@@ -63,7 +73,7 @@ def assert_cpp_earned(y, x, fmt, n_in, b, what):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape, dtype, with_bias):
+def test_matches_reference(shape, dtype, with_bias, gemv):
     n_out, n_in = shape
     w, mask = make_weight(n_out, n_in, dtype, seed=1)
     fmt = [t.cuda() for t in ops.bitmap_pack(w.cuda(), mask.cuda())]
@@ -81,11 +91,11 @@ def test_matches_reference(shape, dtype, with_bias):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.9, 1.0])
-def test_sparsities(sparsity):
+def test_sparsities(sparsity, gemv):
     for dtype in DTYPES:
         w, mask = make_weight(9, 1100, dtype, sparsity, seed=2)
         fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
-        for m in (1, 4, 8, 9):
+        for m in (1, 4, 8, 9, 16):
             x, b = make_x((m,), 1100, 9, dtype, True, seed=2)
             y = cpp(x.cuda(), fmt, 1100, b.cuda())
             assert_cpp_earned(y, x, fmt, 1100, b, f"{dtype} sparsity {sparsity} m={m}")
@@ -95,7 +105,7 @@ def test_sparsities(sparsity):
 
 
 @pytest.mark.cuda
-def test_leading_dims_and_empty_shapes():
+def test_leading_dims_and_empty_shapes(gemv):
     w, mask = make_weight(6, 70, torch.float16, seed=3)
     fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
     for leading in ((), (2, 3), (3, 4, 2), (2, 150)):
@@ -113,7 +123,7 @@ def test_leading_dims_and_empty_shapes():
 
 
 @pytest.mark.cuda
-def test_non_contiguous_and_offset_inputs():
+def test_non_contiguous_and_offset_inputs(gemv):
     w, mask = make_weight(7, 40, torch.float16, seed=4)
     values, bits, row_ptr, block_ptr = ops.bitmap_pack(w.cuda(), mask.cuda())
     x = torch.randn(40, 3, device="cuda").to(torch.float16).T
@@ -122,12 +132,23 @@ def test_non_contiguous_and_offset_inputs():
     for m_x in (x, torch.cat([x] * 4)):
         got = cpp(m_x, (shifted, bits, row_ptr, block_ptr), 40, b)
         assert torch.equal(got, cpp(m_x.contiguous(), (values, bits, row_ptr, block_ptr), 40, b.contiguous()))
+    # values at every misalignment a 16-byte copy can meet (float32: 1-3 elements past a
+    # 16-byte boundary), on a shape whose gemv2 blocks need more than 48 KB of shared memory
+    w, mask = make_weight(130, 4096, torch.float32, seed=4)
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    for m in (1, 5, 16):
+        x = torch.randn(m, 4096, device="cuda")
+        want = cpp(x, fmt, 4096, None)
+        for shift in (1, 2, 3):
+            moved = torch.cat([fmt[0][:shift], fmt[0]])[shift:]
+            assert moved.data_ptr() % 16 == 4 * shift
+            assert torch.equal(cpp(x, (moved, *fmt[1:]), 4096, None), want), f"m={m}, shift={shift}"
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-def test_non_finite_x_like_f_linear(value, dtype):
+def test_non_finite_x_like_f_linear(value, dtype, gemv):
     """An inf / NaN of x at a column that a row prunes reaches that row as 0 * inf = NaN, like
     F.linear on the decoded weight, on both paths, in the first staged chunk or a later one."""
     n_in = 2100
@@ -137,7 +158,8 @@ def test_non_finite_x_like_f_linear(value, dtype):
         mask[2, col] = True
     fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
     wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).cuda()
-    for m, row, col in ((1, 0, 40), (3, None, 40), (8, 7, 2099), (5, 2, 2099), (9, 3, 40), (20, 17, 2099)):
+    for m, row, col in ((1, 0, 40), (3, None, 40), (8, 7, 2099), (5, 2, 2099), (9, 3, 40), (16, 11, 2099),
+                        (20, 17, 2099)):
         x = torch.randn(m, n_in).to(dtype).cuda()
         if row is None:
             x[:, col] = value
@@ -150,8 +172,8 @@ def test_non_finite_x_like_f_linear(value, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [1, 3, 9])
-def test_non_finite_weights_stay_in_their_rows(m):
+@pytest.mark.parametrize("m", [1, 3, 9, 14])
+def test_non_finite_weights_stay_in_their_rows(m, gemv):
     for dtype in DTYPES:
         gen = torch.Generator().manual_seed(m)
         w = torch.randn(5, 64, generator=gen).to(dtype)
@@ -169,12 +191,12 @@ def test_non_finite_weights_stay_in_their_rows(m):
 
 
 @pytest.mark.cuda
-def test_hostile_offsets_stay_inside_values():
+def test_hostile_offsets_stay_inside_values(gemv):
     """row_ptr / block_ptr are not read on the host: wrong ones give wrong numbers but no
     read outside values. Here: no crash, the right shape; benchmarks/sanitize_calls.py runs
     such cases under compute-sanitizer (each tensor its own allocation), which sees the reads."""
     gen = torch.Generator().manual_seed(7)
-    for m in (1, 5, 9):
+    for m in (1, 5, 9, 16):
         w, mask = make_weight(19, 1100, torch.float16, seed=m)
         values, bits, row_ptr, block_ptr = (t.cuda() for t in ops.bitmap_pack(w, mask))
         x = torch.randn(m, 1100, device="cuda").half()
@@ -189,6 +211,38 @@ def test_hostile_offsets_stay_inside_values():
             y = ops._bitmap_linear_cuda(x, *fmt, 1100, None)
             torch.cuda.synchronize()
             assert y.shape == (m, 19)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_denser_than_the_staging_buffer(dtype, gemv):
+    """gemv2 sizes its pieces by the weight's average density: a row far denser than the
+    rest overflows a warp's staging buffer and that piece reads values from global memory
+    instead (same numbers). Rows 0 and 5 are dense here, the others about 3% kept; many
+    columns and passes (9000), a piece past the first, x of every few-row template."""
+    n_out, n_in = 12, 9000
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    mask = torch.rand(n_out, n_in, generator=gen) < 0.03
+    mask[0] = True
+    mask[5, 1000:] = True
+    fmt = [t.cuda() for t in ops.bitmap_pack(w.cuda(), mask.cuda())]
+    for m in (1, 2, 4, 8, 16):
+        x, b = make_x((m,), n_in, n_out, dtype, True, seed=m)
+        y = cpp(x.cuda(), fmt, n_in, b.cuda())
+        assert_cpp_earned(y, x, fmt, n_in, b, f"{dtype} m={m}")
+
+
+@pytest.mark.cuda
+def test_gemv_switch_rejects_unknown_values(monkeypatch):
+    w, mask = make_weight(5, 40, torch.float32)
+    fmt = [t.cuda() for t in ops.bitmap_pack(w, mask)]
+    x = torch.randn(2, 40, device="cuda")
+    monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "v3")
+    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_GEMV must be one of v1, v2"):
+        ops._bitmap_linear_cuda(x, *fmt, 40, None)
+    monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "")
+    assert ops._bitmap_linear_cuda(x, *fmt, 40, None).shape == (2, 5)
 
 
 @pytest.mark.cuda

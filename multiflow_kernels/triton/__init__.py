@@ -15,13 +15,16 @@ Registered here as the ops' CUDA kernels:
   the default; any other value is a ValueError; read at each call);
 - bitmap_linear: by default NOT a Triton kernel but the CUDA C++ one, the private op
   ``multiflow::_bitmap_linear_cuda`` (csrc/cuda/bitmap.cu: one pass over the format for
-  up to 8 rows of x, a dense decode and cuBLAS above): on an H200 it passed every CUDA
+  up to 16 rows of x, a dense decode and cuBLAS above): on an H200 it passed every CUDA
   test and took 0.03-0.44x the time of the Triton kernel (the private op timed directly) (bitmap_linear.py: a gemv path
   for a few rows of x, a tiled tl.dot path above) on every measured shape and row count.
   ``MULTIFLOW_BITMAP_CUDA=triton`` selects the Triton kernel (``cpp``, or unset: the
-  default; any other value is a ValueError). The variable is read at each call, and
-  this kernel is registered even without triton (for the cpp choice). When _C was
-  built without its CUDA kernels, the default falls back to Triton;
+  default; any other value is a ValueError). The variable is read at each call. In a
+  build with CUDA kernels the switch is the public op's CUDA kernel in C++
+  (csrc/cuda/bitmap.cu), which calls the private op ``_bitmap_linear_triton`` (registered
+  here, also without triton: it then says to install it) for the Triton choice; when _C
+  was built without its CUDA kernels, ``_bitmap_linear_cuda`` below is registered instead
+  and the default falls back to Triton;
 - bitmap_pack and bitmap_unpack (bitmap_format.py: compositions of torch CUDA ops,
   no Triton, so they are registered even without triton installed).
 
@@ -138,7 +141,21 @@ def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
     return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
-torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)
+def _bitmap_linear_triton_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
+    """The CUDA kernel of the private op ``multiflow::_bitmap_linear_triton``: what the public
+    op's C++ CUDA kernel (csrc/cuda/bitmap.cu) calls under ``MULTIFLOW_BITMAP_CUDA=triton``."""
+    _need_triton("multiflow::bitmap_linear", BITMAP_CUDA_ENV, "cpp")
+    from .bitmap_linear import bitmap_linear_triton
+
+    return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
+
+
+torch.library.register_kernel("multiflow::_bitmap_linear_triton", "cuda", _bitmap_linear_triton_cuda)
+# With CUDA kernels in _C, the public op's CUDA kernel is registered in C++ (csrc/cuda/bitmap.cu:
+# the same switch without a hop through Python, ~5 us of host time a call); without them
+# _bitmap_linear_cuda above routes (to Triton by default).
+if not _has_cpp_bitmap_cuda():
+    torch.library.register_kernel("multiflow::bitmap_linear", "cuda", _bitmap_linear_cuda)
 
 if HAS_TRITON:
 
