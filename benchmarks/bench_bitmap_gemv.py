@@ -2,11 +2,11 @@
 few-row kernels against cuBLAS dense, the memory-bound case the issue's CUDA goal is about.
 
 Columns (ms per call, median; weights rotated over 512 MiB so L2 does not hold them):
-``dense`` ``F.linear``; ``bitmap`` the public op (its default, gemv2: staged pieces, up to 16
-rows of x); ``bitmap_v1`` the public op under ``MULTIFLOW_BITMAP_GEMV=v1`` (the older
-warp-per-row kernel, up to 8 rows; 9+ rows go through a dense decode and cuBLAS);
-``private`` the private op ``_bitmap_linear_cuda`` called directly (gemv2), to show the
-public op's host cost. Also each kernel's bytes over the measured copy bandwidth ("% roof":
+``dense`` ``F.linear``; ``bitmap`` the public op (its default for float16 / bfloat16,
+gemv_tc: W decoded into mma.sync fragments, up to 16 rows of x); ``bitmap_v1`` the public op
+under ``MULTIFLOW_BITMAP_GEMV=v1`` (the warp-per-row CUDA-core kernel, up to 8 rows; 9+ rows
+go through a dense decode and cuBLAS); ``private`` the private op ``_bitmap_linear_cuda``
+called directly (the default kernel), to show the public op's host cost. Also each kernel's bytes over the measured copy bandwidth ("% roof":
 the weight's storage + x + y at copy bandwidth / measured time) and the speed against dense.
 float16 at 75% by default; the goal: at least 2.5x faster than dense at 1-16 rows on
 4096x4096 and 11008x4096. Writes bitmap_gemv_cuda.json (machine, versions, date, commit).
@@ -132,9 +132,9 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
             path = write_json(out, "bitmap_gemv_cuda", {
                 "benchmark": "bitmap_gemv", "family": "bitmap_gemv", "device": "cuda", "quick": quick,
                 "rotation_bytes": ROTATION_BYTES["cuda"], "copy_bandwidth_Bps": bandwidth, "timing": timing,
-                "columns": {"dense": "F.linear (cuBLAS)", "bitmap": "public bitmap_linear, default (gemv2)",
+                "columns": {"dense": "F.linear (cuBLAS)", "bitmap": "public bitmap_linear, default (gemv_tc for 16-bit types)",
                             "bitmap_v1": "public bitmap_linear, MULTIFLOW_BITMAP_GEMV=v1",
-                            "private": "_bitmap_linear_cuda called directly (gemv2)"},
+                            "private": "_bitmap_linear_cuda called directly (default kernel)"},
                 "note": "time_s: median seconds per call; of_roofline = (format bytes + x + y) / copy bandwidth / time",
                 "results": results})
     print(f"wrote {path}")

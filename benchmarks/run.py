@@ -29,7 +29,7 @@ FAMILIES = {
     "masks": ("bench_pruning", {"family": "masks"}, "masks_from_stats for BLIP-base vs the plain-torch way"),
     "masked_linear": ("bench_masked_linear", {}, "masked_linear forward / forward+backward vs dense"),
     "bitmap": ("bench_sparse_linear", {}, "bitmap_linear vs dense, CSR, masked; rows 1..2048; roofline"),
-    "bitmap_gemv": ("bench_bitmap_gemv", {}, "CUDA only: bitmap_linear's few-row kernels (gemv2, v1) vs dense; rows 1..16"),
+    "bitmap_gemv": ("bench_bitmap_gemv", {}, "CUDA only: bitmap_linear's few-row kernels (tensor-core default, v1) vs dense; rows 1..16"),
     "e2e": ("bench_e2e", {}, "BLIP-base pruned + sparsified: weight memory, forward latency"),
     "sparse24": ("bench_sparse24", {}, "sparse24_linear vs dense and torch's 2:4 path; rows 1..8192; roofline"),
 }

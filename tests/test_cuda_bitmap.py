@@ -4,9 +4,10 @@ bitmap_linear call it on CUDA (the default; MULTIFLOW_BITMAP_CUDA=triton picks T
 multiflow_kernels/triton).
 
 The kernel tests need an NVIDIA GPU (marked ``cuda``; skipped without one). Two paths, both
-covered: one pass over the format for few rows of x (gemv2_kernel, the default, up to 16 rows:
-1, 2, 4, 8 or 16 per template; gemv_kernel under MULTIFLOW_BITMAP_GEMV=v1, up to 8), a dense
-decode and cuBLAS above. The kernel tests run under both few-row kernels. The fake kernel and the switch run
+covered: one pass over the format for few rows of x (gemv_tc_kernel, the default for float16 /
+bfloat16: mma.sync with W decoded into the A fragments, 8 or 16 rows of x per template;
+gemv_kernel for float32 and under MULTIFLOW_BITMAP_GEMV=v1, up to 8 rows), a dense decode and
+cuBLAS above. The kernel tests run under both few-row switches. The fake kernel and the switch run
 everywhere.
 
 Tolerances are earned (tests/_earned.py, through _bitmap_inputs.py): the exact result is the dense masked expression
@@ -35,9 +36,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 1024-column passes and (for 8 rows of float32) several staged chunks of x.
 SHAPES = [(1, 1), (3, 31), (7, 33), (17, 513), (5, 1025), (40, 1100), (33, 2100), (130, 4096)]
 ROWS_OF_X = [1, 2, 3, 5, 8, 9, 12, 16, 17, 64, 300]
-# The few-row kernels (MULTIFLOW_BITMAP_GEMV): v2 (the default: staged pieces, up to 16 rows
-# of x) and v1 (up to 8 rows); each test of the kernels runs under both.
-GEMV = ["v2", "v1"]
+# The few-row kernels (MULTIFLOW_BITMAP_GEMV): tc (the default: tensor cores for float16 /
+# bfloat16, up to 16 rows of x; float32 takes v1) and v1 (up to 8 rows); each test of the
+# kernels runs under both.
+GEMV = ["tc", "v1"]
 
 
 @pytest.fixture(params=GEMV)
@@ -132,17 +134,18 @@ def test_non_contiguous_and_offset_inputs(gemv):
     for m_x in (x, torch.cat([x] * 4)):
         got = cpp(m_x, (shifted, bits, row_ptr, block_ptr), 40, b)
         assert torch.equal(got, cpp(m_x.contiguous(), (values, bits, row_ptr, block_ptr), 40, b.contiguous()))
-    # values at every misalignment a 16-byte copy can meet (float32: 1-3 elements past a
-    # 16-byte boundary), on a shape whose gemv2 blocks need more than 48 KB of shared memory
-    w, mask = make_weight(130, 4096, torch.float32, seed=4)
-    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
-    for m in (1, 5, 16):
-        x = torch.randn(m, 4096, device="cuda")
-        want = cpp(x, fmt, 4096, None)
-        for shift in (1, 2, 3):
-            moved = torch.cat([fmt[0][:shift], fmt[0]])[shift:]
-            assert moved.data_ptr() % 16 == 4 * shift
-            assert torch.equal(cpp(x, (moved, *fmt[1:]), 4096, None), want), f"m={m}, shift={shift}"
+    # values at every misalignment a 16-byte copy can meet (1-7 16-bit elements past a
+    # 16-byte boundary), x of an odd width (no 4-byte pairs) and of an even one
+    for dtype, n_in in ((torch.float16, 4096), (torch.bfloat16, 1101)):
+        w, mask = make_weight(130, n_in, dtype, seed=4)
+        fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+        for m in (1, 5, 16):
+            x = torch.randn(m, n_in, device="cuda").to(dtype)
+            want = cpp(x, fmt, n_in, None)
+            for shift in range(1, 8):
+                moved = torch.cat([fmt[0][:shift], fmt[0]])[shift:]
+                assert moved.data_ptr() % 16 == 2 * shift
+                assert torch.equal(cpp(x, (moved, *fmt[1:]), n_in, None), want), f"{dtype} m={m}, shift={shift}"
 
 
 @pytest.mark.cuda
@@ -216,18 +219,18 @@ def test_hostile_offsets_stay_inside_values(gemv):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rows_denser_than_the_staging_buffer(dtype, gemv):
-    """gemv2 sizes its pieces by the weight's average density: a row far denser than the
-    rest overflows a warp's staging buffer and that piece reads values from global memory
-    instead (same numbers). Rows 0 and 5 are dense here, the others about 3% kept; many
-    columns and passes (9000), a piece past the first, x of every few-row template."""
-    n_out, n_in = 12, 9000
+    """gemv_tc sizes a row's slot of staged values by the weight's average density: a
+    512-column chunk where some row is far denser than the rest reads its values from
+    global memory instead (same numbers). Rows 0 and 5 are dense here, the others about 3%
+    kept; 9000 columns (18 chunks, more than one per warp), x of 1 to 16 rows."""
+    n_out, n_in = 21, 9000
     gen = torch.Generator().manual_seed(11)
     w = torch.randn(n_out, n_in, generator=gen).to(dtype)
     mask = torch.rand(n_out, n_in, generator=gen) < 0.03
     mask[0] = True
     mask[5, 1000:] = True
     fmt = [t.cuda() for t in ops.bitmap_pack(w.cuda(), mask.cuda())]
-    for m in (1, 2, 4, 8, 16):
+    for m in (1, 2, 7, 8, 9, 16):
         x, b = make_x((m,), n_in, n_out, dtype, True, seed=m)
         y = cpp(x.cuda(), fmt, n_in, b.cuda())
         assert_cpp_earned(y, x, fmt, n_in, b, f"{dtype} m={m}")
@@ -239,7 +242,7 @@ def test_gemv_switch_rejects_unknown_values(monkeypatch):
     fmt = [t.cuda() for t in ops.bitmap_pack(w, mask)]
     x = torch.randn(2, 40, device="cuda")
     monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "v3")
-    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_GEMV must be one of v1, v2"):
+    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_GEMV must be one of tc, v1"):
         ops._bitmap_linear_cuda(x, *fmt, 40, None)
     monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "")
     assert ops._bitmap_linear_cuda(x, *fmt, 40, None).shape == (2, 5)

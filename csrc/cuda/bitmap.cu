@@ -2,8 +2,8 @@
 // in CUDA C++. A private op; the public op's CUDA kernel (bitmap_linear_public_cuda, at the
 // end) calls it unless MULTIFLOW_BITMAP_CUDA=triton picks the Triton kernel. The few-row
 // kernel gemv_kernel (now MULTIFLOW_BITMAP_GEMV=v1) passed every CUDA test on an H200 at
-// 2.3-36x the Triton kernel's speed (benchmarks/RESULTS.md); gemv2_kernel (the default)
-// is newer: see benchmarks/RESULTS.md for where it stands.
+// 2.3-36x the Triton kernel's speed (benchmarks/RESULTS.md); gemv_tc_kernel (the default
+// for float16 / bfloat16) is newer: see benchmarks/RESULTS.md for where it stands.
 //
 // The format (csrc/bitmap.h): values (nnz,) the kept weights row-major; bits int32
 // (out, words = ceil(in / 32)), bit b of word w of row r keeps column 32 w + b;
@@ -12,11 +12,11 @@
 //
 // Paths, by the number of rows m of x (x.reshape(-1, in)):
 //
-//  * m <= 16 (kRowsGemv2, the memory-bound decode regime): gemv2_kernel (below, after
-//    gemv_kernel) reads the format once, a warp per output row, each piece of the row's
-//    values staged in shared memory with all its loads in flight at once.
+//  * m <= 16 (kRowsTc, the memory-bound decode regime), float16 / bfloat16 on sm_80+:
+//    gemv_tc_kernel (below, after gemv_kernel) reads the format once and multiplies on
+//    tensor cores, W decoded into mma.sync's A fragments in registers.
 //
-//  * m <= 8 under MULTIFLOW_BITMAP_GEMV=v1: gemv_kernel, the first few-row kernel. A
+//  * m <= 8, float32 (or MULTIFLOW_BITMAP_GEMV=v1): gemv_kernel, the first few-row kernel. A
 //    block of kGemvWarps warps owns kRowsPerBlock output rows (kRowsPerWarp
 //    per warp) and walks the columns in chunks: the chunk of x (all m rows) is staged
 //    in shared memory, interleaved as xs[column][row of x] (the kM rows of one column
@@ -30,7 +30,7 @@
 //    values and 512 B of bits (0.31x the dense row's 8 KB), read once; x comes from
 //    L2 once per block and chunk (kRowsPerBlock rows share it).
 //
-//  * more rows (or a gemv2 block the device cannot give its shared memory):
+//  * more rows (or a gemv_tc block the device cannot give its shared memory):
 //    decode_kernel expands the format to a dense (out, in) weight in
 //    x's dtype (zeros where pruned; one warp per 32 words of a row, the same scan,
 //    then each lane writes 8 columns with one 16-byte store for 16-bit types) and
@@ -64,12 +64,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 
@@ -265,42 +267,36 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvMinBlocks) gemv_kernel(
   }
 }
 
-// ---- few rows, staged (gemv2_kernel; the default, MULTIFLOW_BITMAP_GEMV=v1 picks gemv_kernel).
+// ---- few rows on tensor cores (gemv_tc_kernel: float16 / bfloat16 on sm_80+, up to 16 rows
+// of x; the default there, MULTIFLOW_BITMAP_GEMV=v1 picks gemv_kernel).
 //
-// One warp per output row; a block of kGemv2Warps warps owns kGemv2Warps consecutive rows.
-// The row is walked in pieces of P 1024-column passes (P chosen on the host so that a
-// piece's values fit a warp's staging buffer at the weight's average density with room to
-// spare). Per piece, before any arithmetic, every load of the piece is in flight at once:
-//  * the warp's values of the piece, [s, e) with s = row_ptr[r] + block_ptr[r, first block]
-//    and e the same at the piece's end (row_ptr[r + 1] at the row's end), go to its
-//    shared-memory buffer with 16-byte cp.async copies (element-wise for a 16-byte group
-//    that crosses either end of values);
-//  * its bit words go to registers (lane L: word L of each pass);
-//  * the block stages the piece's columns of x in shared memory (xs[column][row of x], a
-//    pad after each 32 columns so the 32 lanes' words start in different banks).
-// Then each pass: lane L owns word L, an inclusive warp scan of the popcounts gives its
-// first value (s + the counts of the passes and lanes before it), and it walks its set
-// bits reading values and x from shared memory. A piece whose [s, e) does not fit the
-// buffer, or is not inside [0, nnz) (a hostile row_ptr / block_ptr), reads its values
-// from global memory instead (indices checked against [0, nnz)): slower, same numbers.
-// Indices come from the bits and s, and are checked against [s, e) (staged) or [0, nnz).
-// Numerics, non-finite x and determinism: as gemv_kernel (float32 fmaf per kept weight,
-// each lane's bits ascending, a fixed shuffle tree).
-constexpr int kGemv2Warps = 8;
-constexpr int kGemv2Threads = 32 * kGemv2Warps;
-constexpr int kGemv2MaxPasses = 8;           // a piece is at most 8192 columns
-constexpr int64_t kGemv2BufBytes = 4096;     // a warp's values buffer (+16 bytes of alignment slack)
-constexpr int64_t kGemv2ChunkXBytes = 16 * 1024;
-constexpr int64_t kRowsGemv2 = 16;
-
-// Bytes of padding after each 32 columns of xs: at least one bank, aligned for the
-// column loads (kM elements, up to 16-byte loads).
-template <typename scalar_t, int kM>
-constexpr int xs_pad_elems() {
-  constexpr int col_bytes = kM * static_cast<int>(sizeof(scalar_t));
-  constexpr int pad_bytes = col_bytes < 4 ? 4 : (col_bytes > 16 ? 16 : col_bytes);
-  return pad_bytes / static_cast<int>(sizeof(scalar_t));
-}
+// W is operand A of mma.sync.m16n8k16 (f32 accumulation), decoded from the format into
+// the A fragments in registers, never into a dense copy: a block owns 16 output rows and
+// its kTcWarps warps split the columns in 512-column chunks (one block_ptr block: warp w
+// takes chunks w, w + kTcWarps, ...). Per chunk a warp
+//  * reads the 16 rows' offsets: lane i < 16 (and i + 16) holds row row0 + i's range
+//    [s, e) of values in the chunk (row_ptr + block_ptr; row_ptr[r + 1] at the row's end);
+//  * stages the 16 x 16 bit words in shared memory (row stride 17 words: the 8 rows a
+//    fragment load touches fall in distinct banks) and, when every row's range fits its
+//    slot (row_cap elements, sized on the host from the average density) and lies in
+//    [0, nnz), the values too, with 16-byte cp.async copies (element-wise where a 16-byte
+//    group crosses an end of values); otherwise this chunk reads values from global memory
+//    (indices checked against [0, nnz)): slower, same numbers;
+//  * walks the chunk in 32 k-steps of 16 columns. Lane (g = lane / 4, t = lane % 4) holds
+//    A's elements (rows g and g + 8; columns 2t, 2t + 1, 2t + 8, 2t + 9 of the step): its
+//    value index is the row's running count + popc of the row's 16 step bits below the
+//    column (a pruned element is +0.0), B is x's rows n = g (+ 8 for the second n-tile) at
+//    the same columns (0 past m or in_features), and one mma per 8 rows of x.
+// The warps' partial sums meet in shared memory, added in warp order (fixed, so the
+// result is deterministic), then the bias in float32 and one rounding to x's dtype.
+// Numerics: F.linear on the decoded weight. The tensor cores multiply pruned weights as
+// +0.0, so an inf / NaN of x reaches every row as F.linear's 0 * inf = NaN without a
+// special case; products are exact and summed in float32 (the mma's order within a step).
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcChunkWords = static_cast<int>(kBitmapBlockCols / 32);     // 16
+constexpr int kTcBitsStride = kTcChunkWords + 1;
+constexpr int64_t kRowsTc = 16;
 
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -317,198 +313,253 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-// Walks lane's word `word` of one pass: kept weight k of the word is src[idx + k], read
-// where idx + k < end (0 past it): the staged buffer (32-bit offsets from its start) or
-// values (64-bit indices, end = nnz). xw: the word's 32 columns of xs.
-template <typename scalar_t, int kM, typename Index>
-__device__ __forceinline__ void walk_word(
-    uint32_t u,
-    Index idx,
-    Index end,
-    const scalar_t* __restrict__ src,
-    const scalar_t* __restrict__ xw,
-    float (&acc)[kM]) {
-  for (; u != 0u; ++idx) {
-    const int b = __ffs(u) - 1;
-    u &= u - 1u;
-    const float v = idx < end ? static_cast<float>(src[idx]) : 0.f;
-    const XColumn<scalar_t, kM> xc = *reinterpret_cast<const XColumn<scalar_t, kM>*>(xw + b * kM);
-#pragma unroll
-    for (int i = 0; i < kM; ++i) {
-      acc[i] = fmaf(v, static_cast<float>(xc.v[i]), acc[i]);
-    }
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#else
+  __trap();
+#endif
 }
 
-// Dynamic shared memory: xs (passes * 32 regions of 32 * kM + pad elements), nf (passes *
-// 32 * kM words, as gemv_kernel), then kGemv2Warps buffers of kGemv2BufBytes + 16 bytes.
-// mis: values' address modulo 16, in elements (16-byte groups of values start at
-// elements g with (g + mis) % V == 0, V = 16 / sizeof(scalar_t)).
-template <typename scalar_t, int kM>
-__global__ void __launch_bounds__(kGemv2Threads, kM >= 16 ? 2 : 4) gemv2_kernel(
-    const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ values,
+// A row's four A elements of one k-step: h the row's 16 bits of the step, cur the index
+// (in src) of its first kept value of the step; lane t's columns 2t, 2t + 1 (lo) and
+// 2t + 8, 2t + 9 (hi), each pair packed low column first. Index idx < end reads src[idx],
+// else 0 (a hostile offset). Advances cur past the step's kept values.
+template <typename Index>
+__device__ __forceinline__ void decode_step(
+    uint32_t h,
+    uint32_t mask_lo,
+    uint32_t mask_hi,
+    int t,
+    Index& cur,
+    Index end,
+    const uint16_t* __restrict__ src,
+    uint32_t& lo,
+    uint32_t& hi) {
+  const Index r_lo = cur + static_cast<Index>(__popc(h & mask_lo));
+  const Index r_hi = cur + static_cast<Index>(__popc(h & mask_hi));
+  const uint32_t q_lo = h >> (2 * t);
+  const uint32_t q_hi = h >> (2 * t + 8);
+  uint32_t v0 = 0, v1 = 0, v2 = 0, v3 = 0;
+  if ((q_lo & 1u) && r_lo < end) {
+    v0 = src[r_lo];
+  }
+  const Index r_lo1 = r_lo + static_cast<Index>(q_lo & 1u);
+  if ((q_lo & 2u) && r_lo1 < end) {
+    v1 = src[r_lo1];
+  }
+  if ((q_hi & 1u) && r_hi < end) {
+    v2 = src[r_hi];
+  }
+  const Index r_hi1 = r_hi + static_cast<Index>(q_hi & 1u);
+  if ((q_hi & 2u) && r_hi1 < end) {
+    v3 = src[r_hi1];
+  }
+  lo = v0 | (v1 << 16);
+  hi = v2 | (v3 << 16);
+  cur += static_cast<Index>(__popc(h));
+}
+
+// x's two elements at columns k, k + 1 of row xr (raw 16-bit), 0 past cols; pairs: cols is
+// even and x 4-byte aligned, so (k even) one 4-byte load.
+__device__ __forceinline__ uint32_t x_pair(const uint16_t* __restrict__ xr, int64_t k, int64_t cols, bool pairs) {
+  if (xr == nullptr || k >= cols) {
+    return 0u;
+  }
+  if (pairs) {
+    return __ldg(reinterpret_cast<const uint32_t*>(xr + k));
+  }
+  const uint32_t a = __ldg(xr + k);
+  const uint32_t b = k + 1 < cols ? static_cast<uint32_t>(__ldg(xr + k + 1)) : 0u;
+  return a | (b << 16);
+}
+
+// Dynamic shared memory: per warp, 16 x kTcBitsStride bit words then 16 x row_cap values
+// (row_cap a multiple of 8 elements: 16-byte rows); reused after the chunks for the
+// partial sums (kTcWarps x kN / 8 x 4 x 32 floats). mis: values' address modulo 16, in
+// elements (16-byte groups start at elements g with (g + mis) % 8 == 0).
+template <bool kBf16, int kN>
+__global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
+    const uint16_t* __restrict__ x,
+    const uint16_t* __restrict__ values,
     const int32_t* __restrict__ bits,
     const int64_t* __restrict__ row_ptr,
     const int32_t* __restrict__ block_ptr,
-    const scalar_t* __restrict__ bias,
-    scalar_t* __restrict__ y,
+    const uint16_t* __restrict__ bias,
+    uint16_t* __restrict__ y,
     int m,
     int64_t rows,
     int64_t cols,
     int64_t words,
     int64_t blocks,
     int64_t nnz,
-    int passes,
-    int mis) {
-  constexpr int kV = 16 / static_cast<int>(sizeof(scalar_t));
-  constexpr int kPad = xs_pad_elems<scalar_t, kM>();
-  constexpr int kRegion = 32 * kM + kPad;  // elements of xs per 32 columns
-  constexpr int64_t kCap = kGemv2BufBytes / static_cast<int64_t>(sizeof(scalar_t));  // values a piece may stage
+    int row_cap,
+    int mis,
+    bool x_pairs) {
+  constexpr int kV = 8;  // 16-bit elements per 16-byte group
+  constexpr int kNT = kN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int piece_words = passes * 32;
-  const int64_t piece_cols = static_cast<int64_t>(piece_words) * 32;
-  scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
-  uint32_t* nf = reinterpret_cast<uint32_t*>(smem + static_cast<size_t>(piece_words) * kRegion * sizeof(scalar_t));
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  scalar_t* buf = reinterpret_cast<scalar_t*>(reinterpret_cast<unsigned char*>(nf + piece_words * kM) +
-                                              static_cast<size_t>(warp) * (kGemv2BufBytes + 16));
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemv2Warps + warp;
-  const bool has_row = r < rows;  // warp-uniform; a warp past the last row still stages x
-
-  float acc[kM];
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const size_t warp_bytes = static_cast<size_t>(16 * kTcBitsStride) * 4 + static_cast<size_t>(16) * row_cap * 2;
+  uint32_t* sb = reinterpret_cast<uint32_t*>(smem + warp * warp_bytes);
+  uint16_t* sv = reinterpret_cast<uint16_t*>(smem + warp * warp_bytes + 16 * kTcBitsStride * 4);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const uint32_t mask_lo = (1u << (2 * t)) - 1u;
+  const uint32_t mask_hi = (1u << (2 * t + 8)) - 1u;
+  const uint64_t cap = static_cast<uint64_t>(row_cap - 2 * kV);  // values a row's chunk may stage
+  const uint16_t* xr[kNT];
 #pragma unroll
-  for (int i = 0; i < kM; ++i) {
-    acc[i] = 0.f;
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int n = nt * 8 + g;
+    xr[nt] = n < m ? x + static_cast<int64_t>(n) * cols : nullptr;
   }
-  const uint64_t row_start = has_row ? static_cast<uint64_t>(__ldg(row_ptr + r)) : 0;
-  const uint64_t row_end = has_row ? static_cast<uint64_t>(__ldg(row_ptr + r + 1)) : 0;
-  const int32_t* bits_row = bits + (has_row ? r : 0) * words;
-  const int32_t* block_ptr_row = block_ptr + (has_row ? r : 0) * blocks;
+  float acc[kNT][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      acc[nt][q] = 0.f;
+    }
+  }
 
-  for (int64_t c0 = 0; c0 < cols; c0 += piece_cols) {
-    // This piece's values: [s, e) (unsigned: a hostile offset wraps and fails `fits`).
+  for (int64_t c = warp; c < blocks; c += kTcWarps) {
+    // Bits: 16 rows x 16 words (0 past the row or the last row); loaded first (in flight
+    // with the offsets' loads), stored once those are used.
+    uint32_t wv[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int el = lane + 32 * q;
+      const int64_t rr = row0 + (el >> 4);
+      const int64_t wd = c * kTcChunkWords + (el & 15);
+      wv[q] = rr < rows && wd < words ? static_cast<uint32_t>(__ldg(bits + rr * words + wd)) : 0u;
+    }
+    // Row row0 + (lane % 16)'s values of chunk c: [s, e) (unsigned: hostile offsets wrap
+    // and fail `fit`). Rows past the last: empty.
     uint64_t s = 0, e = 0;
-    bool fits = false;
-    uint32_t wbits[kGemv2MaxPasses];
-    if (has_row) {
-      const int64_t b0 = c0 / kBitmapBlockCols;
-      const int64_t b1 = (c0 + piece_cols) / kBitmapBlockCols;
-      s = row_start + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr_row + b0)));
-      e = b1 < blocks ? row_start + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr_row + b1))) : row_end;
-#pragma unroll
-      for (int p = 0; p < kGemv2MaxPasses; ++p) {
-        const int64_t wd = c0 / 32 + p * 32 + lane;
-        wbits[p] = p < passes && wd < words ? static_cast<uint32_t>(__ldg(bits_row + wd)) : 0u;
-      }
-      fits = s <= e && e <= static_cast<uint64_t>(nnz) && e - s <= static_cast<uint64_t>(kCap);
+    bool fit = true;
+    const int64_t r = row0 + (lane & 15);
+    if (r < rows) {
+      const uint64_t rs = static_cast<uint64_t>(__ldg(row_ptr + r));
+      s = rs + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr + r * blocks + c)));
+      e = c + 1 < blocks ? rs + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr + r * blocks + c + 1)))
+                         : static_cast<uint64_t>(__ldg(row_ptr + r + 1));
+      fit = s <= e && e <= static_cast<uint64_t>(nnz) && e - s <= cap;
     }
-    // Stage the values: 16-byte groups from a (s rounded down to a group), element-wise
-    // where a group crosses 0 or nnz.
-    const int64_t a = fits ? static_cast<int64_t>(s) - (static_cast<int64_t>(s) + mis) % kV : 0;
-    if (fits) {
-      const int64_t groups = (static_cast<int64_t>(e) - a + kV - 1) / kV;
-      for (int64_t t = lane; t < groups; t += 32) {
-        const int64_t g0 = a + t * kV;
-        if (g0 >= 0 && g0 + kV <= nnz) {
-          cp_async_16(buf + t * kV, values + g0);
-        } else {
+    const bool staged = __all_sync(kFullMask, fit);
 #pragma unroll
-          for (int j = 0; j < kV; ++j) {
-            const int64_t g = g0 + j;
-            buf[t * kV + j] = g >= 0 && g < nnz ? values[g] : static_cast<scalar_t>(0.f);
-          }
-        }
-      }
+    for (int q = 0; q < 8; ++q) {
+      const int el = lane + 32 * q;
+      sb[(el >> 4) * kTcBitsStride + (el & 15)] = wv[q];
     }
-    // Stage x (as gemv_kernel, padded regions): loads first, then stores.
-    bool any_not_finite = false;
-    const int total = kM * piece_words * 32;
-    constexpr int kUnroll = kM <= 2 || kM >= 16 ? 8 : 4;  // loads in flight per thread (no spills)
-    for (int e0 = threadIdx.x; e0 < total; e0 += kGemv2Threads * kUnroll) {
-      scalar_t v[kUnroll];
+    // Values: half-warp h stages rows 2 p + h, each from its 16-byte group boundary.
+    if (staged) {
+#pragma unroll 1
+      for (int p = 0; p < 8; ++p) {
+        const int i = 2 * p + (lane >> 4);
+        const int64_t si = static_cast<int64_t>(__shfl_sync(kFullMask, s, i));
+        const int64_t ei = static_cast<int64_t>(__shfl_sync(kFullMask, e, i));
+        const int64_t a = si - (si + mis) % kV;
+        const int64_t groups = (ei - a + kV - 1) / kV;
+        uint16_t* dst = sv + i * row_cap;
+        for (int64_t q = lane & 15; q < groups; q += 16) {
+          const int64_t g0 = a + q * kV;
+          if (g0 >= 0 && g0 + kV <= nnz) {
+            cp_async_16(dst + q * kV, values + g0);
+          } else {
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int el = e0 + q * kGemv2Threads;
-        const int i = el / static_cast<int>(piece_cols);
-        const int64_t col = c0 + (el - i * piece_cols);
-        v[q] = el < total && i < m && col < cols ? x[static_cast<int64_t>(i) * cols + col] : static_cast<scalar_t>(0.f);
-      }
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int el = e0 + q * kGemv2Threads;
-        const int i = el / static_cast<int>(piece_cols);
-        const int c = el - i * static_cast<int>(piece_cols);
-        const bool in_range = el < total;  // warp-uniform: total is a multiple of 32
-        if (in_range) {
-          xs[(c >> 5) * kRegion + (c & 31) * kM + i] = v[q];
-          const bool bad = not_finite(static_cast<float>(v[q]));
-          const uint32_t word = __ballot_sync(kFullMask, bad);
-          if (lane == 0) {
-            nf[(c >> 5) * kM + i] = word;
-          }
-          any_not_finite |= bad;
-        }
-      }
-    }
-    cp_async_wait_all();
-    const bool chunk_not_finite = __syncthreads_or(any_not_finite) != 0;
-
-    if (has_row) {
-      uint64_t next = s;  // first value of the pass, from the bits
-#pragma unroll
-      for (int p = 0; p < kGemv2MaxPasses; ++p) {
-        if (p >= passes) {
-          break;
-        }
-        const uint32_t word = wbits[p];
-        const int count = __popc(word);
-        int inclusive = count;
-#pragma unroll
-        for (int offset = 1; offset < 32; offset <<= 1) {
-          const int before = __shfl_up_sync(kFullMask, inclusive, offset);
-          if (lane >= offset) {
-            inclusive += before;
-          }
-        }
-        const uint64_t first = next + static_cast<uint64_t>(inclusive - count);
-        next += static_cast<uint64_t>(__shfl_sync(kFullMask, inclusive, 31));
-        const scalar_t* xw = xs + (p * 32 + lane) * kRegion;
-        if (fits) {  // first - a and e - a are below kCap + kV: 32-bit offsets into the buffer
-          walk_word<scalar_t, kM, uint32_t>(word, static_cast<uint32_t>(first - static_cast<uint64_t>(a)),
-                                            static_cast<uint32_t>(e - static_cast<uint64_t>(a)), buf, xw, acc);
-        } else {
-          walk_word<scalar_t, kM, uint64_t>(word, first, static_cast<uint64_t>(nnz), values, xw, acc);
-        }
-        if (chunk_not_finite) {
-#pragma unroll
-          for (int i = 0; i < kM; ++i) {
-            if ((nf[(p * 32 + lane) * kM + i] & ~word) != 0u) {
-              acc[i] += __int_as_float(0x7fc00000);  // 0 * inf or 0 * NaN at a pruned column
+            for (int j = 0; j < kV; ++j) {
+              const int64_t gi = g0 + j;
+              dst[q * kV + j] = gi >= 0 && gi < nnz ? values[gi] : static_cast<uint16_t>(0);
             }
           }
         }
       }
     }
-    __syncthreads();  // the next piece overwrites xs and the buffers
+    cp_async_wait_all();
+    __syncwarp();
+    // This lane's rows g and g + 8.
+    const uint64_t s0 = __shfl_sync(kFullMask, s, g), e0 = __shfl_sync(kFullMask, e, g);
+    const uint64_t s1 = __shfl_sync(kFullMask, s, g + 8), e1 = __shfl_sync(kFullMask, e, g + 8);
+    const uint32_t* sb0 = sb + g * kTcBitsStride;
+    const uint32_t* sb1 = sb + (g + 8) * kTcBitsStride;
+    const int64_t k_chunk = c * static_cast<int64_t>(kBitmapBlockCols);
+    auto steps = [&](auto cur0, auto end0, const uint16_t* src0, auto cur1, auto end1, const uint16_t* src1) {
+#pragma unroll 2
+      for (int j = 0; j < kTcChunkWords; ++j) {
+        const uint32_t w0 = sb0[j];
+        const uint32_t w1 = sb1[j];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          uint32_t a[4];
+          decode_step(half ? w0 >> 16 : w0 & 0xffffu, mask_lo, mask_hi, t, cur0, end0, src0, a[0], a[2]);
+          decode_step(half ? w1 >> 16 : w1 & 0xffffu, mask_lo, mask_hi, t, cur1, end1, src1, a[1], a[3]);
+          const int64_t k = k_chunk + 32 * j + 16 * half + 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            const uint32_t b0 = x_pair(xr[nt], k, cols, x_pairs);
+            const uint32_t b1 = x_pair(xr[nt], k + 8, cols, x_pairs);
+            mma_16816<kBf16>(acc[nt], a, b0, b1);
+          }
+        }
+      }
+    };
+    if (staged) {  // 32-bit offsets into each row's slot (below row_cap)
+      const int64_t a0 = static_cast<int64_t>(s0) - (static_cast<int64_t>(s0) + mis) % kV;
+      const int64_t a1 = static_cast<int64_t>(s1) - (static_cast<int64_t>(s1) + mis) % kV;
+      steps(static_cast<uint32_t>(static_cast<int64_t>(s0) - a0), static_cast<uint32_t>(static_cast<int64_t>(e0) - a0),
+            sv + g * row_cap, static_cast<uint32_t>(static_cast<int64_t>(s1) - a1),
+            static_cast<uint32_t>(static_cast<int64_t>(e1) - a1), sv + (g + 8) * row_cap);
+    } else {
+      steps(s0, static_cast<uint64_t>(nnz), values, s1, static_cast<uint64_t>(nnz), values);
+    }
+    __syncwarp();  // the next chunk overwrites this warp's bits and values
   }
 
-  if (!has_row) {
-    return;
-  }
+  // The warps' partial sums, added in warp order.
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+  constexpr int kPart = kNT * 4 * 32;
 #pragma unroll
-  for (int i = 0; i < kM; ++i) {
-    float sum = acc[i];
+  for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      sum += __shfl_xor_sync(kFullMask, sum, offset);
+    for (int q = 0; q < 4; ++q) {
+      red[warp * kPart + (nt * 4 + q) * 32 + lane] = acc[nt][q];
     }
-    if (lane == 0 && i < m) {
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kPart; idx += kTcThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) {
+      sum += red[w * kPart + idx];
+    }
+    const int nt = idx / 128;
+    const int q = (idx / 32) & 3;
+    const int ln = idx & 31;
+    const int64_t row = row0 + (ln >> 2) + (q >= 2 ? 8 : 0);
+    const int n = nt * 8 + 2 * (ln & 3) + (q & 1);
+    if (row < rows && n < m) {
+      using T = std::conditional_t<kBf16, c10::BFloat16, c10::Half>;
       if (bias != nullptr) {
-        sum += static_cast<float>(bias[r]);
+        sum += static_cast<float>(c10::bit_cast<T>(bias[row]));
       }
-      y[static_cast<int64_t>(i) * rows + r] = static_cast<scalar_t>(sum);
+      y[static_cast<int64_t>(n) * rows + row] = c10::bit_cast<uint16_t>(static_cast<T>(sum));
     }
   }
 }
@@ -621,90 +672,82 @@ void launch_gemv_rows(const BitmapProblem& p, const at::Tensor& y) {
   }
 }
 
-// Passes per piece of gemv2_kernel: as many as kGemv2ChunkXBytes of x hold (at least
-// one), no more than the row needs, and few enough that a piece at 1.3x the weight's
-// average density (+ 2% of the columns) fits a warp's buffer.
-template <typename scalar_t, int kM>
-int gemv2_passes(const BitmapProblem& p) {
-  const int64_t esize = static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t by_x = std::max<int64_t>(1, kGemv2ChunkXBytes / (kM * esize * kPassCols));
+// Elements of a row's slot in gemv_tc_kernel's values buffer: a 512-column chunk at 1.3x
+// the weight's average density + 2% of the columns (at most all 512), plus two 16-byte
+// groups of alignment slack; a multiple of 8 (16-byte slots).
+int gemv_tc_row_cap(const BitmapProblem& p) {
   const double density = static_cast<double>(p.values.numel()) / static_cast<double>(std::max<int64_t>(1, p.rows * p.cols));
-  const double per_pass = static_cast<double>(kPassCols) * std::min(1.0, 1.3 * density + 0.02);
-  const int64_t by_buf = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(kGemv2BufBytes / esize) / per_pass));
-  const int64_t row_passes = ceil_div(p.cols, kPassCols);
-  const int64_t most = std::min({by_x, by_buf, row_passes, static_cast<int64_t>(kGemv2MaxPasses)});
-  // Pieces of equal size (11 passes at most 5: 4 + 4 + 3, not 5 + 5 + 1).
-  return static_cast<int>(ceil_div(row_passes, ceil_div(row_passes, most)));
+  const double want = static_cast<double>(kBitmapBlockCols) * std::min(1.0, 1.3 * density + 0.02);
+  const int64_t cap = ceil_div(static_cast<int64_t>(want) + 1, int64_t{8}) * 8;
+  return static_cast<int>(std::min<int64_t>(cap, kBitmapBlockCols) + 16);
 }
 
-// Dynamic shared memory of gemv2_kernel<scalar_t, kM> with `passes` passes per piece.
-template <typename scalar_t, int kM>
-size_t gemv2_smem(int passes) {
-  const size_t piece_words = static_cast<size_t>(passes) * 32;
-  const size_t region = 32 * kM + xs_pad_elems<scalar_t, kM>();
-  return piece_words * region * sizeof(scalar_t) + piece_words * kM * 4 +
-         static_cast<size_t>(kGemv2Warps) * (kGemv2BufBytes + 16);
+size_t gemv_tc_smem(int row_cap) {
+  return static_cast<size_t>(kTcWarps) * (16 * kTcBitsStride * 4 + static_cast<size_t>(16) * row_cap * 2);
 }
 
-// Launches gemv2_kernel<scalar_t, kM>; false (nothing launched) when the device cannot give
-// a block its shared memory (above 48 KB it must opt in: GPUs before sm_80 may have less).
-template <typename scalar_t, int kM>
-bool launch_gemv2(const BitmapProblem& p, const at::Tensor& y) {
-  const int passes = gemv2_passes<scalar_t, kM>(p);
-  const size_t smem = gemv2_smem<scalar_t, kM>(passes);
+// Launches gemv_tc_kernel; false (nothing launched) where it does not apply: float32,
+// a GPU before sm_80, or a block's shared memory above what the device allows.
+bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
+  const auto dtype = p.x.scalar_type();
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (smem > prop->sharedMemPerBlockOptin) {
+  if (dtype == at::kFloat || prop->major < 8) {
     return false;
   }
-  const int64_t grid = ceil_div(p.rows, static_cast<int64_t>(kGemv2Warps));
+  const int row_cap = gemv_tc_row_cap(p);
+  const size_t smem = gemv_tc_smem(row_cap);
+  const size_t partials = static_cast<size_t>(kTcWarps) * 2 * 4 * 32 * 4;  // kN = 16
+  if (std::max(smem, partials) > prop->sharedMemPerBlockOptin) {
+    return false;
+  }
+  const size_t smem_launch = std::max(smem, partials);
+  const int64_t grid = ceil_div(p.rows, int64_t{16});
   TORCH_CHECK(grid <= 0x7fffffff, "multiflow::_bitmap_linear_cuda: too many output rows for one launch: ", p.rows);
-  auto kernel = gemv2_kernel<scalar_t, kM>;
-  if (smem > 48 * 1024) {
-    // Once per device and size: the largest opt-in set so far (a larger one covers smaller).
-    static std::atomic<size_t> opted[64];
-    const int dev = p.x.get_device();
-    if (dev >= 64 || opted[dev].load() < smem) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      if (dev < 64) {
-        size_t seen = opted[dev].load();
-        while (seen < smem && !opted[dev].compare_exchange_weak(seen, smem)) {
+  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 / 2);
+  const bool x_pairs = p.cols % 2 == 0 && reinterpret_cast<uintptr_t>(p.x.const_data_ptr()) % 4 == 0;
+  // variant: the kernel's index in `opted` (the four kernels share one type, so one lambda).
+  auto go = [&](auto kernel, int variant) {
+    if (smem_launch > 48 * 1024) {
+      // Once per kernel, device and size: the largest opt-in set so far (it covers smaller).
+      static std::atomic<size_t> opted[4][64];
+      const int dev = p.x.get_device();
+      if (dev >= 64 || opted[variant][dev].load() < smem_launch) {
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_launch)));
+        if (dev < 64) {
+          size_t seen = opted[variant][dev].load();
+          while (seen < smem_launch && !opted[variant][dev].compare_exchange_weak(seen, smem_launch)) {
+          }
         }
       }
     }
+    kernel<<<static_cast<unsigned>(grid), kTcThreads, smem_launch, at::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const uint16_t*>(p.x.const_data_ptr()), static_cast<const uint16_t*>(p.values.const_data_ptr()),
+        p.bits.const_data_ptr<int32_t>(), p.row_ptr.const_data_ptr<int64_t>(), p.block_ptr.const_data_ptr<int32_t>(),
+        p.bias.defined() ? static_cast<const uint16_t*>(p.bias.const_data_ptr()) : nullptr,
+        static_cast<uint16_t*>(y.mutable_data_ptr()), static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1),
+        p.block_ptr.size(1), p.values.numel(), row_cap, mis, x_pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const bool bf16 = dtype == at::kBFloat16;
+  if (p.m <= 8) {
+    bf16 ? go(gemv_tc_kernel<true, 8>, 0) : go(gemv_tc_kernel<false, 8>, 1);
+  } else {
+    bf16 ? go(gemv_tc_kernel<true, 16>, 2) : go(gemv_tc_kernel<false, 16>, 3);
   }
-  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 / sizeof(scalar_t));
-  kernel<<<static_cast<unsigned>(grid), kGemv2Threads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.bits.const_data_ptr<int32_t>(),
-      p.row_ptr.const_data_ptr<int64_t>(), p.block_ptr.const_data_ptr<int32_t>(),
-      p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-      static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1), p.block_ptr.size(1), p.values.numel(), passes, mis);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-template <typename scalar_t>
-bool launch_gemv2_rows(const BitmapProblem& p, const at::Tensor& y) {
-  if (p.m <= 1) {
-    return launch_gemv2<scalar_t, 1>(p, y);
-  } else if (p.m <= 2) {
-    return launch_gemv2<scalar_t, 2>(p, y);
-  } else if (p.m <= 4) {
-    return launch_gemv2<scalar_t, 4>(p, y);
-  } else if (p.m <= 8) {
-    return launch_gemv2<scalar_t, 8>(p, y);
-  }
-  return launch_gemv2<scalar_t, 16>(p, y);
-}
-
-// MULTIFLOW_BITMAP_GEMV: the few-row kernel, "v2" (gemv2_kernel, up to 16 rows of x; unset
-// or empty: the default) or "v1" (gemv_kernel, up to 8 rows). Read at each call.
+// MULTIFLOW_BITMAP_GEMV: the few-row kernel, "tc" (gemv_tc_kernel for float16 / bfloat16
+// on sm_80+, up to 16 rows of x, gemv_kernel otherwise; unset or empty: the default) or
+// "v1" (gemv_kernel, up to 8 rows). Read at each call.
 bool use_gemv_v1() {
   const char* v = std::getenv("MULTIFLOW_BITMAP_GEMV");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v2") == 0) {
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "tc") == 0) {
     return false;
   }
   TORCH_CHECK_VALUE(std::strcmp(v, "v1") == 0,
-                    "multiflow::_bitmap_linear_cuda: MULTIFLOW_BITMAP_GEMV must be one of v1, v2 (or unset), got '", v,
+                    "multiflow::_bitmap_linear_cuda: MULTIFLOW_BITMAP_GEMV must be one of tc, v1 (or unset), got '", v,
                     "'");
   return true;
 }
@@ -746,29 +789,26 @@ at::Tensor bitmap_linear_cuda(
   if (auto y = trivial_linear_result(p)) {
     return *y;
   }
+  // Few rows: the tensor-core kernel (16-bit types, sm_80+, up to 16 rows of x) unless
+  // MULTIFLOW_BITMAP_GEMV=v1, else gemv_kernel up to 8 rows; then decode + cuBLAS.
   const bool v1 = use_gemv_v1();
-  if (p.m <= (v1 ? kRowsGemv : kRowsGemv2)) {
+  if (!v1 && p.m <= kRowsTc) {
     at::Tensor y = at::empty({p.m, p.rows}, p.x.options());
-    const auto dtype = p.x.scalar_type();
-    bool launched = true;
-    if (v1) {
-      if (dtype == at::kFloat) {
-        launch_gemv_rows<float>(p, y);
-      } else if (dtype == at::kHalf) {
-        launch_gemv_rows<c10::Half>(p, y);
-      } else {
-        launch_gemv_rows<c10::BFloat16>(p, y);
-      }
-    } else if (dtype == at::kFloat) {
-      launched = launch_gemv2_rows<float>(p, y);
-    } else if (dtype == at::kHalf) {
-      launched = launch_gemv2_rows<c10::Half>(p, y);
-    } else {
-      launched = launch_gemv2_rows<c10::BFloat16>(p, y);
-    }
-    if (launched) {
+    if (launch_gemv_tc(p, y)) {
       return y.view(p.out_shape);
     }
+  }
+  if (p.m <= kRowsGemv) {
+    at::Tensor y = at::empty({p.m, p.rows}, p.x.options());
+    const auto dtype = p.x.scalar_type();
+    if (dtype == at::kFloat) {
+      launch_gemv_rows<float>(p, y);
+    } else if (dtype == at::kHalf) {
+      launch_gemv_rows<c10::Half>(p, y);
+    } else {
+      launch_gemv_rows<c10::BFloat16>(p, y);
+    }
+    return y.view(p.out_shape);
   }
   // cuBLAS on the decoded weight: F.linear exactly, inf / NaN of x included.
   return at::linear(p.x, decode_dense(p), p.bias.defined() ? std::optional<at::Tensor>(p.bias) : std::nullopt)
