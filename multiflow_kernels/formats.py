@@ -170,7 +170,7 @@ AUTO_24_MIN_DENSITY = 0.375
 # (above: bitmap, whose CUDA C++ kernel decodes + cuBLAS; see choose_format).
 AUTO_CUDA_24_ANY_ROWS = 1
 AUTO_CUDA_24_MAX_ROWS = 256
-AUTO_CUDA_24_MAX_IN = 3072
+AUTO_CUDA_24_MAX_IN = 768
 
 
 def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
@@ -191,13 +191,15 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       on a layer of at most ``AUTO_CUDA_24_MAX_IN`` inputs; otherwise ``bitmap``. Measured
       on an H200 (float16, benchmarks/RESULTS.md): the CUDA C++ bitmap kernel was faster
       than masked_linear's CUDA default on every measured shape, sparsity and row count
-      (and it is the smallest format), so masked is never the faster kernel here either;
-      sparse24_linear on 2:4 masks against the C++ bitmap kernel on 63% masks (different
-      runs; the bitmap kernel timed as its private op): on the BLIP shapes (in <= 3072)
-      at 1-256 rows 2:4 was faster or equal in 15 of 20 cases (up to 3.9x) and at most
-      1.35x slower in the others; on 4096x4096 and 11008x4096 2:4 was 1.65-1.8x faster at
-      1 row and slower from 4 rows (up to 6x at 16 rows; 1.06x faster once, 64 rows on
-      11008x4096); 2 and 3 rows were not measured.
+      (and it is the smallest format), so masked is never the faster kernel here either.
+      sparse24_linear on 2:4 masks (run 3) against bitmap_linear on 75% masks (run 4, its
+      tensor-core kernel for 1-16 rows; run 2's decode + cuBLAS above; runs minutes apart on
+      one machine): at 1 row 2:4 was faster or equal on every shape (0.017-0.030 ms against
+      0.020-0.046); on the 768-input BLIP layers 2:4 stays at the ~0.018 ms floor up to 256
+      rows where the bitmap path costs 0.020-0.030 ms; on 768x3072 (3072 inputs) bitmap was
+      2x faster at 16 rows and 1.4x at 256 (2:4 1.06x faster at 64), and on 4096x4096 /
+      11008x4096 bitmap was faster from 4 rows (0.020 vs 0.040 ms at 4 rows on 4096x4096).
+      2, 3 and 5-15 rows of 2:4 were not measured.
     """
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
