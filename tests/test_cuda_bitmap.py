@@ -260,6 +260,22 @@ def test_opcheck(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not mk_triton.HAS_TRITON, reason="needs triton")
+def test_triton_private_op_opcheck():
+    """multiflow::_bitmap_linear_triton, the private op the public op's C++ CUDA kernel calls
+    under MULTIFLOW_BITMAP_CUDA=triton: the Triton kernel, through the dispatcher."""
+    from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
+
+    w, mask = make_weight(40, 300, torch.float16, seed=9)
+    fmt = ops.bitmap_pack(w.cuda(), mask.cuda())
+    x = torch.randn(3, 300, device="cuda").half()
+    b = torch.randn(40, device="cuda").half()
+    op = torch.ops.multiflow._bitmap_linear_triton.default
+    torch.library.opcheck(op, (x, *fmt, 300, b))
+    assert torch.equal(op(x, *fmt, 300, b), bitmap_linear_triton(x, *fmt, 300, b))
+
+
+@pytest.mark.cuda
 def test_bad_inputs_name_the_argument():
     w, mask = make_weight(5, 40, torch.float32)
     values, bits, row_ptr, block_ptr = (t.cuda() for t in ops.bitmap_pack(w, mask))
@@ -301,12 +317,14 @@ def test_fake_kernel_states_the_contract():
     x, b = make_x((2, 3), 40, 5, torch.float16, True)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (x, *fmt, b)]
-        y = torch.ops.multiflow._bitmap_linear_cuda.default(*fake[:5], 40, fake[5])
-        assert y.shape == (2, 3, 5) and y.dtype == torch.float16
-        with pytest.raises(RuntimeError, match="multiflow::_bitmap_linear_cuda: bits must have shape"):
-            torch.ops.multiflow._bitmap_linear_cuda.default(fake[0], fake[1], fake[2][:, :1], *fake[3:5], 40, None)
-        with pytest.raises(RuntimeError, match="multiflow::_bitmap_linear_cuda: in_features mismatch"):
-            torch.ops.multiflow._bitmap_linear_cuda.default(fake[0][..., :30], *fake[1:5], 40, None)
+        for name in ("_bitmap_linear_cuda", "_bitmap_linear_triton"):
+            op = getattr(torch.ops.multiflow, name).default
+            y = op(*fake[:5], 40, fake[5])
+            assert y.shape == (2, 3, 5) and y.dtype == torch.float16
+            with pytest.raises(RuntimeError, match=f"multiflow::{name}: bits must have shape"):
+                op(fake[0], fake[1], fake[2][:, :1], *fake[3:5], 40, None)
+            with pytest.raises(RuntimeError, match=f"multiflow::{name}: in_features mismatch"):
+                op(fake[0][..., :30], *fake[1:5], 40, None)
 
 
 def test_switch_chooses_the_kernel(monkeypatch):
