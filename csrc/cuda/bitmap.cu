@@ -1,9 +1,10 @@
 // _bitmap_linear_cuda: bitmap_linear (y = x @ W.T + bias, W in the bitmap format)
 // in CUDA C++. A private op; the public op's CUDA kernel (bitmap_linear_public_cuda, at the
 // end) calls it unless MULTIFLOW_BITMAP_CUDA=triton picks the Triton kernel. The few-row
-// kernel gemv_kernel (now MULTIFLOW_BITMAP_GEMV=v1) passed every CUDA test on an H200 at
-// 2.3-36x the Triton kernel's speed (benchmarks/RESULTS.md); gemv_tc_kernel (the default
-// for float16 / bfloat16) is newer: see benchmarks/RESULTS.md for where it stands.
+// kernels gemv_kernel (float32, or MULTIFLOW_BITMAP_GEMV=v1) and gemv_tc_kernel (float16 /
+// bfloat16) passed every CUDA test and compute-sanitizer memcheck on an H200; speeds in
+// benchmarks/RESULTS.md (gemv_tc: 1.2-1.7x cuBLAS dense at 1-16 rows on 4096x4096,
+// 0.4-0.7x on 11008-row layers; both 2.3-36x the Triton kernel).
 //
 // The format (csrc/bitmap.h): values (nnz,) the kept weights row-major; bits int32
 // (out, words = ceil(in / 32)), bit b of word w of row r keeps column 32 w + b;
@@ -56,8 +57,9 @@
 // the chunk past it; a padding bit past in_features, which pack_mask never sets,
 // multiplies such a 0); the dense path never writes a padding column.
 //
-// Determinism: no atomics; every output element is summed by one warp in a fixed
-// order (chunks ascending, each lane's bits ascending, a fixed shuffle tree).
+// Determinism: no atomics; gemv_kernel sums every output element in one warp in a fixed
+// order (chunks ascending, each lane's bits ascending, a fixed shuffle tree);
+// gemv_tc_kernel adds its warps' partial sums in warp order.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -71,9 +73,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "bitmap.h"
 #include "ceil_div.h"
