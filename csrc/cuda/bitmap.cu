@@ -79,6 +79,7 @@
 
 #include "bitmap.h"
 #include "ceil_div.h"
+#include "cuda/cp_async.cuh"
 #include "dtypes.h"
 #include "format_args.h"
 
@@ -300,21 +301,6 @@ constexpr int kTcChunkWords = static_cast<int>(kBitmapBlockCols / 32);     // 16
 constexpr int kTcBitsStride = kTcChunkWords + 1;
 constexpr int64_t kRowsTc = 16;
 
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
-#else
-  *reinterpret_cast<uint4*>(smem_dst) = __ldg(reinterpret_cast<const uint4*>(gmem_src));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_all;\n" ::: "memory");
-#endif
-}
-
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -482,7 +468,7 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
         for (int64_t q = lane & 15; q < groups; q += 16) {
           const int64_t g0 = a + q * kV;
           if (g0 >= 0 && g0 + kV <= nnz) {
-            cp_async_16(dst + q * kV, values + g0);
+            cp_async16(dst + q * kV, values + g0, true);
           } else {
 #pragma unroll
             for (int j = 0; j < kV; ++j) {

@@ -55,6 +55,7 @@
 #include <sstream>
 
 #include "ceil_div.h"
+#include "cuda/cp_async.cuh"
 #include "dtypes.h"
 #include "format_args.h"
 #include "sparse24.h"
@@ -295,26 +296,6 @@ struct MmaTiles {
   scalar_t x[2][kTileTok * kXStride];
   uint16_t meta[2][kTileOut * 2];
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool in_bounds) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = in_bounds ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_one() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
 
 template <bool kBf16>
 __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {

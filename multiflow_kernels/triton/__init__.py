@@ -135,10 +135,7 @@ def _bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
                 "(no nvcc, or MULTIFLOW_NO_CUDA=1), so the CUDA C++ kernel (_bitmap_linear_cuda) is missing; "
                 + (f"set {BITMAP_CUDA_ENV}=triton (or unset it) for the Triton kernel" if HAS_TRITON
                    else "install triton for the Triton kernel, or rebuild with nvcc"))
-    _need_triton("multiflow::bitmap_linear", BITMAP_CUDA_ENV, "cpp")
-    from .bitmap_linear import bitmap_linear_triton
-
-    return bitmap_linear_triton(x, values, bits, row_ptr, block_ptr, in_features, bias)
+    return _bitmap_linear_triton_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
 def _bitmap_linear_triton_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias):
