@@ -108,9 +108,9 @@ def main() -> int:
     values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mb)
     hostile = [
         (values[:3].clone(), bits, row_ptr, block_ptr),
-        (values, bits, torch.randint(-(2**62), 2**62, row_ptr.shape, generator=g).to(dev), block_ptr),
+        (values, bits, torch.randint(-(2**31), 2**31 - 1, row_ptr.shape, generator=g).int().to(dev), block_ptr),
         (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=g).int().to(dev)),
-        (values, bits, torch.full_like(row_ptr, 2**63 - 1), torch.full_like(block_ptr, 2**31 - 1)),
+        (values, bits, torch.full_like(row_ptr, 2**31 - 1), torch.full_like(block_ptr, 2**31 - 1)),
     ]
     for gemv, rows in itertools.product(("tc", "v1"), (1, 5, 9, 16)):
         os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv

@@ -22,6 +22,8 @@ void check_format(
       is_weight_dtype(values.scalar_type()),
       op, ": values must be float32, float16 or bfloat16, got ", values.scalar_type());
   TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz,), got shape ", values.sizes());
+  TORCH_CHECK(values.numel() <= kBitmapMaxNnz, op, ": values must have at most 2^31 - 1 elements (row_ptr is int32), got ",
+              values.numel());
   TORCH_CHECK(bits.scalar_type() == at::kInt, op, ": bits must be an int32 tensor (pack_mask's output), got ",
               bits.scalar_type());
   TORCH_CHECK(bits.dim() == 2, op, ": bits must have shape (out_features, ceil(in_features / 32)), got ", bits.sizes());
@@ -31,17 +33,17 @@ void check_format(
       bits.size(1) == words,
       op, ": bits must have shape (out_features, ceil(in_features / 32)) = (", rows, ", ", words,
       ") for in_features = ", in_features, ", got ", bits.sizes());
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, op, ": row_ptr must be an int64 tensor, got ", row_ptr.scalar_type());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt, op, ": row_ptr must be an int32 tensor, got ", row_ptr.scalar_type());
   TORCH_CHECK(
       row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1,
       op, ": row_ptr must have shape (out_features + 1,) = (", rows + 1, ",), got ", row_ptr.sizes());
   TORCH_CHECK(
       block_ptr.scalar_type() == at::kInt, op, ": block_ptr must be an int32 tensor, got ", block_ptr.scalar_type());
-  const int64_t blocks = bitmap_blocks(in_features);
+  const int64_t bp_cols = bitmap_block_ptr_cols(in_features);
   TORCH_CHECK(
-      block_ptr.dim() == 2 && block_ptr.size(0) == rows && block_ptr.size(1) == blocks,
-      op, ": block_ptr must have shape (out_features, ceil(in_features / 512)) = (", rows, ", ", blocks, "), got ",
-      block_ptr.sizes());
+      block_ptr.dim() == 2 && block_ptr.size(0) == rows && block_ptr.size(1) == bp_cols,
+      op, ": block_ptr must have shape (out_features, max(ceil(in_features / 512) - 1, 0)) = (", rows, ", ", bp_cols,
+      "), got ", block_ptr.sizes());
   TORCH_CHECK(
       bits.device() == values.device() && row_ptr.device() == values.device() &&
           block_ptr.device() == values.device(),
@@ -53,7 +55,7 @@ void check_format(
   // inside values, so a kernel that trusts a row's range never leaves the tensor.
   if (row_ptr.device().is_cpu()) {
     const at::Tensor rp_c = row_ptr.contiguous();  // kept alive: rp points into it
-    const int64_t* rp = rp_c.const_data_ptr<int64_t>();
+    const int32_t* rp = rp_c.const_data_ptr<int32_t>();
     TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] must be 0, got ", rp[0]);
     TORCH_CHECK(
         values.numel() == rp[rows],

@@ -5,13 +5,21 @@
 // contract, csrc/ops.cpp):
 //   values    (nnz,), W's dtype: the kept weights, row-major;
 //   bits      int32 (out, ceil(in / 32)) = pack_mask(M) (csrc/maskpack.h);
-//   row_ptr   int64 (out + 1,): index in values of row r's first kept weight;
-//   block_ptr int32 (out, ceil(in / 512)): kept weights of row r before column 512 b.
+//   row_ptr   int32 (out + 1,): index in values of row r's first kept weight
+//             (so nnz <= 2^31 - 1);
+//   block_ptr int32 (out, ceil(in / 512) - 1, or 0 columns for in <= 512): entry
+//             [r, b - 1] = kept weights of row r before column 512 b, for the blocks
+//             b >= 1 (block 0 starts at row_ptr[r]: its offset, always 0, is not stored).
+// Metadata per row: 4 bytes of row_ptr + 4 per 512 columns past the first, so a 75%-sparse
+// float16 weight with 768 inputs takes 0.25 (values) + 0.0625 (bits) + 0.0052 = 0.318x
+// its dense bytes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -23,6 +31,14 @@ inline constexpr int64_t kBitmapBlockCols = 512;
 inline int64_t bitmap_blocks(int64_t cols) {
   return (cols + kBitmapBlockCols - 1) / kBitmapBlockCols;
 }
+
+// Columns of block_ptr: one per 512-column block after the first.
+inline int64_t bitmap_block_ptr_cols(int64_t cols) {
+  return std::max<int64_t>(bitmap_blocks(cols) - 1, 0);
+}
+
+// Kept weights a bitmap format may hold (row_ptr is int32).
+inline constexpr int64_t kBitmapMaxNnz = std::numeric_limits<int32_t>::max();
 
 struct BitmapPackProblem {
   at::Tensor weight;  // (rows, cols), contiguous

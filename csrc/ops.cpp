@@ -56,10 +56,11 @@ TORCH_LIBRARY(multiflow, m) {
   // (pruned weights get exactly 0); grad_bias = grad_out summed over the leading dims.
   m.def("masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask_bits, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  // Bitmap-compressed weights (formats.py): values = kept weights in row-major order (nnz,),
-  // bits = pack_mask(mask) int32 (out, ceil(in/32)), row_ptr int64 (out+1,) = index in values
-  // of each row's first kept weight, block_ptr int32 (out, ceil(in/512)) = kept weights of
-  // the row before column 512*b (so a 512-column tile finds its values without a scan).
+  // Bitmap-compressed weights (formats.py): values = kept weights in row-major order (nnz,
+  // at most 2^31 - 1), bits = pack_mask(mask) int32 (out, ceil(in/32)), row_ptr int32 (out+1,)
+  // = index in values of each row's first kept weight, block_ptr int32 (out, ceil(in/512) - 1):
+  // [r, b-1] = kept weights of row r before column 512*b, b >= 1 (so a 512-column tile finds
+  // its values without a scan; block 0 starts at row_ptr[r]).
   m.def("bitmap_pack(Tensor weight, Tensor mask) -> (Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr)");
   m.def("bitmap_unpack(Tensor values, Tensor bits, Tensor row_ptr, Tensor block_ptr, int in_features) -> Tensor");
   // y = x @ W.T + bias with W decoded from the bitmap format inside the kernel.

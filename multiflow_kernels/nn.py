@@ -20,7 +20,9 @@ from .formats import FORMATS
 __all__ = ["SparseLinear", "sparsify", "save_sparse", "load_sparse", "memory_report", "FORMATS"]
 
 _META_KEY = "multiflow_kernels"
-_FORMAT_VERSION = 1
+# 2: the bitmap format's row_ptr became int32 and its block_ptr lost the column of block 0
+# (always 0); version 1 files with bitmap layers cannot be loaded.
+_FORMAT_VERSION = 2
 
 
 class SparseLinear(nn.Module):
@@ -200,7 +202,13 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"cannot read sparse model file {path}: not a valid safetensors file ({e})") from None
     if _META_KEY not in header:
         raise ValueError(f"{path} is not a multiflow_kernels sparse model file (no '{_META_KEY}' metadata)")
-    saved = json.loads(header[_META_KEY])["layers"]
+    meta = json.loads(header[_META_KEY])
+    version = meta.get("format_version")
+    if version != _FORMAT_VERSION and (version != 1 or "bitmap" in {v["format"] for v in meta["layers"].values()}):
+        raise ValueError(f"{path} was written with sparse file format version {version}; this multiflow_kernels reads "
+                         f"version {_FORMAT_VERSION} (and version 1 files without bitmap layers: the bitmap format's "
+                         "row_ptr / block_ptr changed). Sparsify and save the model again.")
+    saved = meta["layers"]
     ours = _layout(model)
     if saved != ours:
         diff = sorted(set(saved) ^ set(ours)) or [n for n in saved if saved[n] != ours.get(n)]

@@ -625,6 +625,17 @@ torch.library.register_autograd(
 # about 9 bits per weight instead of 32.
 
 
+# Columns per block_ptr block (kBitmapBlockCols in csrc/bitmap.h), and the most kept weights
+# a bitmap format holds (row_ptr is int32: kBitmapMaxNnz).
+BITMAP_BLOCK_COLS = 512
+BITMAP_MAX_NNZ = 2**31 - 1
+
+
+def block_ptr_cols(in_features: int) -> int:
+    """Columns of a bitmap format's block_ptr: one per 512-column block after the first."""
+    return max((in_features + BITMAP_BLOCK_COLS - 1) // BITMAP_BLOCK_COLS - 1, 0)
+
+
 def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compress ``weight`` (out, in) under the bool keep-``mask`` into the bitmap format.
 
@@ -632,8 +643,15 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
 
     - values: (nnz,), weight's dtype: the kept weights in row-major order;
     - bits: int32 (out, ceil(in / 32)), exactly :func:`pack_mask` of mask;
-    - row_ptr: int64 (out + 1,): index in values of row r's first kept weight (row_ptr[out] = nnz);
-    - block_ptr: int32 (out, ceil(in / 512)): kept weights of row r in columns [0, 512 b).
+    - row_ptr: int32 (out + 1,): index in values of row r's first kept weight (row_ptr[out] = nnz,
+      at most 2^31 - 1);
+    - block_ptr: int32 (out, max(ceil(in / 512) - 1, 0)): ``block_ptr[r, b - 1]`` = kept weights
+      of row r in columns [0, 512 b), for the 512-column blocks b >= 1 (block 0 starts at
+      ``row_ptr[r]``; its offset, 0, is not stored).
+
+    Weight metadata per row: 4 bytes of row_ptr + 4 per 512 columns past the first, so a
+    75%-sparse float16 weight takes 0.25 (values) + 0.0625 (bits) + 2 / in_features (in
+    multiples of 512, rounded up) of its dense bytes: 0.318x at 768 inputs, 0.316x at 3072.
 
     Args:
         weight: (out_features, in_features), float32, float16 or bfloat16.
@@ -664,8 +682,8 @@ def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Ten
     return (
         weight.new_empty((nnz,)),
         weight.new_empty((out, (cols + 31) // 32), dtype=torch.int32),
-        weight.new_empty((out + 1,), dtype=torch.int64),
-        weight.new_empty((out, (cols + 511) // 512), dtype=torch.int32),
+        weight.new_empty((out + 1,), dtype=torch.int32),
+        weight.new_empty((out, block_ptr_cols(cols)), dtype=torch.int32),
     )
 
 
@@ -683,6 +701,10 @@ def _check_bitmap_format(
         values.dtype in _ACTIVATION_DTYPES, lambda: f"{op}: values must be float32, float16 or bfloat16, got {values.dtype}"
     )
     torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    torch._check(
+        values.numel() <= BITMAP_MAX_NNZ,
+        lambda: f"{op}: values must have at most 2^31 - 1 elements (row_ptr is int32), got {values.numel()}",
+    )
     torch._check(bits.dtype == torch.int32, lambda: f"{op}: bits must be an int32 tensor (pack_mask's output), got {bits.dtype}")
     words = (in_features + 31) // 32
     torch._check(
@@ -691,17 +713,17 @@ def _check_bitmap_format(
         f"got {tuple(bits.shape)}",
     )
     rows = bits.shape[0]
-    torch._check(row_ptr.dtype == torch.int64, lambda: f"{op}: row_ptr must be an int64 tensor, got {row_ptr.dtype}")
+    torch._check(row_ptr.dtype == torch.int32, lambda: f"{op}: row_ptr must be an int32 tensor, got {row_ptr.dtype}")
     torch._check(
         row_ptr.dim() == 1 and row_ptr.shape[0] == rows + 1,
         lambda: f"{op}: row_ptr must have shape (out_features + 1,) = ({rows + 1},), got {tuple(row_ptr.shape)}",
     )
     torch._check(block_ptr.dtype == torch.int32, lambda: f"{op}: block_ptr must be an int32 tensor, got {block_ptr.dtype}")
-    blocks = (in_features + 511) // 512
+    bp_cols = block_ptr_cols(in_features)
     torch._check(
-        block_ptr.dim() == 2 and block_ptr.shape[0] == rows and block_ptr.shape[1] == blocks,
-        lambda: f"{op}: block_ptr must have shape (out_features, ceil(in_features / 512)) = ({rows}, {blocks}), "
-        f"got {tuple(block_ptr.shape)}",
+        block_ptr.dim() == 2 and block_ptr.shape[0] == rows and block_ptr.shape[1] == bp_cols,
+        lambda: f"{op}: block_ptr must have shape (out_features, max(ceil(in_features / 512) - 1, 0)) = "
+        f"({rows}, {bp_cols}), got {tuple(block_ptr.shape)}",
     )
     torch._check(
         bits.device == values.device and row_ptr.device == values.device and block_ptr.device == values.device,

@@ -224,10 +224,11 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     counts = mask.sum(1, dtype=torch.int64)
     row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=weight.device)
     row_ptr[1:] = counts.cumsum(0)
-    blocks = (cols + 511) // 512
+    # block_ptr[r, b - 1] = kept weights of row r before column 512 b, blocks b >= 1
+    starts = torch.arange(1, max((cols + 511) // 512, 1), device=weight.device) * 512
     kept_before = torch.cat([torch.zeros(out, 1, dtype=torch.int64, device=weight.device), mask.long().cumsum(1)], 1)
-    block_ptr = kept_before[:, torch.arange(blocks, device=weight.device) * 512].to(torch.int32)
-    return values, pack_mask(mask), row_ptr, block_ptr
+    block_ptr = kept_before[:, starts].to(torch.int32)
+    return values, pack_mask(mask), row_ptr.to(torch.int32), block_ptr
 
 
 def bitmap_unpack(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:

@@ -205,9 +205,9 @@ def test_hostile_offsets_stay_inside_values(gemv):
         x = torch.randn(m, 1100, device="cuda").half()
         hostile = [
             (values[:3].clone(), bits, row_ptr, block_ptr),
-            (values, bits, torch.randint(-(2**62), 2**62, row_ptr.shape, generator=gen).cuda(), block_ptr),
+            (values, bits, torch.randint(-(2**31), 2**31 - 1, row_ptr.shape, generator=gen).int().cuda(), block_ptr),
             (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=gen).int().cuda()),
-            (values, bits, torch.full_like(row_ptr, 2**63 - 1), torch.full_like(block_ptr, 2**31 - 1)),
+            (values, bits, torch.full_like(row_ptr, 2**31 - 1), torch.full_like(block_ptr, 2**31 - 1)),
             (values[:0], bits, row_ptr, block_ptr),
         ]
         for fmt in hostile:
@@ -283,7 +283,7 @@ def test_bad_inputs_name_the_argument():
     cases = [
         ((x.cpu(), values, bits, row_ptr, block_ptr, 40, None), "x is on cpu but values is on cuda"),
         ((x, values, bits[:, :1], row_ptr, block_ptr, 40, None), "bits must have shape"),
-        ((x, values, bits, row_ptr.int(), block_ptr, 40, None), "row_ptr must be an int64"),
+        ((x, values, bits, row_ptr.long(), block_ptr, 40, None), "row_ptr must be an int32"),
         ((x.half(), values, bits, row_ptr, block_ptr, 40, None), "x must have values' dtype"),
         ((x, values, bits, row_ptr, block_ptr, 40, torch.randn(3, device="cuda")), "bias must have shape"),
     ]

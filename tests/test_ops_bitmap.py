@@ -189,7 +189,7 @@ def test_bad_inputs_name_the_argument():
         ((values[:-1], bits, row_ptr, block_ptr, 40), "values must have row_ptr\\[-1\\]"),
         ((values, bits.long(), row_ptr, block_ptr, 40), "bits must be an int32"),
         ((values, bits[:, :1], row_ptr, block_ptr, 40), "bits must have shape"),
-        ((values, bits, row_ptr.int(), block_ptr, 40), "row_ptr must be an int64"),
+        ((values, bits, row_ptr.long(), block_ptr, 40), "row_ptr must be an int32"),
         ((values, bits, row_ptr[:-1], block_ptr, 40), "row_ptr must have shape"),
         ((values, bits, row_ptr, block_ptr.long(), 40), "block_ptr must be an int32"),
         ((values, bits, row_ptr, block_ptr[:3], 40), "block_ptr must have shape"),
@@ -275,7 +275,7 @@ def test_row_ptr_non_contiguous_and_out_of_order():
                        ops.bitmap_linear(x, values, bits, row_ptr, block_ptr, 96))
     assert torch.equal(ops.bitmap_unpack(values, bits, strided, block_ptr, 96), w * mask)
     shifted = row_ptr.clone()
-    shifted[1:-1] += 1 << 40  # middle rows' counts unchanged, their ranges far past values
+    shifted[1:-1] += 1 << 30  # middle rows' counts unchanged, their ranges far past values
     with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
         ops.bitmap_linear(x, values, bits, shifted, block_ptr, 96)
     with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
@@ -404,7 +404,7 @@ def test_padding_bits_are_rejected(m):
     bits[4, 1] |= 1 << 20  # column 52 of 40
     counts = mask.sum(1)
     counts[4] += 1
-    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
     vals = torch.randn(int(row_ptr[-1]), generator=gen)
     x = torch.randn(m, 40, generator=gen)
     with pytest.raises(RuntimeError, match=r"bits sets bits past in_features = 40 in row 4"):

@@ -133,7 +133,7 @@ def test_bad_inputs_name_the_argument():
     x, b = make_x((3,), 40, 5, torch.float32, True)
     cases = [
         ((x, values, bits[:, :1], row_ptr, block_ptr, 40, b), "bits must have shape"),
-        ((x, values, bits, row_ptr.int(), block_ptr, 40, b), "row_ptr must be an int64"),
+        ((x, values, bits, row_ptr.long(), block_ptr, 40, b), "row_ptr must be an int32"),
         ((x, values, bits, row_ptr, block_ptr[:3], 40, b), "block_ptr must have shape"),
         ((x.half(), values, bits, row_ptr, block_ptr, 40, b), "x must have values' dtype"),
         ((x[:, :30], values, bits, row_ptr, block_ptr, 40, b), "in_features mismatch"),

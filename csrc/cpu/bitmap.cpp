@@ -116,7 +116,7 @@ bool bad_row(const int32_t* row_words, int64_t words, uint32_t padding, int64_t 
 // Raises the error for row r (r < 0: no bad row).
 void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
-  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
   const int64_t words = p.bits.size(1);
   TORCH_CHECK(
       r < 0 || !has_padding_bits(bits + r * words, words, padding_bits(p.cols)), op,
@@ -133,7 +133,7 @@ void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
 // reads it instead).
 void check_row_counts(const char* op, const BitmapProblem& p) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
-  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
   const int64_t words = p.bits.size(1);
   const uint32_t padding = padding_bits(p.cols);
   std::atomic<int64_t> bad{-1};
@@ -163,23 +163,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
   const at::Tensor bits = pack_mask_op(p.mask);
   const int64_t rows = p.rows, cols = p.cols;
   const int64_t words = packed_words(cols);
-  const int64_t blocks = bitmap_blocks(cols);
+  const int64_t bp_cols = bitmap_block_ptr_cols(cols);
   const int32_t* b = bits.const_data_ptr<int32_t>();
 
-  at::Tensor row_ptr = at::empty({rows + 1}, weight.options().dtype(at::kLong));
-  int64_t* rp = row_ptr.mutable_data_ptr<int64_t>();
-  rp[0] = 0;
+  // Counts first (int64: the total is checked before it is narrowed to row_ptr's int32).
+  std::vector<int64_t> counts(rows + 1, 0);
   at::parallel_for(0, rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      rp[r + 1] = row_count(b + r * words, words);
+      counts[r + 1] = row_count(b + r * words, words);
     }
   });
   for (int64_t r = 0; r < rows; ++r) {  // exclusive prefix sum: serial, `rows` additions
-    rp[r + 1] += rp[r];
+    counts[r + 1] += counts[r];
+  }
+  TORCH_CHECK(counts[rows] <= kBitmapMaxNnz, "multiflow::bitmap_pack: the bitmap format holds at most 2^31 - 1 kept ",
+              "weights (row_ptr is int32), the mask keeps ", counts[rows]);
+  at::Tensor row_ptr = at::empty({rows + 1}, weight.options().dtype(at::kInt));
+  int32_t* rp = row_ptr.mutable_data_ptr<int32_t>();
+  for (int64_t r = 0; r <= rows; ++r) {
+    rp[r] = static_cast<int32_t>(counts[r]);
   }
 
-  at::Tensor values = at::empty({rp[rows]}, weight.options());
-  at::Tensor block_ptr = at::empty({rows, blocks}, weight.options().dtype(at::kInt));
+  at::Tensor values = at::empty({counts[rows]}, weight.options());
+  at::Tensor block_ptr = at::empty({rows, bp_cols}, weight.options().dtype(at::kInt));
   int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
   with_element_bits(weight.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
@@ -191,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
         const int32_t* b_row = b + r * words;
         int64_t idx = rp[r];
         for (int64_t wd = 0; wd < words; ++wd) {
-          if (wd % (kBitmapBlockCols / 32) == 0) {
-            bp[r * blocks + wd / (kBitmapBlockCols / 32)] = static_cast<int32_t>(idx - rp[r]);
+          if (wd > 0 && wd % (kBitmapBlockCols / 32) == 0) {  // block b >= 1 starts: entry b - 1
+            bp[r * bp_cols + wd / (kBitmapBlockCols / 32) - 1] = static_cast<int32_t>(idx - rp[r]);
           }
           uint32_t u = static_cast<uint32_t>(b_row[wd]);
           while (u) {
@@ -217,7 +223,7 @@ at::Tensor bitmap_unpack_cpu(
   at::Tensor out = at::zeros({p.rows, p.cols}, p.values.options());
   const int64_t words = p.bits.size(1), cols = p.cols;
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
-  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
   with_element_bits(p.values.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
     const E* v = static_cast<const E*>(p.values.const_data_ptr());
@@ -271,7 +277,7 @@ at::Tensor bitmap_linear_cpu(
   }
   const float* xp = xf.const_data_ptr<float>();
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
-  const int64_t* rp = p.row_ptr.const_data_ptr<int64_t>();
+  const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
   dispatch_activation("multiflow::bitmap_linear", p.x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
     constexpr bool f32 = std::is_same_v<scalar_t, float>, f16 = std::is_same_v<scalar_t, c10::Half>;

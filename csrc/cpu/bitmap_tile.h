@@ -34,7 +34,7 @@ inline constexpr int64_t kBitmapScratchPerRow = 32;
 using BitmapRowFn = void (*)(
     const void* values,
     int64_t n_values,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,
@@ -59,7 +59,7 @@ using BitmapRowFn = void (*)(
 using BitmapGemvFn = int64_t (*)(
     const void* values,
     int64_t n_values,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,
@@ -80,7 +80,7 @@ inline constexpr int64_t kBitmapSpmmGroup = 16;
 // disagrees (out then undefined); the caller has checked the padding bits.
 using BitmapSpmmFn = int64_t (*)(
     const void* values,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,

@@ -293,7 +293,7 @@ template <typename T>
 int64_t gemv(
     const void* values_v,
     int64_t n_values,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,
@@ -514,7 +514,7 @@ inline void spmm_groups(const T* v, const int32_t* idx, int64_t n, const float* 
 template <typename T>
 int64_t spmm(
     const void* values_v,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,
@@ -592,7 +592,7 @@ template <typename T, int R>
 void rows_dot_segments(
     const T* values,
     const T* values_end,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     const float* x,
@@ -629,7 +629,7 @@ template <typename T>
 void rows_dot(
     const void* values,
     int64_t n_values,
-    const int64_t* row_ptr,
+    const int32_t* row_ptr,
     const int32_t* bits,
     int64_t words,
     int64_t n_rows,

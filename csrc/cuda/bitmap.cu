@@ -8,8 +8,9 @@
 //
 // The format (csrc/bitmap.h): values (nnz,) the kept weights row-major; bits int32
 // (out, words = ceil(in / 32)), bit b of word w of row r keeps column 32 w + b;
-// row_ptr int64 (out + 1,) the index in values of row r's first kept weight;
-// block_ptr int32 (out, ceil(in / 512)) the kept weights of row r before column 512 k.
+// row_ptr int32 (out + 1,) the index in values of row r's first kept weight;
+// block_ptr int32 (out, ceil(in / 512) - 1): [r, k - 1] = the kept weights of row r before
+// column 512 k, for k >= 1 (block 0's offset is 0, not stored; block_offset below).
 //
 // Paths, by the number of rows m of x (x.reshape(-1, in)):
 //
@@ -111,10 +112,17 @@ __device__ __forceinline__ bool not_finite(float v) {
   return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
 }
 
+// The kept weights of a row before column 512 k (block k's first index relative to
+// row_ptr[r]): 0 for k = 0, else block_ptr_row[k - 1] (block_ptr_row = block_ptr +
+// r * (blocks - 1): block_ptr has no column for block 0). k < blocks.
+__device__ __forceinline__ int64_t block_offset(const int32_t* __restrict__ block_ptr_row, int64_t k) {
+  return k > 0 ? static_cast<int64_t>(__ldg(block_ptr_row + k - 1)) : 0;
+}
+
 // Each lane's first index in values for its word of a pass over the words
 // [32 q, 32 q + 32) of row r: lane L holds word 32 q + L (u, 0 past the row), whose
 // block is 2 q + L / 16. Inclusive scan of the popcounts over each 16-lane half,
-// then row_ptr[r] + block_ptr[r, block] + the half's count before the lane. The sum
+// then row_ptr[r] + block_offset(block) + the half's count before the lane. The sum
 // is unsigned 64-bit: a hostile offset wraps and fails the caller's [0, nnz) check.
 __device__ __forceinline__ uint64_t pass_first_index(
     uint32_t u,
@@ -133,7 +141,7 @@ __device__ __forceinline__ uint64_t pass_first_index(
     }
   }
   const int64_t block = 2 * pass + (lane >> 4);
-  const int64_t in_block = block < blocks ? static_cast<int64_t>(__ldg(block_ptr_row + block)) : 0;
+  const int64_t in_block = block < blocks ? block_offset(block_ptr_row, block) : 0;
   return row_start + static_cast<uint64_t>(in_block) + static_cast<uint64_t>(inclusive - count);
 }
 
@@ -153,7 +161,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvMinBlocks) gemv_kernel(
     const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ values,
     const int32_t* __restrict__ bits,
-    const int64_t* __restrict__ row_ptr,
+    const int32_t* __restrict__ row_ptr,
     const int32_t* __restrict__ block_ptr,
     const scalar_t* __restrict__ bias,
     scalar_t* __restrict__ y,
@@ -175,7 +183,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvMinBlocks) gemv_kernel(
   uint64_t row_start[kRowsPerWarp];
 #pragma unroll
   for (int j = 0; j < kRowsPerWarp; ++j) {
-    row_start[j] = row0 + j < rows ? static_cast<uint64_t>(__ldg(row_ptr + row0 + j)) : 0;
+    row_start[j] = row0 + j < rows ? static_cast<uint64_t>(static_cast<int64_t>(__ldg(row_ptr + row0 + j))) : 0;
 #pragma unroll
     for (int i = 0; i < kM; ++i) {
       acc[j][i] = 0.f;
@@ -213,7 +221,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvMinBlocks) gemv_kernel(
         continue;  // warp-uniform
       }
       const int32_t* bits_row = bits + r * words;
-      const int32_t* block_ptr_row = block_ptr + r * blocks;
+      const int32_t* block_ptr_row = block_ptr + r * (blocks - 1);
       for (int w0 = 0; w0 < chunk_words; w0 += kPassWords) {
         const int64_t wd = c0 / 32 + w0 + lane;  // this lane's word of the row
         const uint32_t word = wd < words ? static_cast<uint32_t>(__ldg(bits_row + wd)) : 0u;
@@ -384,7 +392,7 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
     const uint16_t* __restrict__ x,
     const uint16_t* __restrict__ values,
     const int32_t* __restrict__ bits,
-    const int64_t* __restrict__ row_ptr,
+    const int32_t* __restrict__ row_ptr,
     const int32_t* __restrict__ block_ptr,
     const uint16_t* __restrict__ bias,
     uint16_t* __restrict__ y,
@@ -443,10 +451,11 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
     bool fit = true;
     const int64_t r = row0 + (lane & 15);
     if (r < rows) {
-      const uint64_t rs = static_cast<uint64_t>(__ldg(row_ptr + r));
-      s = rs + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr + r * blocks + c)));
-      e = c + 1 < blocks ? rs + static_cast<uint64_t>(static_cast<int64_t>(__ldg(block_ptr + r * blocks + c + 1)))
-                         : static_cast<uint64_t>(__ldg(row_ptr + r + 1));
+      const uint64_t rs = static_cast<uint64_t>(static_cast<int64_t>(__ldg(row_ptr + r)));
+      const int32_t* block_ptr_row = block_ptr + r * (blocks - 1);
+      s = rs + static_cast<uint64_t>(block_offset(block_ptr_row, c));
+      e = c + 1 < blocks ? rs + static_cast<uint64_t>(block_offset(block_ptr_row, c + 1))
+                         : static_cast<uint64_t>(static_cast<int64_t>(__ldg(row_ptr + r + 1)));
       fit = s <= e && e <= static_cast<uint64_t>(nnz) && e - s <= cap;
     }
     const bool staged = __all_sync(kFullMask, fit);
@@ -564,7 +573,7 @@ template <typename E>
 __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(
     const E* __restrict__ values,
     const int32_t* __restrict__ bits,
-    const int64_t* __restrict__ row_ptr,
+    const int32_t* __restrict__ row_ptr,
     const int32_t* __restrict__ block_ptr,
     E* __restrict__ dense,
     int64_t rows,
@@ -585,7 +594,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(
     const int64_t wd = pass * kPassWords + lane;
     const uint32_t word = wd < words ? static_cast<uint32_t>(__ldg(bits + r * words + wd)) : 0u;
     const uint64_t first =
-        pass_first_index(word, lane, static_cast<uint64_t>(__ldg(row_ptr + r)), block_ptr + r * blocks, blocks, pass);
+        pass_first_index(word, lane, static_cast<uint64_t>(static_cast<int64_t>(__ldg(row_ptr + r))),
+                         block_ptr + r * (blocks - 1), blocks, pass);
 #pragma unroll
     for (int g = 0; g < kPassWords / kGroupWords; ++g) {
       const int owner = g * kGroupWords + (lane >> 2);
@@ -640,9 +650,9 @@ void launch_gemv(const BitmapProblem& p, const at::Tensor& y) {
   TORCH_CHECK(grid <= 0x7fffffff, "multiflow::_bitmap_linear_cuda: too many output rows for one launch: ", p.rows);
   gemv_kernel<scalar_t, kM><<<static_cast<unsigned>(grid), kGemvThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.bits.const_data_ptr<int32_t>(),
-      p.row_ptr.const_data_ptr<int64_t>(), p.block_ptr.const_data_ptr<int32_t>(),
+      p.row_ptr.const_data_ptr<int32_t>(), p.block_ptr.const_data_ptr<int32_t>(),
       p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-      static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1), p.block_ptr.size(1), p.values.numel(),
+      static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1), bitmap_blocks(p.cols), p.values.numel(),
       static_cast<int>(chunk_cols));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -711,10 +721,10 @@ bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
     }
     kernel<<<static_cast<unsigned>(grid), kTcThreads, smem_launch, at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const uint16_t*>(p.x.const_data_ptr()), static_cast<const uint16_t*>(p.values.const_data_ptr()),
-        p.bits.const_data_ptr<int32_t>(), p.row_ptr.const_data_ptr<int64_t>(), p.block_ptr.const_data_ptr<int32_t>(),
+        p.bits.const_data_ptr<int32_t>(), p.row_ptr.const_data_ptr<int32_t>(), p.block_ptr.const_data_ptr<int32_t>(),
         p.bias.defined() ? static_cast<const uint16_t*>(p.bias.const_data_ptr()) : nullptr,
         static_cast<uint16_t*>(y.mutable_data_ptr()), static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1),
-        p.block_ptr.size(1), p.values.numel(), row_cap, mis, x_pairs);
+        bitmap_blocks(p.cols), p.values.numel(), row_cap, mis, x_pairs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = dtype == at::kBFloat16;
@@ -756,8 +766,8 @@ at::Tensor decode_dense(const BitmapProblem& p) {
     using E = decltype(zero);
     decode_kernel<E><<<static_cast<unsigned>(grid), kDecodeThreads, 0, stream>>>(
         static_cast<const E*>(p.values.const_data_ptr()), p.bits.const_data_ptr<int32_t>(),
-        p.row_ptr.const_data_ptr<int64_t>(), p.block_ptr.const_data_ptr<int32_t>(),
-        static_cast<E*>(dense.mutable_data_ptr()), p.rows, p.cols, words, p.block_ptr.size(1), p.values.numel(), vec);
+        p.row_ptr.const_data_ptr<int32_t>(), p.block_ptr.const_data_ptr<int32_t>(),
+        static_cast<E*>(dense.mutable_data_ptr()), p.rows, p.cols, words, bitmap_blocks(p.cols), p.values.numel(), vec);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dense;

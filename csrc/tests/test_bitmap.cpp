@@ -73,8 +73,8 @@ MF_TEST(bitmap_rejects_bad_formats) {
   // Row 2 claims one value more than its bits (values grown to keep row_ptr[-1] = nnz).
   at::Tensor counts = mask.sum(1);
   counts.index_put_({2}, counts[2] + 1);
-  const at::Tensor shifted = at::cat({at::zeros({1}, at::kLong), counts.cumsum(0)});
-  const at::Tensor more = at::randn({shifted[-1].item<int64_t>()});
+  const at::Tensor shifted = at::cat({at::zeros({1}, at::kLong), counts.cumsum(0)}).to(at::kInt);
+  const at::Tensor more = at::randn({shifted[-1].item<int32_t>()});
   for (int64_t m : {1, 3, 7}) {
     const at::Tensor x = at::randn({m, 40});
     MF_CHECK_THROWS(linear(x, {more, bits, shifted, block_ptr}, 40, std::nullopt), "row_ptr does not match bits: row 2");
@@ -83,8 +83,8 @@ MF_TEST(bitmap_rejects_bad_formats) {
     padded.index_put_({4, 1}, padded[4][1].item<int32_t>() | (1 << 20));
     at::Tensor c4 = mask.sum(1);
     c4.index_put_({4}, c4[4] + 1);
-    const at::Tensor rp4 = at::cat({at::zeros({1}, at::kLong), c4.cumsum(0)});
-    const at::Tensor v4 = at::randn({rp4[-1].item<int64_t>()});
+    const at::Tensor rp4 = at::cat({at::zeros({1}, at::kLong), c4.cumsum(0)}).to(at::kInt);
+    const at::Tensor v4 = at::randn({rp4[-1].item<int32_t>()});
     MF_CHECK_THROWS(linear(x, {v4, padded, rp4, block_ptr}, 40, std::nullopt), "bits sets bits past in_features = 40 in row 4");
   }
 }

@@ -21,10 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import _check_bitmap_format, _check_weight_and_mask
-
-# Columns per block_ptr entry (kBitmapBlockCols in csrc/bitmap.h).
-BLOCK_COLS = 512
+from ..ops import BITMAP_BLOCK_COLS as BLOCK_COLS
+from ..ops import BITMAP_MAX_NNZ, _check_bitmap_format, _check_weight_and_mask
 
 # The integer type of each weight dtype's bits: copies through it move bits, not values.
 _BITS_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -43,10 +41,16 @@ def bitmap_pack_torch(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Ten
     padded = torch.zeros((rows, blocks * BLOCK_COLS), dtype=torch.uint8, device=mask.device)
     padded[:, :cols] = mask.view(torch.uint8)
     per_block = padded.view(rows, blocks, BLOCK_COLS).sum(2, dtype=torch.int64)
-    block_ptr = (per_block.cumsum(1) - per_block).to(torch.int32)
+    # Kept before each block b >= 1 (block 0's offset, 0, is not stored).
+    block_ptr = (per_block.cumsum(1) - per_block)[:, 1:].to(torch.int32)
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
     row_ptr[1:] = per_block.sum(1).cumsum(0)
-    return values, bits, row_ptr, block_ptr
+    torch._check(
+        values.numel() <= BITMAP_MAX_NNZ,
+        lambda: "multiflow::bitmap_pack: the bitmap format holds at most 2^31 - 1 kept weights (row_ptr is int32), "
+        f"the mask keeps {values.numel()}",
+    )
+    return values, bits, row_ptr.to(torch.int32), block_ptr
 
 
 def bitmap_unpack_torch(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
@@ -67,6 +71,7 @@ def _check_counts(op: str, values: Tensor, keep: Tensor, row_ptr: Tensor, in_fea
     """row_ptr against values, then each row's padding bits and its kept count in the bits
     against row_ptr, with the CPU kernels' messages and in their order; one transfer to
     the host."""
+    row_ptr = row_ptr.long()
     counts = keep.sum(1, dtype=torch.int64)
     padded = keep[:, in_features:].any(1)
     wrong = (row_ptr.diff() != counts) | padded

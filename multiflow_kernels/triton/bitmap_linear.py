@@ -8,7 +8,8 @@ W into registers straight from the format (csrc/bitmap.h) and multiplies them wi
 - element (r, k) is kept when bit k % 32 of word k // 32 of row r is set;
 - its index in values is the tile's first index for the row plus the exclusive
   prefix count of the kept bits left of it in the tile (``tl.cumsum`` along the row);
-- the tile's first index is ``row_ptr[r] + block_ptr[r, k0 // 512]`` plus the kept
+- the tile's first index is ``row_ptr[r]`` + the kept count of the row before column
+  512 b, b = k0 // 512 (0 for b = 0, else ``block_ptr[r, b - 1]``), plus the kept
   count of the earlier tiles of the same 512-column block (a running count, reset at
   each block: BLOCK_K divides 512, so a tile never straddles two blocks);
 - pruned elements are 0 (a masked load of values: only kept elements are read).
@@ -34,7 +35,7 @@ The block sizes are reasoned, not yet tuned on a GPU.
 
 Bytes moved: the kept values and the bit words (1/32 of an int32 per weight), read
 once per BLOCK_M rows of x (once in all for m <= 16 on the gemv path; repeat reads
-mostly hit L2); one row_ptr and ceil(in / 512) block_ptr entries per row; x and y.
+mostly hit L2); one row_ptr and ceil(in / 512) - 1 block_ptr entries per row; x and y.
 Each element loads its own bit word (the 32 elements of a word hit the same address,
 served by L1). For a 75%-sparse weight the weight's share is ~0.28x the dense
 weight's bytes in float32 and ~0.31x in half types; nothing but y is written.
@@ -60,7 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops import _check_bitmap_linear_args
+from ..ops import _check_bitmap_linear_args, block_ptr_cols
 from .masked_linear import _dot, _keep, _widen
 
 BLOCK_COLS = tl.constexpr(512)  # columns per block_ptr entry (kBitmapBlockCols in csrc/bitmap.h)
@@ -77,11 +78,13 @@ PATHS = ("gemv", "tiled")
 
 
 @triton.jit
-def _decode(values_ptr, bits_ptr, block_ptr_ptr, nnz, words, blocks, row_start, in_block, rn, rk, block, n_ok, k_ok):
+def _decode(values_ptr, bits_ptr, block_ptr_ptr, nnz, words, bp_cols, row_start, in_block, rn, rk, block, n_ok, k_ok):
     """The weight tile W[rn, rk] in values' dtype (0 where pruned), and each row's kept
-    count in it (to advance ``in_block``, the kept count of the block's earlier tiles)."""
+    count in it (to advance ``in_block``, the kept count of the block's earlier tiles).
+    ``bp_cols``: block_ptr's columns (block 0's offset, 0, is not stored)."""
     kept = _keep(bits_ptr, rn, rk, words, n_ok, k_ok).to(tl.int32)
-    first = row_start + tl.load(block_ptr_ptr + rn * blocks + block, mask=n_ok, other=0) + in_block
+    before_block = tl.load(block_ptr_ptr + rn * bp_cols + (block - 1), mask=n_ok & (block > 0), other=0)
+    first = row_start + before_block + in_block
     idx = first[:, None] + (tl.cumsum(kept, axis=1) - kept)
     w = tl.load(values_ptr + idx, mask=(kept != 0) & (idx >= 0) & (idx < nnz), other=0.0)
     return w, tl.sum(kept, axis=1)
@@ -89,7 +92,7 @@ def _decode(values_ptr, bits_ptr, block_ptr_ptr, nnz, words, blocks, row_start, 
 
 @triton.jit
 def _kernel(
-    x_ptr, values_ptr, bits_ptr, row_ptr_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, K, words, blocks, nnz,
+    x_ptr, values_ptr, bits_ptr, row_ptr_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, K, words, bp_cols, nnz,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -101,7 +104,7 @@ def _kernel(
     m_ok = rm < M
     n_ok = rn < N
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
-    row_start = tl.load(row_ptr_ptr + rn, mask=n_ok, other=0)
+    row_start = tl.load(row_ptr_ptr + rn, mask=n_ok, other=0).to(tl.int64)
     in_block = tl.zeros((BLOCK_N,), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -109,7 +112,7 @@ def _kernel(
         k_ok = rk < K
         block = k0 // BLOCK_COLS
         in_block = tl.where(k0 == block * BLOCK_COLS, 0, in_block)  # a new 512-column block
-        w, kept = _decode(values_ptr, bits_ptr, block_ptr_ptr, nnz, words, blocks, row_start, in_block, rn, rk, block, n_ok, k_ok)
+        w, kept = _decode(values_ptr, bits_ptr, block_ptr_ptr, nnz, words, bp_cols, row_start, in_block, rn, rk, block, n_ok, k_ok)
         in_block += kept
         x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
@@ -147,11 +150,13 @@ def bitmap_linear_triton(
     if m and n:
         x2 = x.reshape(m, k).contiguous()
         bits = bits.contiguous()
-        block_ptr = block_ptr.contiguous()
+        row_ptr = row_ptr.contiguous()
+        # No block_ptr columns (in_features <= 512): any pointer, never read (block is 0).
+        block_ptr = block_ptr.contiguous() if block_ptr.numel() else row_ptr
         b = bias.contiguous() if bias is not None else y  # any pointer: never read without HAS_BIAS
         args = (
-            x2, values.contiguous(), bits, row_ptr.contiguous(), block_ptr, b, y,
-            m, n, k, bits.shape[1], block_ptr.shape[1], values.numel(),
+            x2, values.contiguous(), bits, row_ptr, block_ptr, b, y,
+            m, n, k, bits.shape[1], block_ptr_cols(k), values.numel(),
         )
         if path is None:
             path = "gemv" if m <= GEMV_MAX_M else "tiled"
