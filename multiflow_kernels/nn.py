@@ -30,7 +30,8 @@ class SparseLinear(nn.Module):
 
     Build one with :meth:`from_dense`; the constructor makes an empty layer of the right
     shapes (what :func:`load_sparse` and ``load_state_dict`` fill). ``masked`` keeps a
-    trainable ``weight`` parameter; ``bitmap`` and ``2:4`` keep only buffers (inference).
+    trainable ``weight`` parameter; ``bitmap`` and ``2:4`` keep only buffers (inference), but
+    gradients still flow through them to ``x`` and the bias (csrc/linear_autograd.cpp).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "masked",
