@@ -310,6 +310,36 @@ def test_one_row_any_density(n_in, dtype):
         check_linear(torch.randn(1, n_in, generator=gen).to(dtype), w[r:r + 1], mask[r:r + 1], None, f"row {r} alone")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_row_sums_do_not_depend_on_blocking(dtype):
+    """The one-row kernels reduce the 16-lane sums of up to 16 rows at once: a row's result
+    is bitwise the same whatever the thread count and wherever the row sits in its block of
+    rows (the weight's rows 5.. packed alone give the same numbers as in the whole weight)."""
+    mask = rows_of_density(70, 1100, [0.25, 0.004, 0.6, 0.1, 1 / 3], seed=3)
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 1100, generator=gen).to(dtype)
+    x = torch.randn(1, 1100, generator=gen).to(dtype)
+    fmt = pack(w, mask)
+    first, *rest = results_at_thread_counts(lambda: ops.bitmap_linear(x, *fmt, 1100), (1, 2, 1))
+    for other in rest:
+        assert torch.equal(first, other)
+    for r0 in (5, 16, 33):
+        part = ops.bitmap_linear(x, *pack(w[r0:].contiguous(), mask[r0:].contiguous()), 1100)
+        assert torch.equal(part, first[:, r0:]), r0
+
+
+def test_one_row_kernel_without_vbmi2():
+    """On a CPU with AVX512-VBMI2 the one-row kernel lists kept columns with a byte compress
+    on rows of at most 1/3 density; MULTIFLOW_CPU_VBMI2=0 keeps the two-compress kernel for
+    every row (what CPUs without VBMI2 run). The one-row tests again in a process set so."""
+    env = dict(os.environ, MULTIFLOW_CPU_VBMI2="0")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "one_row_any_density or reject_counts or one_row_non_finite or one_row_sums"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("m", [1, 7])
 @pytest.mark.parametrize("rows_bad", [[0], [36], [5, 30], [15, 16]])
 @pytest.mark.parametrize("density", [0.002, 0.3])
@@ -489,11 +519,12 @@ print("ok", n)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mmap + mprotect guard pages: Linux only")
+@pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["vbmi2-if-any", "no-vbmi2"])
 @pytest.mark.parametrize("isa", isas_of_this_cpu())
-def test_loads_never_leave_the_tensors(isa):
+def test_loads_never_leave_the_tensors(isa, vbmi2):
     """values, bits, row_ptr and x each end right before a page with no access: any load past
     one of them kills the process (run apart, so a crash fails this test only); every ISA's
-    kernels."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    kernels, the one-row kernel with and without AVX512-VBMI2."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, MULTIFLOW_CPU_VBMI2=vbmi2)
     proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])

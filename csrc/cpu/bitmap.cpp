@@ -14,7 +14,9 @@
 // bits set a padding bit past in_features are rejected like wrong counts.
 // Where the ISA has them (AVX-512) and x has no inf / NaN, two kernels that
 // multiply kept columns only: one row of x (the token-by-token case) is
-// compressed to each weight row's kept columns (gemv); 5 or more rows, when
+// compressed to each weight row's kept columns (gemv; with AVX512-VBMI2 the
+// kept columns of sparse rows are listed by a byte compress: MULTIFLOW_CPU_VBMI2=0
+// turns that off); 5 or more rows, when
 // at most half the weights are kept, go transposed, each kept weight meeting
 // the 16-row vector of x at its column (spmm). Both check the counts
 // themselves. Everything else: the segment / register kernels above.
@@ -44,6 +46,7 @@ namespace {
 
 // Output rows per parallel task.
 constexpr int64_t kRowGrain = 16;
+static_assert(kRowGrain <= kBitmapGemvMaxRows, "a one-row kernel call takes a task's block of rows");
 
 // The transposed-x kernel (BitmapSpmmFn) takes 5 or more rows of x (at 1-4 the
 // kernels that expand the weight in registers are faster) when at most half of

@@ -44,8 +44,12 @@ using BitmapRowFn = void (*)(
     float* scratch,
     float* out);
 
+// Weight rows one call of a BitmapGemvFn takes at most.
+inline constexpr int64_t kBitmapGemvMaxRows = 16;
+
 // One row of x whose elements are all finite (the caller checks): out[j] =
-// sum over the kept columns c of W_j[c] * x[c] for j < n_rows, in float32. Only
+// sum over the kept columns c of W_j[c] * x[c] for j < n_rows <= kBitmapGemvMaxRows,
+// in float32 (each row summed in a fixed order whatever n_rows and its place). Only
 // the kept columns are multiplied (x is compressed to them, 16 columns at a
 // time), which is why x must be finite: a pruned column's inf / NaN would not
 // reach the output as it does through F.linear (0 * inf), so the caller takes

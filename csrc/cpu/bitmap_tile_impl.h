@@ -19,7 +19,10 @@
 // accumulators per (x row, weight row) kept in scratch (loaded and stored once
 // per segment). AVX-512 with M <= 4 skips the segment: see row_dot_registers.
 // AVX-512 with one row of finite x compresses x instead of expanding the
-// weights (gemv, a BitmapGemvFn): only the kept columns are multiplied.
+// weights (gemv, a BitmapGemvFn): only the kept columns are multiplied; with
+// AVX512-VBMI2, rows of at most 1/3 density list their kept columns with a byte
+// compress instead (gemv_vbmi2); either way the rows' 16-lane sums are reduced
+// 16 rows at a time (store_row_sums).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -27,6 +30,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -289,6 +294,84 @@ inline void gemv_word(
   a1 = _mm512_mask3_fmadd_ps(v1, x1, a1, kLowMasks.m[n - n_lo]);
 }
 
+// A very sparse row (under 1 kept weight per 128 columns; the walk's branches
+// mispredict about once per value, so denser rows are compressed): its count is
+// checked first (the walk reads one value per bit). false: the count is wrong. The sum
+// goes to lane 0 of `lanes` (the others 0), as the other rows' 16 lanes of partial sums.
+template <typename T>
+inline bool gemv_walk_row(const uint32_t* b, int64_t words, const T* values, int64_t pos, int64_t count,
+                          const float* x, __m512& lanes) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    n += popcount32(b[w]);
+  }
+  if (n != count) {
+    return false;
+  }
+  float s = 0.0f;
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t u = b[w];
+    while (u) {
+      s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
+      u &= u - 1;
+    }
+  }
+  lanes = _mm512_maskz_mov_ps(1, _mm512_set1_ps(s));
+  return true;
+}
+
+// A row by gemv_word (x compressed to the kept columns, 16 at a time): its sum in 16
+// lanes in `lanes`; returns the position past its values (the caller checks it against
+// the count).
+template <typename T>
+inline int64_t gemv_compress_row(const uint32_t* b, int64_t words, const T* values, int64_t pos, int64_t n_values,
+                                 const float* x, __m512& lanes) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 2 <= words && n_values - pos >= 64; w += 2) {
+    gemv_word<false>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+    gemv_word<false>(b[w + 1], values, pos, n_values, x + 32 * w + 32, a2, a3);
+  }
+  for (; w + 2 <= words; w += 2) {
+    gemv_word<true>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+    gemv_word<true>(b[w + 1], values, pos, n_values, x + 32 * w + 32, a2, a3);
+  }
+  if (w < words) {
+    gemv_word<true>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+  }
+  lanes = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+  return pos;
+}
+
+// The one-row kernels sum each row in 16 lanes and reduce the lanes of up to 16 rows
+// at once: sums[j] = the lanes of row j added (a fixed tree, the same for every row
+// whatever its place or the other rows, so results do not depend on the blocking),
+// stored to out[0, n). Four levels of pairwise shuffles + adds, 30 shuffles for 16
+// rows where one reduction per row takes 4 each; a reduction per row cost about 20% of
+// a 768-column row (in-cache microbenchmark).
+inline void store_row_sums(__m512* sums, int64_t n, float* out) {  // n <= kBitmapGemvMaxRows = 16
+  for (int64_t j = n; j < 16; ++j) {
+    sums[j] = _mm512_setzero_ps();
+  }
+  __m512 t[8], w[4], y[2];
+  for (int i = 0; i < 8; ++i) {  // rows 2i, 2i+1: lanes 0-7 / 8-15, their 128-bit quarters q0+q2, q1+q3
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // rows 4i .. 4i+3: one quarter each
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {  // inside each quarter: lanes 0+2, 1+3 of two rows
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  }
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  // Row r's sum is in lane 4 (r % 4) + r / 4.
+  const __m512 rows = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), rows);
+}
+
 template <typename T>
 int64_t gemv(
     const void* values_v,
@@ -300,54 +383,117 @@ int64_t gemv(
     const float* x,
     float* out) {
   const T* values = static_cast<const T*>(values_v);
+  __m512 sums[kBitmapGemvMaxRows];
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint32_t* b = reinterpret_cast<const uint32_t*>(bits + j * words);
+    const int64_t start = row_ptr[j];
+    const int64_t count = row_ptr[j + 1] - start;
+    if (count * 4 < words) {
+      if (!gemv_walk_row(b, words, values, start, count, x, sums[j])) {
+        return j;
+      }
+    } else if (gemv_compress_row(b, words, values, start, n_values, x, sums[j]) - start != count) {
+      return j;
+    }
+  }
+  store_row_sums(sums, n_rows, out);
+  return -1;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+// AVX512-VBMI2 (Ice Lake, Zen 4 and newer): one byte compress lists a word's kept
+// columns (0-31), a two-register permute picks them from x; 3 shuffles per word
+// where gemv_word takes two 16-lane compresses, and one FMA for up to 16 kept
+// columns (a second one past 16). In cache, single thread (Zen 5, before the
+// batched row reduction): 11-17% faster than gemv_word at 10-25% density, 4% at
+// 37%, half as fast at 50% (the second FMA's branch), so rows denser than 1/3 keep
+// gemv_word (benchmarks/RESULTS.md).
+#define MULTIFLOW_VBMI2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512vbmi2")))
+
+template <bool Checked, typename T>
+MULTIFLOW_VBMI2_TARGET inline void gemv_word_vbmi2(
+    uint32_t u, const T* values, int64_t& pos, int64_t n_values, const float* xw, __m512& a0, __m512& a1) {
+  const __m256i columns = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                                           21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+  const int n = popcount32(u);
+  const __m256i kept = _mm256_maskz_compress_epi8(static_cast<__mmask32>(u), columns);
+  const __m512 x_lo = _mm512_loadu_ps(xw);
+  const __m512 x_hi = _mm512_loadu_ps(xw + 16);
+  const __m512 x0 = _mm512_permutex2var_ps(x_lo, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(kept)), x_hi);
+  const __m512 v0 = Checked ? load_values16(values, pos, n_values) : load_values16_unchecked(values + pos);
+  a0 = _mm512_mask3_fmadd_ps(v0, x0, a0, kLowMasks.m[n < 16 ? n : 16]);
+  if (n > 16) {
+    const __m512 x1 = _mm512_permutex2var_ps(x_lo, _mm512_cvtepu8_epi32(_mm256_extracti128_si256(kept, 1)), x_hi);
+    const __m512 v1 = Checked ? load_values16(values, pos + 16, n_values) : load_values16_unchecked(values + pos + 16);
+    a1 = _mm512_mask3_fmadd_ps(v1, x1, a1, kLowMasks.m[n - 16]);
+  }
+  pos += n;
+}
+
+// gemv with gemv_word_vbmi2 on rows of at most 1/3 density (the others as gemv). A
+// function of its own, not a flag of gemv: its target adds VBMI2, which gemv's must not.
+template <typename T>
+MULTIFLOW_VBMI2_TARGET int64_t gemv_vbmi2(
+    const void* values_v,
+    int64_t n_values,
+    const int32_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    float* out) {
+  const T* values = static_cast<const T*>(values_v);
+  __m512 sums[kBitmapGemvMaxRows];
   for (int64_t j = 0; j < n_rows; ++j) {
     const uint32_t* b = reinterpret_cast<const uint32_t*>(bits + j * words);
     const int64_t start = row_ptr[j];
     const int64_t count = row_ptr[j + 1] - start;
     int64_t pos = start;
     if (count * 4 < words) {
-      // Very sparse row (under 1 kept weight per 128 columns; the walk's branches
-      // mispredict about once per value, so denser rows are compressed): its count
-      // is checked first (the walk reads one value per bit).
-      int64_t n = 0;
-      for (int64_t w = 0; w < words; ++w) {
-        n += popcount32(b[w]);
-      }
-      if (n != count) {
+      if (!gemv_walk_row(b, words, values, start, count, x, sums[j])) {
         return j;
       }
-      float s = 0.0f;
-      for (int64_t w = 0; w < words; ++w) {
-        uint32_t u = b[w];
-        while (u) {
-          s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
-          u &= u - 1;
-        }
-      }
-      out[j] = s;
       continue;
     }
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t w = 0;
-    for (; w + 2 <= words && n_values - pos >= 64; w += 2) {
-      gemv_word<false>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
-      gemv_word<false>(b[w + 1], values, pos, n_values, x + 32 * w + 32, a2, a3);
-    }
-    for (; w + 2 <= words; w += 2) {
-      gemv_word<true>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
-      gemv_word<true>(b[w + 1], values, pos, n_values, x + 32 * w + 32, a2, a3);
-    }
-    if (w < words) {
-      gemv_word<true>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+    if (3 * count > 32 * words) {
+      pos = gemv_compress_row(b, words, values, start, n_values, x, sums[j]);
+    } else {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      int64_t w = 0;
+      for (; w + 2 <= words && n_values - pos >= 64; w += 2) {
+        gemv_word_vbmi2<false>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+        gemv_word_vbmi2<false>(b[w + 1], values, pos, n_values, x + 32 * w + 32, a2, a3);
+      }
+      for (; w < words; ++w) {
+        gemv_word_vbmi2<true>(b[w], values, pos, n_values, x + 32 * w, a0, a1);
+      }
+      sums[j] = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
     }
     if (pos - start != count) {
       return j;
     }
-    out[j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
+  store_row_sums(sums, n_rows, out);
   return -1;
 }
+
+// The one-row kernel for this CPU: gemv_vbmi2 where it has AVX512-VBMI2 (unless
+// MULTIFLOW_CPU_VBMI2=0), gemv otherwise.
+template <typename T>
+BitmapGemvFn pick_gemv() {
+  static const bool vbmi2 = [] {
+    const char* env = std::getenv("MULTIFLOW_CPU_VBMI2");
+    return __builtin_cpu_supports("avx512vbmi2") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return vbmi2 ? &gemv_vbmi2<T> : &gemv<T>;
+}
+#else
+template <typename T>
+BitmapGemvFn pick_gemv() {
+  return &gemv<T>;
+}
+#endif
 
 // --- Several rows of x (BitmapSpmmFn) ---------------------------------------
 // A weight row's kept columns are listed first (each 16-column half: the
@@ -672,7 +818,7 @@ void rows_dot(
 BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
 #if defined(CPU_CAPABILITY_AVX512)
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
-                     &bitmap::gemv<float>,     &bitmap::gemv<c10::Half>,     &bitmap::gemv<c10::BFloat16>,
+                     bitmap::pick_gemv<float>(), bitmap::pick_gemv<c10::Half>(), bitmap::pick_gemv<c10::BFloat16>(),
                      &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
