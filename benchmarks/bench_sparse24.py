@@ -1,6 +1,8 @@
 """The 2:4 format (family ``sparse24``): ``sparse24_linear`` against dense ``F.linear``
 (cuBLAS / MKL), ``bitmap_linear`` on the same 50% masks and, on CUDA, PyTorch's own 2:4 path (``to_sparse_semi_structured``, where
-this torch and GPU support it); time vs rows of x.
+this torch and GPU support it); time vs rows of x. On CUDA at 1-4 rows also
+``sparse24_half`` ("half ms"): the same op with MULTIFLOW_SPARSE24_GEMV=half (a half-warp per
+output row in the few-row kernel, for layers whose warp-per-row grid takes more than one wave).
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
 (+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Several weight buffers are
@@ -14,6 +16,7 @@ TFLOP/s. Prints a table, writes JSON (machine, versions, date, commit) and a PNG
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +32,12 @@ from common import (  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24")
+FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24", "sparse24_half")
+# Formats timed under an environment setting (set around their samples, not per call):
+# sparse24_half = sparse24_linear's few-row kernel with a half-warp per output row, CUDA,
+# at the rows that kernel serves (1-4; 5+ rows of 16-bit x go to the tensor cores).
+FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half")}
+HALF_MAX_ROWS = 4
 
 
 def _nbytes(*tensors) -> int:
@@ -73,12 +81,15 @@ def _format_fns(bufs, x):
         state["i"] = (state["i"] + 1) % len(bufs)
         return bufs[state["i"]]
 
-    return {
+    fns = {
         "dense": lambda: F.linear(x, pick()["dense"]),
         "torch_2:4": lambda: F.linear(x, pick()["torch_2:4"]),
         "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], x.shape[-1], None),
         "sparse24": lambda: ops.sparse24_linear(x, *pick()["sparse24"], None),
     }
+    if x.is_cuda and x.shape[0] <= HALF_MAX_ROWS:
+        fns["sparse24_half"] = fns["sparse24"]  # the same call, timed under FORMAT_ENV
+    return fns
 
 
 def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
@@ -88,6 +99,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"]),
                "bitmap": _nbytes(*bufs[0]["bitmap"]) if "bitmap" in bufs[0] else 0}
     w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
+    w_bytes["sparse24_half"] = w_bytes["sparse24"]
     g = torch.Generator(device=device).manual_seed(1)
     results = []
     for rows in rows_list:
@@ -97,11 +109,20 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
         for fmt, fn in _format_fns(bufs, x).items():
             if fmt in unavailable:
                 continue
+            env_name, env_value = FORMAT_ENV.get(fmt, (None, None))
+            before = os.environ.get(env_name) if env_name else None
+            if env_name:
+                os.environ[env_name] = env_value
             try:
                 samples = time_samples(fn, device, **timing)
             except (NotImplementedError, RuntimeError) as e:  # this format at this row count only
                 r.setdefault("failed", {})[fmt] = str(e).splitlines()[0][:200]
                 continue
+            finally:
+                if env_name and before is None:
+                    os.environ.pop(env_name, None)
+                elif env_name:
+                    os.environ[env_name] = before
             r["time_s"][fmt] = t = statistics.median(samples)
             r["best_s"][fmt] = min(samples)
             r["of_roofline"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth / t
@@ -139,7 +160,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), weight copies rotated "
           f"(see common.rotating_copies); ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'bitmap ms':>9} {'ours ms':>9} "
-          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9}")
+          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9} {'half ms':>8}")
     out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
@@ -157,7 +178,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 tf = f"{r['tflops']['sparse24']:.1f}" if ours else "-"
                 print(f"{shape_name:>10} {dname:>8} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'torch_2:4'):>11} "
                       f"{_ms(r, 'bitmap'):>9} {_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
-                      f"{roof:>10} {tf:>9}")
+                      f"{roof:>10} {tf:>9} {_ms(r, 'sparse24_half'):>8}")
             for fmt, why in case["unavailable"].items():
                 print(f"{'':>10} {fmt} not measured: {why}")
             for r in case["rows"]:

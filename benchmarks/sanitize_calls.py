@@ -77,6 +77,16 @@ def main() -> int:
                 want = R.sparse24_linear(xx, values, meta, bias)
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
                 calls += 1
+            # the few-row kernel with a half-warp per row (MULTIFLOW_SPARSE24_GEMV=half); odd
+            # out_f: the last warp's second half has no row
+            os.environ["MULTIFLOW_SPARSE24_GEMV"] = "half"
+            for rows in (1, 3):
+                xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
+                got = ops.sparse24_linear(xx, values, meta, bias)
+                torch.testing.assert_close(got.float(), R.sparse24_linear(xx, values, meta, bias).float(),
+                                           rtol=2e-2, atol=2e-2)
+                calls += 1
+            os.environ.pop("MULTIFLOW_SPARSE24_GEMV")
             calls += 2
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under

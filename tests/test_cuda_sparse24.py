@@ -2,7 +2,7 @@
 plain-torch twin. Every test here needs an NVIDIA GPU (marked ``cuda``; skipped without one).
 
 sparse24_linear has three CUDA paths, each covered: a warp per output row (rows of x <=
-4, any dtype), mma.sp sparse tensor cores (float16 / bfloat16, 5 rows or more, in % 16 == 0,
+4, any dtype; a half-warp per row under MULTIFLOW_SPARSE24_GEMV=half, the `lanes` fixture), mma.sp sparse tensor cores (float16 / bfloat16, 5 rows or more, in % 16 == 0,
 16-byte aligned), and the row kernel over blocks of 16 rows of x (float32 with more rows,
 in % 16 != 0, unaligned x).
 """
@@ -17,6 +17,13 @@ pytestmark = pytest.mark.cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(64, 64), (70, 48), (33, 100), (130, 1040), (1, 4), (17, 32)]
+
+
+@pytest.fixture(params=["warp", "half"])
+def lanes(request, monkeypatch):
+    """The few-row kernel's lanes per output row (MULTIFLOW_SPARSE24_GEMV)."""
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMV", request.param)
+    return request.param
 
 
 def _problem(out_f, in_f, dtype, seed=0):
@@ -55,7 +62,7 @@ def test_pack_keeps_bits_of_special_values_on_cuda():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [3, 40])
-def test_linear_multiplies_only_named_positions(dtype, rows):
+def test_linear_multiplies_only_named_positions(dtype, rows, lanes):
     """An inf in x reaches exactly the rows whose metadata names its column (a zero-filled
     position is named: 0 * inf is NaN), never the rows that do not name it, on every CUDA
     path, as on CPU."""
@@ -87,7 +94,7 @@ def test_pack_rejects_non_24_mask_on_cuda():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 16, 17, 64, 129])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_matches_reference(dtype, shape, rows, with_bias):
+def test_linear_matches_reference(dtype, shape, rows, with_bias, lanes):
     out_f, in_f = shape
     w, mask = _problem(out_f, in_f, dtype, seed=rows)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
@@ -113,7 +120,15 @@ def test_linear_leading_dims_and_unaligned_x(dtype):
                                R.sparse24_linear(unaligned, values, meta, None).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_linear_deterministic():
+def test_gemv_lanes_switch_rejects_unknown_values(monkeypatch):
+    w, mask = _problem(8, 16, torch.float16)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMV", "quarter")
+    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMV must be one of warp, half"):
+        ops.sparse24_linear(torch.randn(1, 16).half().cuda(), values, meta, None)
+
+
+def test_linear_deterministic(lanes):
     w, mask = _problem(256, 512, torch.float16)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
     for rows in (2, 300):

@@ -20,6 +20,10 @@
 //    elements of x (L1/L2-resident: x is small in this regime) and accumulates
 //    up to kRowsGemv rows of x in float32 registers; a warp shuffle reduction
 //    ends the row. The weight is read once, about 0.56x the dense fp16 bytes.
+//    MULTIFLOW_SPARSE24_GEMV=half gives each row a half-warp instead (two rows per
+//    warp, half the warps: on 11008x4096 the warp-per-row grid needs ~1.7 waves of
+//    an H200 at this kernel's occupancy); compiled and tested on CPU-side logic only,
+//    not yet run on a GPU, so not the default.
 //
 //  * m >= kRowsTensorCoresFrom, float16 / bfloat16, in % 16 == 0, 16-byte aligned, sm_80+:
 //    sparse tensor cores. W is operand A of mma.sp.m16n8k32 (16 output features by
@@ -52,6 +56,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #include "ceil_div.h"
@@ -216,7 +222,10 @@ __device__ __forceinline__ void load8(const scalar_t* p, bool vec, int n, float 
   }
 }
 
-template <typename scalar_t, int kM>
+// kLanes lanes per output row: 32 (a warp, the default) or 16 (two rows per warp,
+// MULTIFLOW_SPARSE24_GEMV=half: half the warps, for layers whose warp-per-row grid
+// takes more than one wave of the GPU; not yet measured, see sparse24_gemv_lanes).
+template <typename scalar_t, int kM, int kLanes>
 __global__ void linear_gemv_kernel(
     const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ values,
@@ -227,19 +236,26 @@ __global__ void linear_gemv_kernel(
     int64_t rows,
     int64_t cols,
     bool vec) {
+  static_assert(kLanes == 32 || kLanes == 16, "a row takes a warp or a half-warp");
+  constexpr int kRowsPerWarp = 32 / kLanes;
   const int lane = threadIdx.x & 31;
+  const int sub = lane & (kLanes - 1);  // the lane within its row's group
   const int64_t words = (cols + kSparse24WordCols - 1) / kSparse24WordCols;
   const int64_t half = cols / 2;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; r < rows; r += warps) {
+  // Warp-uniform loop over the warp's rows (all lanes reach the shuffles below).
+  for (int64_t r0 = ((blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5) * kRowsPerWarp; r0 < rows;
+       r0 += warps * kRowsPerWarp) {
+    const int64_t r = r0 + lane / kLanes;
+    const bool live = r < rows;
     float acc[kM];
 #pragma unroll
     for (int mi = 0; mi < kM; ++mi) {
       acc[mi] = 0.f;
     }
-    const scalar_t* vrow = values + r * half;
-    const int16_t* mrow = metadata + r * words;
-    for (int64_t wd = lane; wd < words; wd += 32) {
+    const scalar_t* vrow = values + (live ? r : 0) * half;
+    const int16_t* mrow = metadata + (live ? r : 0) * words;
+    for (int64_t wd = sub; live && wd < words; wd += kLanes) {
       const uint32_t word = static_cast<uint16_t>(__ldg(mrow + wd));
       const int64_t c0 = wd * kSparse24WordCols;
       const int chunks = static_cast<int>((cols - c0) / 4 < 4 ? (cols - c0) / 4 : 4);
@@ -266,10 +282,10 @@ __global__ void linear_gemv_kernel(
     for (int mi = 0; mi < kM; ++mi) {
       float s = acc[mi];
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
+      for (int off = kLanes / 2; off > 0; off >>= 1) {
         s += __shfl_xor_sync(0xffffffffu, s, off);
       }
-      if (lane == 0 && mi < m) {
+      if (sub == 0 && live && mi < m) {
         if (bias != nullptr) {
           s += to_float(bias[r]);
         }
@@ -473,18 +489,31 @@ bool mma_compiled() {
   return yes;
 }
 
-template <typename scalar_t>
-void launch_gemv(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, int64_t m) {
+// MULTIFLOW_SPARSE24_GEMV: lanes per output row of the few-row kernel, "warp" (32, unset
+// or empty: the default) or "half" (16). Read at each call.
+int sparse24_gemv_lanes() {
+  const char* v = std::getenv("MULTIFLOW_SPARSE24_GEMV");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "warp") == 0) {
+    return 32;
+  }
+  TORCH_CHECK_VALUE(std::strcmp(v, "half") == 0,
+                    "multiflow::sparse24_linear: MULTIFLOW_SPARSE24_GEMV must be one of warp, half (or unset), got '", v,
+                    "'");
+  return 16;
+}
+
+template <typename scalar_t, int kLanes>
+void launch_gemv_lanes(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, int64_t m) {
   const auto* x = p.x.const_data_ptr<scalar_t>() + row0 * p.cols;
   const auto* values = p.values.const_data_ptr<scalar_t>();
   const bool vec = p.cols % kSparse24WordCols == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
   const auto* bias = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
   auto* out = y.mutable_data_ptr<scalar_t>() + row0 * p.rows;
-  const int64_t blocks = grid_for(p.rows * 32, kThreads);
+  const int64_t blocks = grid_for(ceil_div(p.rows, static_cast<int64_t>(32 / kLanes)) * 32, kThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto* meta = p.metadata.const_data_ptr<int16_t>();
 #define MULTIFLOW_GEMV(KM)                                                                          \
-  linear_gemv_kernel<scalar_t, KM><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(         \
+  linear_gemv_kernel<scalar_t, KM, kLanes><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>( \
       x, values, meta, bias, out, m, p.rows, p.cols, vec)
   if (m <= 1) {
     MULTIFLOW_GEMV(1);
@@ -499,6 +528,15 @@ void launch_gemv(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, in
   }
 #undef MULTIFLOW_GEMV
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_gemv(const Sparse24Problem& p, const at::Tensor& y, int64_t row0, int64_t m, int lanes) {
+  if (lanes == 16) {
+    launch_gemv_lanes<scalar_t, 16>(p, y, row0, m);
+  } else {
+    launch_gemv_lanes<scalar_t, 32>(p, y, row0, m);
+  }
 }
 
 template <typename scalar_t, bool kBf16>
@@ -579,6 +617,7 @@ at::Tensor sparse24_linear_cuda(
     const std::optional<at::Tensor>& bias) {
   const Sparse24Problem p = prepare_sparse24_linear(x, values, metadata, bias);
   const c10::cuda::CUDAGuard guard(p.x.device());
+  const int lanes = sparse24_gemv_lanes();  // first: a bad setting fails whatever the path
   if (auto trivial = trivial_linear_result(p)) {
     return *trivial;
   }
@@ -606,11 +645,11 @@ at::Tensor sparse24_linear_cuda(
   for (int64_t row0 = 0; row0 < p.m; row0 += kRowsGemv) {
     const int64_t rows_here = std::min(kRowsGemv, p.m - row0);
     if (dtype == at::kFloat) {
-      launch_gemv<float>(p, y, row0, rows_here);
+      launch_gemv<float>(p, y, row0, rows_here, lanes);
     } else if (dtype == at::kHalf) {
-      launch_gemv<c10::Half>(p, y, row0, rows_here);
+      launch_gemv<c10::Half>(p, y, row0, rows_here, lanes);
     } else {
-      launch_gemv<c10::BFloat16>(p, y, row0, rows_here);
+      launch_gemv<c10::BFloat16>(p, y, row0, rows_here, lanes);
     }
   }
   return y.view(p.out_shape);
