@@ -22,8 +22,8 @@
 //    ends the row. The weight is read once, about 0.56x the dense fp16 bytes.
 //    MULTIFLOW_SPARSE24_GEMV=half gives each row a half-warp instead (two rows per
 //    warp, half the warps: on 11008x4096 the warp-per-row grid needs ~1.7 waves of
-//    an H200 at this kernel's occupancy); compiled and tested on CPU-side logic only,
-//    not yet run on a GPU, so not the default.
+//    an H200 at this kernel's occupancy); compiled for sm_80 / sm_90 but not yet run
+//    on a GPU, so not the default.
 //
 //  * m >= kRowsTensorCoresFrom, float16 / bfloat16, in % 16 == 0, 16-byte aligned, sm_80+:
 //    sparse tensor cores. W is operand A of mma.sp.m16n8k32 (16 output features by
