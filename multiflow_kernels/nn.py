@@ -34,7 +34,7 @@ class SparseLinear(nn.Module):
     gradients still flow through them to ``x`` and the bias (csrc/linear_autograd.cpp).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "masked",
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "bitmap",
                  device=None, dtype=None):
         super().__init__()
         self.format = formats.check_format(format)
@@ -49,8 +49,9 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, format: str = "masked") -> "SparseLinear":
-        """The sparse twin of ``linear`` keeping the weights where ``mask`` is True.
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, format: str = "bitmap") -> "SparseLinear":
+        """The sparse twin of ``linear`` keeping the weights where ``mask`` is True, in ``format``
+        (default ``bitmap``, compressed for inference; ``masked`` for sparse fine-tuning).
         ``format="2:4"`` needs a 2:4 mask (ValueError naming the rows otherwise)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_dense needs an nn.Linear, got {type(linear).__name__}")
@@ -117,10 +118,11 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "masked", *,
+def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "bitmap", *,
              rows: int = 1) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose ``<module>.weight`` has a mask by a
-    :class:`SparseLinear` in ``format``; returns the model.
+    :class:`SparseLinear` in ``format`` (default ``bitmap``: compressed, for inference;
+    ``masked`` keeps a trainable dense weight for sparse fine-tuning); returns the model.
 
     ``format="auto"`` picks per layer with :func:`multiflow_kernels.formats.choose_format`
     for the layer's device and dtype and ``rows``, the expected rows of x per call.

@@ -22,7 +22,7 @@ def _layer(in_f=45, out_f=13, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
 def test_forward_equals_masked_dense(dtype, tol):
     lin, mask = _layer(dtype=dtype)
-    sp = mk.SparseLinear.from_dense(lin, mask)
+    sp = mk.SparseLinear.from_dense(lin, mask, format="masked")
     x = torch.randn(2, 5, 45).to(dtype)
     ref = nn.functional.linear(x.double(), (lin.weight * mask).double(), lin.bias.double())
     out = sp(x)
@@ -33,7 +33,7 @@ def test_forward_equals_masked_dense(dtype, tol):
 
 def test_pruned_weights_never_revive_under_adam():
     lin, mask = _layer()
-    sp = mk.SparseLinear.from_dense(lin, mask)
+    sp = mk.SparseLinear.from_dense(lin, mask, format="masked")
     opt = torch.optim.Adam(sp.parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
@@ -46,9 +46,9 @@ def test_pruned_weights_never_revive_under_adam():
 
 def test_storage_state_dict_and_to():
     lin, mask = _layer()
-    sp = mk.SparseLinear.from_dense(lin, mask)
+    sp = mk.SparseLinear.from_dense(lin, mask, format="masked")
     assert sp.storage_bytes() == 13 * 45 * 4 + 13 * 2 * 4
-    fresh = mk.SparseLinear(45, 13)
+    fresh = mk.SparseLinear(45, 13, format="masked")
     fresh.load_state_dict(sp.state_dict())
     x = torch.randn(4, 45)
     assert torch.equal(fresh(x), sp(x))
@@ -81,13 +81,15 @@ def _outputs(model, batch):
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("fmt", [None, "masked"], ids=["default-bitmap", "masked"])
 @pytest.mark.parametrize("task", ["retrieval", "caption", "vqa"])
-def test_sparsify_blip_equals_masked_dense(task, blip_factory, calib_batches):
+def test_sparsify_blip_equals_masked_dense(task, fmt, blip_factory, calib_batches):
     model = blip_factory(task)
     masks = multiflow.prune(model, calib_batches, 0.63, progress=False)
     dense = copy.deepcopy(model)
     masks.apply(dense)
-    mk.sparsify(model, masks)
+    mk.sparsify(model, masks) if fmt is None else mk.sparsify(model, masks, format=fmt)
+    assert {m.format for m in model.modules() if isinstance(m, mk.SparseLinear)} == {fmt or "bitmap"}
     assert sum(isinstance(m, mk.SparseLinear) for m in model.modules()) == len(masks)
     assert not any(isinstance(m, nn.Linear) and f"{n}.weight" in masks for n, m in model.named_modules())
     with torch.no_grad():
@@ -132,7 +134,7 @@ def test_save_load_round_trip(tmp_path, blip_factory, calib_batches):
 def test_memory_report(blip_factory, calib_batches):
     model = blip_factory("retrieval")
     masks = multiflow.prune(model, calib_batches, 0.5, progress=False)
-    mk.sparsify(model, masks)
+    mk.sparsify(model, masks, format="masked")
     rep = mk.memory_report(model)
     assert set(rep["layers"]) == {n[: -len(".weight")] for n in masks}
     dense = sum(m.numel() * 4 for m in masks.values())

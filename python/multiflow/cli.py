@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
     sp.add_argument("maskfile", help="a mask file written by multiflow prune")
     sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None)
-    sp.add_argument("--format", default="masked", choices=["masked", "bitmap", "2:4", "auto"],
-                    help="sparse format: masked (dense + mask bits, fine-tuning), bitmap (compressed, inference), "
+    sp.add_argument("--format", default="bitmap", choices=["masked", "bitmap", "2:4", "auto"],
+                    help="sparse format: bitmap (the default: compressed, inference), masked (dense + mask bits, "
+                         "fine-tuning), "
                          "2:4 (sparse tensor cores; needs masks from --nm 2:4) or auto (per layer, the fastest "
                          "kernel for the device and --rows)")
     sp.add_argument("--rows", type=int, default=1,
