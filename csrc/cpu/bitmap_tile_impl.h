@@ -484,6 +484,7 @@ template <typename T>
 BitmapGemvFn pick_gemv() {
   static const bool vbmi2 = [] {
     const char* env = std::getenv("MULTIFLOW_CPU_VBMI2");
+    __builtin_cpu_init();  // idempotent; needed if this runs before libgcc's own constructor
     return __builtin_cpu_supports("avx512vbmi2") && !(env != nullptr && std::strcmp(env, "0") == 0);
   }();
   return vbmi2 ? &gemv_vbmi2<T> : &gemv<T>;
