@@ -205,13 +205,17 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"cannot read sparse model file {path}: not a valid safetensors file ({e})") from None
     if _META_KEY not in header:
         raise ValueError(f"{path} is not a multiflow_kernels sparse model file (no '{_META_KEY}' metadata)")
-    meta = json.loads(header[_META_KEY])
-    version = meta.get("format_version")
-    if version != _FORMAT_VERSION and (version != 1 or "bitmap" in {v["format"] for v in meta["layers"].values()}):
+    try:
+        meta = json.loads(header[_META_KEY])
+        version, layers = meta.get("format_version"), meta["layers"]
+        formats_saved = {v["format"] for v in layers.values()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed '{_META_KEY}' metadata ({type(e).__name__}: {e})") from None
+    if version != _FORMAT_VERSION and (version != 1 or "bitmap" in formats_saved):
         raise ValueError(f"{path} was written with sparse file format version {version}; this multiflow_kernels reads "
                          f"version {_FORMAT_VERSION} (and version 1 files without bitmap layers: the bitmap format's "
                          "row_ptr / block_ptr changed). Sparsify and save the model again.")
-    saved = meta["layers"]
+    saved = layers
     ours = _layout(model)
     if saved != ours:
         diff = sorted(set(saved) ^ set(ours)) or [n for n in saved if saved[n] != ours.get(n)]

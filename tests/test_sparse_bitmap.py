@@ -110,3 +110,18 @@ def test_load_rejects_version_1_bitmap_files(tmp_path):
         else:
             with pytest.raises(ValueError, match="format version 1"):
                 mk.load_sparse(other, path)
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[1, 2]", '{"format_version": 2}', '{"format_version": 2, "layers": {"0": 3}}'])
+def test_load_rejects_malformed_metadata(tmp_path, meta):
+    """A file whose multiflow_kernels metadata is not what save_sparse writes: ValueError naming
+    the file, nothing loaded."""
+    from safetensors.torch import save_file
+
+    model = mk.sparsify(nn.Sequential(nn.Linear(40, 8)), {"0.weight": torch.rand(8, 40) > 0.5})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"multiflow_kernels": meta})
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        mk.load_sparse(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
