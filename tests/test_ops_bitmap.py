@@ -528,3 +528,17 @@ def test_loads_never_leave_the_tensors(isa, vbmi2):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, MULTIFLOW_CPU_VBMI2=vbmi2)
     proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_values_beyond_int32_offsets_are_refused():
+    """row_ptr is int32, so a format may hold at most 2^31 - 1 values: more is refused by name
+    (checked on meta tensors, which cost no memory; the CPU and CUDA ops run the same check)."""
+    values = torch.empty(2**31, device="meta", dtype=torch.float16)
+    bits = torch.empty(4, 1, device="meta", dtype=torch.int32)
+    row_ptr = torch.empty(5, device="meta", dtype=torch.int32)
+    block_ptr = torch.empty(4, 0, device="meta", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="at most 2\\^31 - 1 elements"):
+        torch.ops.multiflow.bitmap_unpack(values, bits, row_ptr, block_ptr, 20)
+    x = torch.empty(3, 20, device="meta", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="at most 2\\^31 - 1 elements"):
+        torch.ops.multiflow.bitmap_linear(x, values, bits, row_ptr, block_ptr, 20, None)
