@@ -650,8 +650,8 @@ def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, T
       ``row_ptr[r]``; its offset, 0, is not stored).
 
     Weight metadata per row: 4 bytes of row_ptr + 4 per 512 columns past the first, so a
-    75%-sparse float16 weight takes 0.25 (values) + 0.0625 (bits) + 2 / in_features (in
-    multiples of 512, rounded up) of its dense bytes: 0.318x at 768 inputs, 0.316x at 3072.
+    75%-sparse float16 weight takes 0.25 (values) + 0.0625 (bits) + 2 * ceil(in / 512) / in
+    of its dense bytes: 0.318x at 768 inputs, 0.316x at 3072.
 
     Args:
         weight: (out_features, in_features), float32, float16 or bfloat16.
