@@ -74,13 +74,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "bitmap.h"
 #include "ceil_div.h"
 #include "cuda/cp_async.cuh"
+#include "cuda/env_switch.h"
 #include "dtypes.h"
 #include "format_args.h"
 
@@ -740,14 +739,7 @@ bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
 // on sm_80+, up to 16 rows of x, gemv_kernel otherwise; unset or empty: the default) or
 // "v1" (gemv_kernel, up to 8 rows). Read at each call.
 bool use_gemv_v1() {
-  const char* v = std::getenv("MULTIFLOW_BITMAP_GEMV");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "tc") == 0) {
-    return false;
-  }
-  TORCH_CHECK_VALUE(std::strcmp(v, "v1") == 0,
-                    "multiflow::_bitmap_linear_cuda: MULTIFLOW_BITMAP_GEMV must be one of tc, v1 (or unset), got '", v,
-                    "'");
-  return true;
+  return env_switch("MULTIFLOW_BITMAP_GEMV", "tc", "v1", "multiflow::_bitmap_linear_cuda");
 }
 
 at::Tensor decode_dense(const BitmapProblem& p) {
@@ -826,12 +818,9 @@ at::Tensor bitmap_linear_public_cuda(
     const at::Tensor& block_ptr,
     int64_t in_features,
     const std::optional<at::Tensor>& bias) {
-  const char* v = std::getenv("MULTIFLOW_BITMAP_CUDA");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "cpp") == 0) {
+  if (!env_switch("MULTIFLOW_BITMAP_CUDA", "cpp", "triton", "multiflow::bitmap_linear")) {
     return bitmap_linear_cuda(x, values, bits, row_ptr, block_ptr, in_features, bias);
   }
-  TORCH_CHECK_VALUE(std::strcmp(v, "triton") == 0,
-                    "MULTIFLOW_BITMAP_CUDA must be one of ('cpp', 'triton') (or unset), got '", v, "'");
   static const auto triton_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("multiflow::_bitmap_linear_triton", "")

@@ -56,12 +56,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <sstream>
 
 #include "ceil_div.h"
 #include "cuda/cp_async.cuh"
+#include "cuda/env_switch.h"
 #include "dtypes.h"
 #include "format_args.h"
 #include "sparse24.h"
@@ -492,14 +491,7 @@ bool mma_compiled() {
 // MULTIFLOW_SPARSE24_GEMV: lanes per output row of the few-row kernel, "warp" (32, unset
 // or empty: the default) or "half" (16). Read at each call.
 int sparse24_gemv_lanes() {
-  const char* v = std::getenv("MULTIFLOW_SPARSE24_GEMV");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "warp") == 0) {
-    return 32;
-  }
-  TORCH_CHECK_VALUE(std::strcmp(v, "half") == 0,
-                    "multiflow::sparse24_linear: MULTIFLOW_SPARSE24_GEMV must be one of warp, half (or unset), got '", v,
-                    "'");
-  return 16;
+  return env_switch("MULTIFLOW_SPARSE24_GEMV", "warp", "half", "multiflow::sparse24_linear") ? 16 : 32;
 }
 
 template <typename scalar_t, int kLanes>
