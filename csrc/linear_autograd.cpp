@@ -57,8 +57,11 @@ const c10::TypedOperatorHandle<Sparse24LinearFn>& sparse24_linear_op() {
   return op;
 }
 
-bool requires_grad(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
+// Whether a call needs an autograd node: grad mode on and x, the values or the bias
+// requiring grad (the integer tensors cannot).
+bool needs_autograd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || values.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad()));
 }
 
 // grad_y as (rows of x, out) and x as (rows of x, in), whatever x's leading dims
@@ -185,7 +188,7 @@ at::Tensor bitmap_linear_autograd(
     const at::Tensor& block_ptr,
     int64_t in_features,
     const std::optional<at::Tensor>& bias) {
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad() || requires_grad(bias))) {
+  if (!needs_autograd(x, values, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return bitmap_linear_op().call(x, values, bits, row_ptr, block_ptr, in_features, bias);
   }
@@ -197,7 +200,7 @@ at::Tensor sparse24_linear_autograd(
     const at::Tensor& values,
     const at::Tensor& metadata,
     const std::optional<at::Tensor>& bias) {
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad() || requires_grad(bias))) {
+  if (!needs_autograd(x, values, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return sparse24_linear_op().call(x, values, metadata, bias);
   }
