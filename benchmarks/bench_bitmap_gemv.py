@@ -5,7 +5,9 @@ Columns (ms per call, median; weights rotated over 512 MiB so L2 does not hold t
 ``dense`` ``F.linear``; ``bitmap`` the public op (its default for float16 / bfloat16,
 gemv_tc: W decoded into mma.sync fragments, up to 16 rows of x); ``bitmap_v1`` the public op
 under ``MULTIFLOW_BITMAP_GEMV=v1`` (the warp-per-row CUDA-core kernel, up to 8 rows; 9+ rows
-go through a dense decode and cuBLAS); ``private`` the private op ``_bitmap_linear_cuda``
+go through a dense decode and cuBLAS); ``bitmap_tc2`` the public op under
+``MULTIFLOW_BITMAP_GEMV=tc2`` (gemv_tc with the lean decode: a byte of each weight row per lane,
+one 16-byte x load per word; opt-in until measured); ``private`` the private op ``_bitmap_linear_cuda``
 called directly (the default kernel), to show the public op's host cost. Also each kernel's bytes over the measured copy bandwidth ("% roof":
 the weight's storage + x + y at copy bandwidth / measured time) and the speed against dense.
 float16 at 75% by default; the goal: at least 2.5x faster than dense at 1-16 rows on
@@ -30,7 +32,7 @@ SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": 
           "768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
 ROWS = [1, 2, 4, 8, 12, 16]
 GEMV_ENV = "MULTIFLOW_BITMAP_GEMV"
-COLUMNS = ("dense", "bitmap", "bitmap_v1", "private")
+COLUMNS = ("dense", "bitmap", "bitmap_v1", "bitmap_tc2", "private")
 
 
 def _nbytes(*tensors) -> int:
@@ -84,6 +86,7 @@ def bench_case(shape, sparsity, dtype, rows_list, bandwidth, timing):
             "dense": (lambda: F.linear(x, pick()["dense"]), None),
             "bitmap": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), None),
             "bitmap_v1": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), "v1"),
+            "bitmap_tc2": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), "tc2"),
             "private": (lambda: torch.ops.multiflow._bitmap_linear_cuda.default(x, *pick()["bitmap"], in_f, None), None),
         }
         io = _nbytes(x) + rows * out_f * esize
@@ -114,7 +117,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     print(f"bitmap_linear few-row kernels, {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
           f"ms per call (median), weights rotated over {ROTATION_BYTES['cuda'] >> 20} MiB; x = speed vs dense")
     print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>4} {'dense':>8} {'bitmap':>8} {'(x)':>6} {'%roof':>5} "
-          f"{'v1':>8} {'(x)':>6} {'private':>8}")
+          f"{'v1':>8} {'(x)':>6} {'tc2':>8} {'(x)':>6} {'private':>8}")
     out = Path(out or results_dir(quick=quick))
     results = []
     for dtype, dname in zip(dts, names):
@@ -127,13 +130,15 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                     t = r["time_s"]
                     print(f"{shape_name:>10} {dname:>8} {s:>5.2f} {r['rows']:>4} {t['dense'] * 1e3:>8.4f} "
                           f"{t['bitmap'] * 1e3:>8.4f} {t['dense'] / t['bitmap']:>5.2f}x {r['of_roofline']['bitmap']:>5.0%} "
-                          f"{t['bitmap_v1'] * 1e3:>8.4f} {t['dense'] / t['bitmap_v1']:>5.2f}x {t['private'] * 1e3:>8.4f}",
+                          f"{t['bitmap_v1'] * 1e3:>8.4f} {t['dense'] / t['bitmap_v1']:>5.2f}x "
+                          f"{t['bitmap_tc2'] * 1e3:>8.4f} {t['dense'] / t['bitmap_tc2']:>5.2f}x {t['private'] * 1e3:>8.4f}",
                           flush=True)
             path = write_json(out, "bitmap_gemv_cuda", {
                 "benchmark": "bitmap_gemv", "family": "bitmap_gemv", "device": "cuda", "quick": quick,
                 "rotation_bytes": ROTATION_BYTES["cuda"], "copy_bandwidth_Bps": bandwidth, "timing": timing,
                 "columns": {"dense": "F.linear (cuBLAS)", "bitmap": "public bitmap_linear, default (gemv_tc for 16-bit types)",
                             "bitmap_v1": "public bitmap_linear, MULTIFLOW_BITMAP_GEMV=v1",
+                            "bitmap_tc2": "public bitmap_linear, MULTIFLOW_BITMAP_GEMV=tc2 (lean decode)",
                             "private": "_bitmap_linear_cuda called directly (default kernel)"},
                 "note": "time_s: median seconds per call; of_roofline = (format bytes + x + y) / copy bandwidth / time",
                 "results": results})

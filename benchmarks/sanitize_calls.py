@@ -90,10 +90,10 @@ def main() -> int:
             calls += 2
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under
-    # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; 2100 columns: five 512-column chunks / three
-    # 1024-column passes, the last partial) and the dense decode + cuBLAS above; rows all
-    # pruned and all kept
-    for gemv, dtype in itertools.product(("tc", "v1"), (torch.float16, torch.bfloat16, torch.float32)):
+    # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; tc2: gemv_tc's lean decode; 2100 columns: five
+    # 512-column chunks / three 1024-column passes, the last partial) and the dense decode +
+    # cuBLAS above; rows all pruned and all kept
+    for gemv, dtype in itertools.product(("tc", "v1", "tc2"), (torch.float16, torch.bfloat16, torch.float32)):
         os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv
         for out_f, in_f in ((37, 2100), (5, 33)):
             w = torch.randn(out_f, in_f, generator=g).to(dev, dtype)
@@ -121,8 +121,11 @@ def main() -> int:
         (values, bits, torch.randint(-(2**31), 2**31 - 1, row_ptr.shape, generator=g).int().to(dev), block_ptr),
         (values, bits, row_ptr, torch.randint(-(2**31), 2**31 - 1, block_ptr.shape, generator=g).int().to(dev)),
         (values, bits, torch.full_like(row_ptr, 2**31 - 1), torch.full_like(block_ptr, 2**31 - 1)),
+        # every bit set (padding bits too) with the offsets of the real mask: each chunk's
+        # bits reach past its staged values (tc2 relies on its shared-memory slack there)
+        (values, torch.full_like(bits, -1), row_ptr, block_ptr),
     ]
-    for gemv, rows in itertools.product(("tc", "v1"), (1, 5, 9, 16)):
+    for gemv, rows in itertools.product(("tc", "v1", "tc2"), (1, 5, 9, 16)):
         os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv
         xx = torch.randn(rows, 1100, generator=g).to(dev, torch.float16)
         for fmt in hostile:

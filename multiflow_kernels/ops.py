@@ -821,7 +821,9 @@ def _bitmap_linear_cuda(
     ``MULTIFLOW_BITMAP_CUDA=triton`` (multiflow_kernels/triton). Same contract; one pass
     over the format for up to 16 rows of x in float16 / bfloat16 (tensor cores, W decoded in
     registers) and up to 8 in float32 (or under ``MULTIFLOW_BITMAP_GEMV=v1``, the older
-    few-row kernel), more through a dense decode and cuBLAS. Benchmarks and tests call it
+    few-row kernel; ``MULTIFLOW_BITMAP_GEMV=tc2``: the tensor-core kernel with a leaner
+    decode, opt-in until it has been measured on a GPU), more through a dense decode and
+    cuBLAS. Benchmarks and tests call it
     directly to measure and check it beside the Triton kernel."""
     return torch.ops.multiflow._bitmap_linear_cuda.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 

@@ -37,9 +37,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (3, 31), (7, 33), (17, 513), (5, 1025), (40, 1100), (33, 2100), (130, 4096)]
 ROWS_OF_X = [1, 2, 3, 5, 8, 9, 12, 16, 17, 64, 300]
 # The few-row kernels (MULTIFLOW_BITMAP_GEMV): tc (the default: tensor cores for float16 /
-# bfloat16, up to 16 rows of x; float32 takes v1) and v1 (up to 8 rows); each test of the
-# kernels runs under both.
-GEMV = ["tc", "v1"]
+# bfloat16, up to 16 rows of x; float32 takes v1), v1 (up to 8 rows) and tc2 (tc with the
+# lean decode); each test of the kernels runs under all three.
+GEMV = ["tc", "v1", "tc2"]
 
 
 @pytest.fixture(params=GEMV)
@@ -242,7 +242,7 @@ def test_gemv_switch_rejects_unknown_values(monkeypatch):
     fmt = [t.cuda() for t in ops.bitmap_pack(w, mask)]
     x = torch.randn(2, 40, device="cuda")
     monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "v3")
-    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_GEMV must be one of tc, v1"):
+    with pytest.raises(ValueError, match="MULTIFLOW_BITMAP_GEMV must be one of tc, v1, tc2"):
         ops._bitmap_linear_cuda(x, *fmt, 40, None)
     monkeypatch.setenv("MULTIFLOW_BITMAP_GEMV", "")
     assert ops._bitmap_linear_cuda(x, *fmt, 40, None).shape == (2, 5)

@@ -16,7 +16,13 @@
 //
 //  * m <= 16 (kRowsTc, the memory-bound decode regime), float16 / bfloat16 on sm_80+:
 //    gemv_tc_kernel (below, after gemv_kernel) reads the format once and multiplies on
-//    tensor cores, W decoded into mma.sync's A fragments in registers.
+//    tensor cores, W decoded into mma.sync's A fragments in registers. Under
+//    MULTIFLOW_BITMAP_GEMV=tc2 the same kernel with the lean decode (decode_byte: a lane
+//    decodes 8 adjacent columns of each of its rows per word, x in 16-byte loads; by the
+//    SASS of sm_90, about 45 instructions per 16x16 k-step in the staged loop against
+//    about 139 for tc's decode). Compiled here, its fragment mapping checked by a NumPy
+//    emulation (not in the repo); NOT yet run on a GPU: opt-in until gpu_check.sh has
+//    tested and measured it.
 //
 //  * m <= 8, float32 (or MULTIFLOW_BITMAP_GEMV=v1): gemv_kernel, the first few-row kernel. A
 //    block of kGemvWarps warps owns kRowsPerBlock output rows (kRowsPerWarp
@@ -382,11 +388,95 @@ __device__ __forceinline__ uint32_t x_pair(const uint16_t* __restrict__ xr, int6
   return a | (b << 16);
 }
 
+// ---- the lean decode (gemv_tc_kernel<.., kLean = true>, MULTIFLOW_BITMAP_GEMV=tc2).
+//
+// The mma sums over its 16 k in any order, so the k of a step need not be 16 adjacent
+// columns: any one-to-one map from the step's k to columns does, used alike for A and B.
+// Lane t takes the 8 adjacent columns 8t .. 8t + 7 of each 32-column word: its k 2t, 2t + 1,
+// 2t + 8, 2t + 9 are columns 8t .. 8t + 3 in the word's first step and 8t + 4 .. 8t + 7 in
+// its second. So a lane reads its x of a word with one 16-byte load and decodes one byte of
+// each of its two rows' words: one popcount for the byte's first index, then a predicated
+// load per set bit; no per-element index popcounts, no 64-bit or per-element x checks.
+
+// Row word w's byte t8 / 8 (columns t8 .. t8 + 7; below = the bits under column t8) as 8
+// elements, 0 where pruned, packed in pairs low column first into e. Staged (cur the
+// shared-memory address, in bytes, of the word's first kept value in the row's slot):
+// unchecked reads (each a load and an address step predicated on the bit), the slot's
+// slack (see gemv_tc_lean_slack) keeps every address a byte can reach inside shared
+// memory. Checked (values in global memory; cur an index into src): an index reads only
+// below end. cur is advanced past the word's kept values.
+__device__ __forceinline__ void decode_byte(uint32_t w, int t8, uint32_t below, uint32_t& cur, uint32_t (&e)[4]) {
+  const uint32_t b = w >> t8;
+  uint32_t addr = cur + 2u * static_cast<uint32_t>(__popc(w & below));
+  cur += 2u * static_cast<uint32_t>(__popc(w));
+  uint32_t v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#if defined(__CUDA_ARCH__)
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0;\n\t"
+        "@p ld.shared.u16 %0, [%1];\n\t@p add.u32 %1, %1, 2;\n\t}"
+        : "=r"(v[i]), "+r"(addr)
+        : "r"(b & (1u << i)));
+#else
+    v[i] = 0u;
+#endif
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    e[i] = __byte_perm(v[2 * i], v[2 * i + 1], 0x5410);
+  }
+}
+
+__device__ __forceinline__ void decode_byte(uint32_t w, int t8, uint32_t below, uint64_t& cur, uint64_t end,
+                                            const uint16_t* __restrict__ src, uint32_t (&e)[4]) {
+  const uint32_t b = w >> t8;
+  uint64_t idx = cur + __popc(w & below);
+  cur += __popc(w);
+  uint32_t v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    v[i] = 0u;
+    if ((b >> i) & 1u) {
+      if (idx < end) {
+        v[i] = src[idx];
+      }
+      ++idx;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    e[i] = __byte_perm(v[2 * i], v[2 * i + 1], 0x5410);
+  }
+}
+
+// x's 8 elements at columns k .. k + 7 of row xr (raw 16-bit, 0 past cols) packed in pairs:
+// one 16-byte load where wide (cols % 8 == 0 and x 16-byte aligned) and k + 8 <= cols.
+__device__ __forceinline__ void x_eight(const uint16_t* __restrict__ xr, int64_t k, int64_t cols, bool wide,
+                                        uint32_t (&b)[4]) {
+  if (wide && k + 8 <= cols) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(xr + k));
+    b[0] = u.x;
+    b[1] = u.y;
+    b[2] = u.z;
+    b[3] = u.w;
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int64_t k0 = k + 2 * q;
+    const uint32_t lo = k0 < cols ? static_cast<uint32_t>(__ldg(xr + k0)) : 0u;
+    const uint32_t hi = k0 + 1 < cols ? static_cast<uint32_t>(__ldg(xr + k0 + 1)) : 0u;
+    b[q] = lo | (hi << 16);
+  }
+}
+
 // Dynamic shared memory: per warp, 16 x kTcBitsStride bit words then 16 x row_cap values
 // (row_cap a multiple of 8 elements: 16-byte rows); reused after the chunks for the
 // partial sums (kTcWarps x kN / 8 x 4 x 32 floats). mis: values' address modulo 16, in
-// elements (16-byte groups start at elements g with (g + mis) % 8 == 0).
-template <bool kBf16, int kN>
+// elements (16-byte groups start at elements g with (g + mis) % 8 == 0). x_fast: kLean
+// false, x_pair's pairs; kLean true, x_eight's wide (the lean decode above, which also
+// needs gemv_tc_lean_slack bytes past the warps' buffers).
+template <bool kBf16, int kN, bool kLean>
 __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
     const uint16_t* __restrict__ x,
     const uint16_t* __restrict__ values,
@@ -403,7 +493,7 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
     int64_t nnz,
     int row_cap,
     int mis,
-    bool x_pairs) {
+    bool x_fast) {
   constexpr int kV = 8;  // 16-bit elements per 16-byte group
   constexpr int kNT = kN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -418,12 +508,16 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
   const uint32_t mask_lo = (1u << (2 * t)) - 1u;
   const uint32_t mask_hi = (1u << (2 * t + 8)) - 1u;
   const uint64_t cap = static_cast<uint64_t>(row_cap - 2 * kV);  // values a row's chunk may stage
+  // x's rows of this lane (kLean: rows past m read row m - 1, whose products land in
+  // columns of D that are never written out).
   const uint16_t* xr[kNT];
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int n = nt * 8 + g;
-    xr[nt] = n < m ? x + static_cast<int64_t>(n) * cols : nullptr;
+    xr[nt] = n < m ? x + static_cast<int64_t>(n) * cols : kLean ? x + static_cast<int64_t>(m - 1) * cols : nullptr;
   }
+  const int t8 = 8 * t;
+  const uint32_t below = (1u << t8) - 1u;
   float acc[kNT][4];
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -508,19 +602,73 @@ __global__ void __launch_bounds__(kTcThreads, 3) gemv_tc_kernel(
           const int64_t k = k_chunk + 32 * j + 16 * half + 2 * t;
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
-            const uint32_t b0 = x_pair(xr[nt], k, cols, x_pairs);
-            const uint32_t b1 = x_pair(xr[nt], k + 8, cols, x_pairs);
+            const uint32_t b0 = x_pair(xr[nt], k, cols, x_fast);
+            const uint32_t b1 = x_pair(xr[nt], k + 8, cols, x_fast);
             mma_16816<kBf16>(acc[nt], a, b0, b1);
           }
         }
       }
     };
+    // kLean: two steps per word, lane t on the word's columns 8t .. 8t + 7 (decode_byte;
+    // decode(sb0[j], sb1[j], e0, e1) decodes the lane's two rows). x: one unchecked 16-byte
+    // load per word and row of x where the chunk is whole and x_fast, else x_eight.
+    auto lean_words = [&](auto&& decode) {
+      auto words_with = [&](auto&& x_word) {
+#pragma unroll 2
+        for (int j = 0; j < kTcChunkWords; ++j) {
+          uint32_t e0[4], e1[4];
+          decode(sb0[j], sb1[j], e0, e1);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            uint32_t b[4];
+            x_word(nt, j, b);
+            const uint32_t a_first[4] = {e0[0], e1[0], e0[1], e1[1]};
+            mma_16816<kBf16>(acc[nt], a_first, b[0], b[1]);
+            const uint32_t a_second[4] = {e0[2], e1[2], e0[3], e1[3]};
+            mma_16816<kBf16>(acc[nt], a_second, b[2], b[3]);
+          }
+        }
+      };
+      if (x_fast && k_chunk + kBitmapBlockCols <= cols) {
+        const uint4* xc[kNT];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          xc[nt] = reinterpret_cast<const uint4*>(xr[nt] + k_chunk + t8);
+        }
+        words_with([&](int nt, int j, uint32_t (&b)[4]) {
+          const uint4 u = __ldg(xc[nt] + 4 * j);  // 32 columns = four 16-byte groups per word
+          b[0] = u.x;
+          b[1] = u.y;
+          b[2] = u.z;
+          b[3] = u.w;
+        });
+      } else {
+        words_with([&](int nt, int j, uint32_t (&b)[4]) { x_eight(xr[nt], k_chunk + 32 * j + t8, cols, x_fast, b); });
+      }
+    };
     if (staged) {  // 32-bit offsets into each row's slot (below row_cap)
       const int64_t a0 = static_cast<int64_t>(s0) - (static_cast<int64_t>(s0) + mis) % kV;
       const int64_t a1 = static_cast<int64_t>(s1) - (static_cast<int64_t>(s1) + mis) % kV;
-      steps(static_cast<uint32_t>(static_cast<int64_t>(s0) - a0), static_cast<uint32_t>(static_cast<int64_t>(e0) - a0),
-            sv + g * row_cap, static_cast<uint32_t>(static_cast<int64_t>(s1) - a1),
-            static_cast<uint32_t>(static_cast<int64_t>(e1) - a1), sv + (g + 8) * row_cap);
+      const uint32_t c0 = static_cast<uint32_t>(static_cast<int64_t>(s0) - a0);
+      const uint32_t c1 = static_cast<uint32_t>(static_cast<int64_t>(s1) - a1);
+      if constexpr (kLean) {
+        uint32_t p0 = static_cast<uint32_t>(__cvta_generic_to_shared(sv + g * row_cap + c0));
+        uint32_t p1 = static_cast<uint32_t>(__cvta_generic_to_shared(sv + (g + 8) * row_cap + c1));
+        lean_words([&](uint32_t w0, uint32_t w1, uint32_t (&e0)[4], uint32_t (&e1)[4]) {
+          decode_byte(w0, t8, below, p0, e0);
+          decode_byte(w1, t8, below, p1, e1);
+        });
+      } else {
+        steps(c0, static_cast<uint32_t>(static_cast<int64_t>(e0) - a0), sv + g * row_cap, c1,
+              static_cast<uint32_t>(static_cast<int64_t>(e1) - a1), sv + (g + 8) * row_cap);
+      }
+    } else if constexpr (kLean) {
+      uint64_t i0 = s0, i1 = s1;
+      const uint64_t end = static_cast<uint64_t>(nnz);
+      lean_words([&](uint32_t w0, uint32_t w1, uint32_t (&e0)[4], uint32_t (&e1)[4]) {
+        decode_byte(w0, t8, below, i0, end, values, e0);
+        decode_byte(w1, t8, below, i1, end, values, e1);
+      });
     } else {
       steps(s0, static_cast<uint64_t>(nnz), values, s1, static_cast<uint64_t>(nnz), values);
     }
@@ -683,16 +831,25 @@ size_t gemv_tc_smem(int row_cap) {
   return static_cast<size_t>(kTcWarps) * (16 * kTcBitsStride * 4 + static_cast<size_t>(16) * row_cap * 2);
 }
 
-// Launches gemv_tc_kernel; false (nothing launched) where it does not apply: float32,
-// a GPU before sm_80, or a block's shared memory above what the device allows.
-bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
+// Bytes past the warps' buffers for the lean decode's unchecked reads of a staged slot: a
+// row's index within its slot starts below 8 (alignment) and a chunk's 512 bits advance it
+// by at most 512, so the last row's slot reads at most 520 - row_cap elements past the end
+// (hostile bits only: with bits and offsets that agree, every read is inside the slot).
+size_t gemv_tc_lean_slack(int row_cap) {
+  return static_cast<size_t>(std::max(0, static_cast<int>(kBitmapBlockCols) + 8 - row_cap)) * 2;
+}
+
+// Launches gemv_tc_kernel (lean: its lean decode); false (nothing launched) where it does
+// not apply: float32, a GPU before sm_80, or a block's shared memory above what the device
+// allows.
+bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y, bool lean) {
   const auto dtype = p.x.scalar_type();
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (dtype == at::kFloat || prop->major < 8) {
     return false;
   }
   const int row_cap = gemv_tc_row_cap(p);
-  const size_t smem = gemv_tc_smem(row_cap);
+  const size_t smem = gemv_tc_smem(row_cap) + (lean ? gemv_tc_lean_slack(row_cap) : 0);
   const size_t partials = static_cast<size_t>(kTcWarps) * 2 * 4 * 32 * 4;  // kN = 16
   if (std::max(smem, partials) > prop->sharedMemPerBlockOptin) {
     return false;
@@ -701,12 +858,15 @@ bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
   const int64_t grid = ceil_div(p.rows, int64_t{16});
   TORCH_CHECK(grid <= 0x7fffffff, "multiflow::_bitmap_linear_cuda: too many output rows for one launch: ", p.rows);
   const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 / 2);
-  const bool x_pairs = p.cols % 2 == 0 && reinterpret_cast<uintptr_t>(p.x.const_data_ptr()) % 4 == 0;
-  // variant: the kernel's index in `opted` (the four kernels share one type, so one lambda).
+  // x_pair's 4-byte loads (even cols, x 4-byte aligned) or x_eight's 16-byte loads (cols % 8
+  // == 0, x 16-byte aligned).
+  const auto x_address = reinterpret_cast<uintptr_t>(p.x.const_data_ptr());
+  const bool x_fast = lean ? p.cols % 8 == 0 && x_address % 16 == 0 : p.cols % 2 == 0 && x_address % 4 == 0;
+  // variant: the kernel's index in `opted` (the eight kernels share one type, so one lambda).
   auto go = [&](auto kernel, int variant) {
     if (smem_launch > 48 * 1024) {
       // Once per kernel, device and size: the largest opt-in set so far (it covers smaller).
-      static std::atomic<size_t> opted[4][64];
+      static std::atomic<size_t> opted[8][64];
       const int dev = p.x.get_device();
       if (dev >= 64 || opted[variant][dev].load() < smem_launch) {
         C10_CUDA_CHECK(
@@ -723,23 +883,32 @@ bool launch_gemv_tc(const BitmapProblem& p, const at::Tensor& y) {
         p.bits.const_data_ptr<int32_t>(), p.row_ptr.const_data_ptr<int32_t>(), p.block_ptr.const_data_ptr<int32_t>(),
         p.bias.defined() ? static_cast<const uint16_t*>(p.bias.const_data_ptr()) : nullptr,
         static_cast<uint16_t*>(y.mutable_data_ptr()), static_cast<int>(p.m), p.rows, p.cols, p.bits.size(1),
-        bitmap_blocks(p.cols), p.values.numel(), row_cap, mis, x_pairs);
+        bitmap_blocks(p.cols), p.values.numel(), row_cap, mis, x_fast);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool bf16 = dtype == at::kBFloat16;
-  if (p.m <= 8) {
-    bf16 ? go(gemv_tc_kernel<true, 8>, 0) : go(gemv_tc_kernel<false, 8>, 1);
+  if (lean) {
+    if (p.m <= 8) {
+      bf16 ? go(gemv_tc_kernel<true, 8, true>, 4) : go(gemv_tc_kernel<false, 8, true>, 5);
+    } else {
+      bf16 ? go(gemv_tc_kernel<true, 16, true>, 6) : go(gemv_tc_kernel<false, 16, true>, 7);
+    }
+  } else if (p.m <= 8) {
+    bf16 ? go(gemv_tc_kernel<true, 8, false>, 0) : go(gemv_tc_kernel<false, 8, false>, 1);
   } else {
-    bf16 ? go(gemv_tc_kernel<true, 16>, 2) : go(gemv_tc_kernel<false, 16>, 3);
+    bf16 ? go(gemv_tc_kernel<true, 16, false>, 2) : go(gemv_tc_kernel<false, 16, false>, 3);
   }
   return true;
 }
 
-// MULTIFLOW_BITMAP_GEMV: the few-row kernel, "tc" (gemv_tc_kernel for float16 / bfloat16
-// on sm_80+, up to 16 rows of x, gemv_kernel otherwise; unset or empty: the default) or
-// "v1" (gemv_kernel, up to 8 rows). Read at each call.
-bool use_gemv_v1() {
-  return env_switch("MULTIFLOW_BITMAP_GEMV", "tc", "v1", "multiflow::_bitmap_linear_cuda");
+// MULTIFLOW_BITMAP_GEMV: the few-row kernel, read at each call. "tc" (unset or empty: the
+// default): gemv_tc_kernel for float16 / bfloat16 on sm_80+, up to 16 rows of x,
+// gemv_kernel otherwise; "v1": gemv_kernel, up to 8 rows; "tc2": as tc with the lean
+// decode (not yet run on a GPU: opt-in until it is measured).
+enum class Gemv { kTc, kV1, kTc2 };
+Gemv gemv_choice() {
+  return static_cast<Gemv>(
+      env_choice("MULTIFLOW_BITMAP_GEMV", {"tc", "v1", "tc2"}, "multiflow::_bitmap_linear_cuda"));
 }
 
 at::Tensor decode_dense(const BitmapProblem& p) {
@@ -781,10 +950,10 @@ at::Tensor bitmap_linear_cuda(
   }
   // Few rows: the tensor-core kernel (16-bit types, sm_80+, up to 16 rows of x) unless
   // MULTIFLOW_BITMAP_GEMV=v1, else gemv_kernel up to 8 rows; then decode + cuBLAS.
-  const bool v1 = use_gemv_v1();
-  if (!v1 && p.m <= kRowsTc) {
+  const Gemv gemv = gemv_choice();
+  if (gemv != Gemv::kV1 && p.m <= kRowsTc) {
     at::Tensor y = at::empty({p.m, p.rows}, p.x.options());
-    if (launch_gemv_tc(p, y)) {
+    if (launch_gemv_tc(p, y, gemv == Gemv::kTc2)) {
       return y.view(p.out_shape);
     }
   }
