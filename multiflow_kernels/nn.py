@@ -6,6 +6,7 @@ the tools to turn a pruned model into one: ``sparsify`` (also ``format="auto"``)
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,16 @@ _META_KEY = "multiflow_kernels"
 _FORMAT_VERSION = 2
 
 
+def _size(name: str, value) -> int:
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"SparseLinear: {name} must be an int, got {type(value).__name__}") from None
+    if size < 0:
+        raise ValueError(f"SparseLinear: {name} must be >= 0, got {size}")
+    return size
+
+
 class SparseLinear(nn.Module):
     """``y = x @ (W * M).T + b`` with the weight stored in a sparse ``format``.
 
@@ -38,8 +49,10 @@ class SparseLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.format = formats.check_format(format)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = _size("in_features", in_features)
+        self.out_features = _size("out_features", out_features)
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"SparseLinear: dtype must be float32, float16 or bfloat16, got {dtype}")
         for name, t in formats.empty(self.format, self.out_features, self.in_features,
                                      device=device, dtype=dtype).items():
             if name == "weight":
@@ -61,6 +74,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight's {tuple(linear.weight.shape)}")
         formats.check_format(format)
         w = linear.weight.detach()
+        if w.device.type == "meta":
+            raise ValueError("from_dense: the weight is on the meta device (no values to pack); load or "
+                             "initialise the model's weights first")
         mask = mask.to(w.device)
         packed = formats.pack(format, w, mask)  # before building: a bad mask leaves nothing behind
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, format=format,
@@ -73,7 +89,12 @@ class SparseLinear(nn.Module):
                     setattr(out, name, t)
             if linear.bias is not None:
                 out.bias.copy_(linear.bias.detach())
-        return out
+        # the layer's state as the user left it: a frozen or evaluating layer stays so
+        if format == "masked":
+            out.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            out.bias.requires_grad_(linear.bias.requires_grad)
+        return out.train(linear.training)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in formats.buffers(self.format)}
@@ -114,8 +135,9 @@ class SparseLinear(nn.Module):
                 f"format={self.format!r}")
 
 
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+def _problems(what: str, problems: list[str]) -> str:
+    """One error message listing every problem, one per line."""
+    return f"{what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems)
 
 
 def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = "bitmap", *,
@@ -126,44 +148,78 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
 
     ``format="auto"`` picks per layer with :func:`multiflow_kernels.formats.choose_format`
     for the layer's device and dtype and ``rows``, the expected rows of x per call.
-    Raises ValueError naming every mask that does not fit (not an ``nn.Linear`` weight,
-    unknown name, wrong shape or dtype, not 2:4 for ``format="2:4"``), before changing
-    anything."""
+    Raises ValueError naming every mask that does not fit, before changing anything: not
+    the weight of a plain ``nn.Linear`` (a subclass, such as ``nn.MultiheadAttention``'s
+    ``out_proj``, may have its weight read directly by its parent), unknown name, wrong shape
+    or dtype, a weight on the meta device, a weight tied to another parameter (sparsifying
+    one user of a shared weight would untie it), not 2:4 for ``format="2:4"``. A layer
+    registered under several names is replaced under all of them (by one SparseLinear). The
+    sparse layers are all built before the first is swapped in, so an error while packing
+    also leaves the model as it was. Each new layer keeps the old one's train / eval mode
+    and its parameters' ``requires_grad``."""
     formats.check_format(format, allow_auto=True)
     if int(rows) < 1:
         raise ValueError(f"rows (the expected rows of x per call, for format='auto') must be >= 1, got {rows}")
-    linears = _linear_modules(model)
-    params = dict(model.named_parameters())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name of every module
+    module_names: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        module_names.setdefault(id(m), []).append(n)
+    param_names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(n)
     problems = []
-    chosen = {}
+    chosen: dict[int, tuple[str, torch.Tensor, str]] = {}  # id(linear) -> (mask name, mask, format)
     for name, m in masks.items():
         mod_name = name[: -len(".weight")] if name.endswith(".weight") else None
-        if mod_name is None or mod_name not in linears:
-            kind = "not in the model" if name not in params else "not the weight of an nn.Linear"
+        lin = modules.get(mod_name) if mod_name else None
+        if name == "weight" and isinstance(model, nn.Linear):
+            problems.append(f"{name} (the model itself is the nn.Linear: sparsify replaces submodules; "
+                            "use SparseLinear.from_dense(model, mask))")
+            continue
+        if not isinstance(lin, nn.Linear):
+            kind = "not the weight of an nn.Linear" if any(name in n for n in param_names.values()) else "not in the model"
             problems.append(f"{name} ({kind})")
+            continue
+        w = lin.weight
+        tied = [n for n in param_names.get(id(w), [])
+                if not (n.endswith(".weight") and modules.get(n[: -len(".weight")]) is lin)]
+        if type(lin) is not nn.Linear:
+            problems.append(f"{name} (weight of a {type(lin).__name__}, an nn.Linear subclass: its own forward or its "
+                            "parent may use .weight directly, e.g. nn.MultiheadAttention's out_proj; sparsify "
+                            "replaces plain nn.Linear only)")
         elif not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             problems.append(f"{name} (mask is not a bool tensor)")
-        elif tuple(m.shape) != tuple(linears[mod_name].weight.shape):
-            problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(linears[mod_name].weight.shape)})")
-        elif linears[mod_name].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            problems.append(f"{name} (weight dtype {linears[mod_name].weight.dtype}; the sparse formats take "
-                            "float32, float16 or bfloat16)")
+        elif tuple(m.shape) != tuple(w.shape):
+            problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(w.shape)})")
+        elif w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            problems.append(f"{name} (weight dtype {w.dtype}; the sparse formats take float32, float16 or bfloat16)")
+        elif w.device.type == "meta":
+            problems.append(f"{name} (weight on the meta device: no values to pack)")
+        elif tied:
+            problems.append(f"{name} (tied: the same Parameter is also {', '.join(tied[:3])}; sparsifying one of its "
+                            "users would untie them)")
+        elif id(lin) in chosen:
+            first, first_mask, _ = chosen[id(lin)]
+            if not torch.equal(first_mask.to(m.device), m):
+                problems.append(f"{name} (the same module as {first}, with a different mask)")
         else:
-            w = linears[mod_name].weight
             fmt = formats.choose_format(m, w.dtype, w.device, rows) if format == formats.AUTO else format
             if fmt == "2:4":
                 try:
                     formats.check_24(m, name)
                 except ValueError as e:
                     problems.append(str(e))
-            chosen[mod_name] = fmt
+                    continue
+            chosen[id(lin)] = (name, m, fmt)
     if problems:
-        raise ValueError(f"masks do not fit {type(model).__name__}: {problems}")
-    for name, m in masks.items():
-        mod_name = name[: -len(".weight")]
-        parent_name, _, child = mod_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear.from_dense(linears[mod_name], m, format=chosen[mod_name]))
+        raise ValueError(_problems(f"masks do not fit {type(model).__name__}", problems))
+    # every layer built first: an error while packing leaves the model untouched
+    built = {key: SparseLinear.from_dense(modules[name[: -len(".weight")]], m, format=fmt)
+             for key, (name, m, fmt) in chosen.items()}
+    for key, layer in built.items():
+        for mod_name in module_names[key]:
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
 
 
@@ -188,10 +244,47 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
 
 
+# safetensors' dtype names
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
+    """Every tensor of the open file ``f`` against the model's state (names, shapes, dtypes),
+    before anything is copied: ``load_state_dict`` copies tensor by tensor and reports
+    mismatches only at the end, which would leave the model half loaded. A bitmap layer's
+    ``values`` may have any length (its number of kept weights is data); tensors of the model
+    that share storage are saved once (safetensors), so a missing name is fine when its
+    storage is loaded under another."""
+    state = model.state_dict()
+    bitmap_values = {f"{n}.values" for n, m in _sparse_layers(model).items() if m.format == "bitmap"}
+
+    def storage(t):  # None for tensors that cannot be shared (no bytes)
+        return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.untyped_storage().nbytes() else None
+
+    saved = set(f.keys())
+    problems = [f"{k} (in the file, not in the model)" for k in sorted(saved - set(state))]
+    loaded = {storage(state[k]) for k in saved & set(state)} - {None}
+    problems += [f"{k} (in the model, not in the file)" for k in sorted(set(state) - saved)
+                 if storage(state[k]) is None or storage(state[k]) not in loaded]
+    for k in sorted(saved & set(state)):
+        entry, want = f.get_slice(k), state[k]
+        shape = tuple(entry.get_shape())
+        if (len(shape) != 1) if k in bitmap_values else (shape != tuple(want.shape)):
+            problems.append(f"{k} (shape {shape} in the file, {tuple(want.shape)} in the model)")
+        if _FILE_DTYPES.get(entry.get_dtype()) != want.dtype:
+            problems.append(f"{k} (dtype {entry.get_dtype()} in the file, {want.dtype} in the model)")
+    if problems:
+        raise ValueError(_problems(f"cannot load {path} into {type(model).__name__}; nothing was loaded", problems))
+
+
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a file written by :func:`save_sparse` into ``model``, which must already be
     sparsified with the same layout (same layers and formats); tensors are copied into the
-    existing sparse storage, no dense weight is materialised."""
+    existing sparse storage, no dense weight is materialised. Every tensor's name, shape and
+    dtype is checked against the model before the first is copied: a file that does not fit
+    raises ValueError (listing what differs) and leaves the model as it was."""
     from safetensors import safe_open
     from safetensors.torch import load_model
 
@@ -211,6 +304,8 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         formats_saved = {v["format"] for v in layers.values()}
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{path}: malformed '{_META_KEY}' metadata ({type(e).__name__}: {e})") from None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: malformed '{_META_KEY}' metadata (format_version {version!r} is not an integer)")
     if version != _FORMAT_VERSION and (version != 1 or "bitmap" in formats_saved):
         raise ValueError(f"{path} was written with sparse file format version {version}; this multiflow_kernels reads "
                          f"version {_FORMAT_VERSION} (and version 1 files without bitmap layers: the bitmap format's "
@@ -220,6 +315,8 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if saved != ours:
         diff = sorted(set(saved) ^ set(ours)) or [n for n in saved if saved[n] != ours.get(n)]
         raise ValueError(f"{path} was saved from a model sparsified differently; layers that differ: {diff[:20]}")
+    with safe_open(str(path), framework="pt") as f:
+        _check_file_tensors(model, path, f)
     try:
         load_model(model, str(path), strict=True)
     except RuntimeError as e:

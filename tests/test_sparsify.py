@@ -160,3 +160,153 @@ def test_sparsify_xvlm_equals_masked_dense(calib_batches):
                           calib_batches[0]["attention_mask"]).fusion_embeds
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
     assert ((fused - fused_ref).norm() / fused_ref.norm()).item() <= 1e-5
+
+
+def _two_layers(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    state = model.state_dict()
+    return set(state) == set(before) and all(torch.equal(state[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "masked"])
+def test_failed_load_leaves_the_model_untouched(tmp_path, fmt):
+    """load_state_dict copies tensor by tensor and raises at the end: load_sparse checks every
+    name, shape and dtype first, so a file that does not fit changes nothing."""
+    masks = {"0.weight": torch.rand(8, 12) > 0.5, "2.weight": torch.rand(4, 8) > 0.5}
+    path = mk.save_sparse(mk.sparsify(_two_layers(), masks, format=fmt), tmp_path / "m.safetensors")
+
+    class Extra(nn.Sequential):  # the same layers plus one parameter the file lacks
+        def __init__(self):
+            super().__init__(*_two_layers(seed=1))
+            self.extra = nn.Parameter(torch.zeros(3))
+
+    cases = {"extra parameter": mk.sparsify(Extra(), masks, format=fmt)}
+    other = mk.sparsify(_two_layers(seed=1), {"0.weight": masks["0.weight"]}, format=fmt)
+    cases["layout"] = other  # layer 2 not sparse: the layouts differ
+    half = mk.sparsify(_two_layers(seed=1), masks, format=fmt)
+    half[2].bias.data = half[2].bias.data.half()
+    cases["dtype"] = half
+    for what, model in cases.items():
+        before = _state(model)
+        with pytest.raises(ValueError, match="m.safetensors"):
+            mk.load_sparse(model, path)
+        assert _unchanged(model, before), what
+    # the shape of a plain layer that the layout check cannot see
+    wide = mk.sparsify(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 4)),
+                       masks, format=fmt)
+    path2 = mk.save_sparse(wide, tmp_path / "wide.safetensors")
+    narrow = mk.sparsify(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 2)),
+                         masks, format=fmt)
+    before = _state(narrow)
+    with pytest.raises(ValueError, match=r"3\.weight \(shape \(4, 4\) in the file, \(2, 4\) in the model\)"):
+        mk.load_sparse(narrow, path2)
+    assert _unchanged(narrow, before)
+
+
+def test_load_rejects_a_non_integer_format_version(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = mk.sparsify(_two_layers(), {"0.weight": torch.rand(8, 12) > 0.5})
+    meta = json.dumps({"format_version": "2", "layers": {}})
+    path = tmp_path / "v.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"multiflow_kernels": meta})
+    with pytest.raises(ValueError, match="format_version '2' is not an integer"):
+        mk.load_sparse(model, path)
+
+
+def test_sparsify_rejects_linear_subclasses_and_tied_weights():
+    """nn.MultiheadAttention reads out_proj.weight itself (a SparseLinear there would be skipped,
+    and a masked one's pruned weights would train); a tied weight would come apart."""
+    mha = nn.MultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"out_proj\.weight \(weight of a NonDynamicallyQuantizableLinear"):
+        mk.sparsify(mha, {"out_proj.weight": torch.rand(8, 8) > 0.5}, format="masked")
+    assert type(mha.out_proj) is not mk.SparseLinear
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.dec.weight = self.enc.weight
+
+    tied = Tied()
+    with pytest.raises(ValueError, match=r"enc\.weight \(tied: the same Parameter is also dec\.weight"):
+        mk.sparsify(tied, {"enc.weight": torch.rand(6, 6) > 0.5})
+    assert not any(isinstance(m, mk.SparseLinear) for m in tied.modules())
+    with pytest.raises(ValueError, match="the model itself is the nn.Linear"):
+        mk.sparsify(nn.Linear(4, 4), {"weight": torch.rand(4, 4) > 0.5})
+
+
+def test_sparsify_replaces_a_shared_module_under_every_name():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(10, 10)
+            self.again = self.proj  # one module, two names
+
+        def forward(self, x):
+            return self.again(torch.relu(self.proj(x)))
+
+    torch.manual_seed(0)
+    model = Shared()
+    mask = torch.rand(10, 10) > 0.5
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        dense.proj.weight.mul_(mask)
+    mk.sparsify(model, {"proj.weight": mask})
+    assert isinstance(model.proj, mk.SparseLinear) and model.again is model.proj
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(model(x), dense(x))
+    with pytest.raises(ValueError, match="the same module as proj.weight, with a different mask"):
+        mk.sparsify(Shared(), {"proj.weight": mask, "again.weight": ~mask})
+
+
+def test_sparsify_is_all_or_nothing(monkeypatch):
+    """A layer that fails to pack after the checks (out of memory, say) leaves every layer as it was."""
+    model = _two_layers()
+    masks = {"0.weight": torch.rand(8, 12) > 0.5, "2.weight": torch.rand(4, 8) > 0.5}
+    real = mk.SparseLinear.from_dense.__func__
+    calls = []
+
+    def failing(cls, linear, mask, format="bitmap"):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure while packing")
+        return real(cls, linear, mask, format)
+
+    monkeypatch.setattr(mk.SparseLinear, "from_dense", classmethod(failing))
+    with pytest.raises(RuntimeError, match="simulated"):
+        mk.sparsify(model, masks)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        mk.sparsify(meta, {"0.weight": torch.rand(4, 4) > 0.5})
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "masked", "2:4"])
+def test_sparsify_keeps_frozen_and_eval_state(fmt):
+    model = _two_layers().requires_grad_(False).eval()
+    masks = {"0.weight": torch.rand(8, 12) > 0.5, "2.weight": torch.tensor([1, 0, 1, 0] * 2, dtype=torch.bool).repeat(4, 1)}
+    if fmt == "2:4":
+        masks["0.weight"] = torch.tensor([0, 1, 1, 0] * 3, dtype=torch.bool).repeat(8, 1)
+    mk.sparsify(model, masks, format=fmt)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
+    layer = mk.SparseLinear.from_dense(nn.Linear(12, 8), masks["0.weight"], format=fmt)
+    assert layer.training and all(p.requires_grad for p in layer.parameters())
+
+
+def test_sparse_linear_checks_its_sizes():
+    with pytest.raises(ValueError, match="in_features must be >= 0, got -1"):
+        mk.SparseLinear(-1, 4)
+    with pytest.raises(TypeError, match="out_features must be an int, got float"):
+        mk.SparseLinear(4, 2.5)
