@@ -617,6 +617,60 @@ torch.library.register_autograd(
 )
 
 
+# Double backward. With create_graph=True autograd records the masked_linear_backward call
+# above, so that op needs a formula of its own: without one torch's fallback only warned and
+# took its outputs as constants, and every second-order gradient through masked_linear was
+# silently 0. The formula is registered on masked_linear_backward itself (rather than a
+# plain-torch path in _masked_linear_backward_autograd under grad mode) so that every order
+# runs on the kernels with the same contract: float32 sums rounded once to x's dtype, no dense
+# W * M, exactly 0 at pruned places (nothing a gradient penalty does revives a pruned weight);
+# a direct call of masked_linear_backward is differentiable too, and with grad mode off (the
+# usual create_graph=False step) the op still goes straight to the kernel, no autograd node.
+# The formula only calls masked_linear and masked_linear_backward, so it is differentiable in
+# turn (any order). With M the mask and (ux, uw, ub) the upstream gradients of
+# (grad_x, grad_weight, grad_bias) = (g @ (W*M), (g^T @ x) * M, g summed):
+#   d g = ux @ (W*M)^T + x @ (uw*M)^T + ub = masked_linear(ux, W) + masked_linear(x, uw)  (ub: one's bias)
+#   d x = g @ (uw*M)                        = masked_linear_backward(g, x, uw)[0]
+#   d W = (g^T @ ux) * M                    = masked_linear_backward(g, ux, W)[1]
+
+
+def _masked_linear_backward_setup_context(ctx, inputs, output) -> None:
+    grad_out, x, weight, mask_bits, output_mask = inputs
+    ctx.save_for_backward(grad_out, x, weight, mask_bits)
+    ctx.output_mask = list(output_mask)
+    ctx.set_materialize_grads(False)  # an output nothing used gets None: no work for it
+
+
+def _masked_linear_backward_backward(ctx, up_x, up_w, up_b):
+    grad_out, x, weight, mask_bits = ctx.saved_tensors
+    # A skipped output is a (0,)-shaped placeholder: nothing flows back through it.
+    up_x, up_w, up_b = (up if on else None for up, on in zip((up_x, up_w, up_b), ctx.output_mask))
+    needs = ctx.needs_input_grad
+    d_grad_out = d_x = d_w = None
+    if needs[0]:
+        terms = []
+        if up_x is not None:
+            terms.append(masked_linear(up_x, weight, mask_bits, up_b))
+        if up_w is not None:
+            terms.append(masked_linear(x, up_w, mask_bits, up_b if up_x is None else None))
+        if not terms and up_b is not None:
+            terms.append(up_b.expand(grad_out.shape))
+        if terms:
+            d_grad_out = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    if needs[1] and up_w is not None:
+        d_x = masked_linear_backward(grad_out, x, up_w, mask_bits, [True, False, False])[0]
+    if needs[2] and up_x is not None:
+        d_w = masked_linear_backward(grad_out, up_x, weight, mask_bits, [False, True, False])[1]
+    return d_grad_out, d_x, d_w, None, None  # mask_bits, output_mask: not differentiable
+
+
+torch.library.register_autograd(
+    "multiflow::masked_linear_backward",
+    _masked_linear_backward_backward,
+    setup_context=_masked_linear_backward_setup_context,
+)
+
+
 # =======================================================================================
 # Bitmap format: bitmap_pack, bitmap_unpack, bitmap_linear (entry points + fake kernels)
 # =======================================================================================
@@ -735,6 +789,28 @@ def _check_bitmap_format(
 def _bitmap_unpack_fake(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
     _check_bitmap_format("multiflow::bitmap_unpack", values, bits, row_ptr, block_ptr, in_features)
     return values.new_empty((bits.shape[0], in_features))
+
+
+# bitmap_unpack is linear in values: W = scatter of values to the kept places (row-major), so
+# d values = dW at the kept places, in the same order. bitmap_linear's backward
+# (csrc/linear_autograd.cpp) computes grad_x = grad_y @ bitmap_unpack(values): with
+# create_graph=True this formula is what carries a gradient penalty on grad_x back to values
+# (without it torch only warned and took the unpacked W as a constant in values).
+def _bitmap_unpack_setup_context(ctx, inputs, output) -> None:
+    _, bits, _, _, in_features = inputs
+    ctx.save_for_backward(bits)
+    ctx.in_features = in_features
+
+
+def _bitmap_unpack_backward(ctx, grad_w: Tensor):
+    (bits,) = ctx.saved_tensors
+    grad_values = grad_w.masked_select(unpack_mask(bits, ctx.in_features)) if ctx.needs_input_grad[0] else None
+    return grad_values, None, None, None, None
+
+
+torch.library.register_autograd(
+    "multiflow::bitmap_unpack", _bitmap_unpack_backward, setup_context=_bitmap_unpack_setup_context
+)
 
 
 def bitmap_linear(

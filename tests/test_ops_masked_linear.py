@@ -203,6 +203,153 @@ def test_training_never_revives_pruned_weights(make_opt):
     assert not torch.equal(w.detach()[mask], w0[mask]), "kept weights should train"
 
 
+# ----------------------------------------------------------------------------- double backward, torch.compile
+# The ops take float32 / float16 / bfloat16 only (no float64), so gradgradcheck runs in
+# float32 with a finite-difference step and tolerances to match; the second-order gradients
+# themselves are held to the earned bound against the dense masked expression in float64.
+
+SECOND_ORDER_SHAPES = [((2, 3), 7, 5), ((4,), 33, 6), ((1,), 1, 1)]
+
+
+def op_and_dense(mask):
+    """masked_linear and the dense masked expression, each as a function of (x, weight, bias)."""
+    bits = ops.pack_mask(mask)
+    return (lambda x, w, b: ops.masked_linear(x, w, bits, b)), (lambda x, w, b: dense_forward(x, w, mask, b))
+
+
+def gradient_penalty_grads(linear, x, w, b, wrt):
+    """Gradients of (x, weight[, bias]) of ``|d sum(y^2) / d wrt|^2`` with y = linear(x, w, b),
+    on fresh leaves: a second-order gradient (create_graph=True). Every term of it is a
+    product of inputs with a positive coefficient, so the same call on |x|, |w|, |b| in
+    float64 bounds the sum of the terms' magnitudes (the earned check's scale)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    xs, ws, bs = (*leaves, None)[:3]
+    first = torch.autograd.grad(linear(xs, ws, bs).pow(2).sum(), leaves[wrt], create_graph=True)[0]
+    return torch.autograd.grad(first.pow(2).sum(), leaves)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's "autograd kernel was not registered" fallback
+@pytest.mark.parametrize("with_bias, wrt", [(False, 0), (False, 1), (True, 0), (True, 1), (True, 2)],
+                         ids=["nobias-grad_x", "nobias-grad_weight", "bias-grad_x", "bias-grad_weight", "bias-grad_bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("leading, n_in, n_out", SECOND_ORDER_SHAPES, ids=str)
+def test_double_backward_matches_dense_masked_linear(leading, n_in, n_out, dtype, with_bias, wrt):
+    """Second-order gradients of x, weight and bias, for a penalty on each first-order
+    gradient (wrt: its index in (x, weight, bias)); before the fix: silently all 0."""
+    x, w, mask, b = make_case(leading, n_in, n_out, dtype, with_bias, seed=11)
+    op, dense = op_and_dense(mask)
+    b64 = None if b is None else b.double()
+    got = gradient_penalty_grads(op, x, w, b, wrt)
+    exact = gradient_penalty_grads(dense, x.double(), w.double(), b64, wrt)
+    plain = gradient_penalty_grads(dense, x, w, b, wrt)
+    scale = gradient_penalty_grads(dense, x.double().abs(), w.double().abs(), None if b is None else b64.abs(), wrt)
+    for name, *four in zip(("x", "weight", "bias"), got, exact, plain, scale):
+        assert_earned(*four, dtype, f"second-order grad of {name}")
+    assert exact[0].abs().max() > 0, "the case must have a non-zero second-order gradient"
+    assert torch.equal(got[1][~mask], torch.zeros_like(got[1][~mask])), "pruned weights: exactly 0"
+
+
+@pytest.mark.filterwarnings("ignore:Input #\\d+ requires gradient and is not a double precision")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gradcheck_and_gradgradcheck_float32(with_bias):
+    """Finite differences of masked_linear to second order, and (through the first-order
+    gradients with create_graph=True) to third order. float32 (the ops have no float64):
+    central differences of a polynomial of degree <= 3 with a step of 1e-2 are within
+    float32 rounding / step plus step^2 of the truth."""
+    x, w, mask, b = make_case((2, 3), 7, 5, torch.float32, with_bias, seed=12)
+    bits = ops.pack_mask(mask)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b) if t is not None)
+
+    def linear(*args):
+        return ops.masked_linear(*args[:2], bits, *args[2:])
+
+    def first_order(*args):
+        return torch.autograd.grad(linear(*args).pow(2).sum(), args, create_graph=True)
+
+    tol = dict(eps=1e-2, atol=5e-3, rtol=5e-3)
+    assert torch.autograd.gradcheck(linear, inputs, **tol)
+    assert torch.autograd.gradgradcheck(linear, inputs, **tol)
+    assert torch.autograd.gradgradcheck(first_order, inputs, **tol)
+
+
+def test_masked_linear_backward_is_differentiable():
+    """masked_linear_backward called directly: its gradients, from the kernels, equal
+    autograd of its plain-torch twin (reference.py), for each output alone and all three."""
+    x, w, mask, b = make_case((2, 3), 33, 6, torch.float32, True, seed=13)
+    bits = ops.pack_mask(mask)
+    g = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(14))
+    for output_mask in ([True, False, False], [False, True, False], [False, False, True], [True, True, True]):
+        results = []
+        for backward in (ops.masked_linear_backward, reference.masked_linear_backward):
+            leaves = [t.clone().requires_grad_() for t in (g, x, w)]
+            outs = backward(*leaves, bits, output_mask)
+            loss = sum((o * o.detach().sin()).sum() for o, on in zip(outs, output_mask) if on)
+            results.append(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+        for got, want, name in zip(*results, ("grad_out", "x", "weight")):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{output_mask}: d/d {name}")
+
+
+def test_gradient_penalty_training_matches_dense_and_keeps_pruned_weights():
+    """A training step that differentiates through gradients (create_graph=True): task loss
+    plus a penalty on the input gradient and on the weight gradient, as in gradient-penalty
+    or meta-learning training. Same trajectory as the dense masked model; pruned weights
+    never move (their second-order gradient is exactly 0 too)."""
+    x, w0, mask, b0 = make_case((2, 3), 7, 5, torch.float32, True, seed=15)
+    runs = {}
+    for name, linear in zip(("op", "dense"), op_and_dense(mask)):
+        w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+        opt = torch.optim.SGD([w, b], lr=0.01, momentum=0.9)
+        for step in range(4):
+            xs = (x * (step + 1)).requires_grad_()
+            task = (linear(xs, w, b) - 1).pow(2).mean()
+            grad_x, grad_w = torch.autograd.grad(task, (xs, w), create_graph=True)
+            loss = task + 0.1 * grad_x.pow(2).sum() + 0.1 * grad_w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        runs[name] = (w.detach(), b.detach())
+    (w_op, b_op), (w_dense, b_dense) = runs["op"], runs["dense"]
+    torch.testing.assert_close(w_op, w_dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_op, b_dense, rtol=1e-5, atol=1e-5)
+    assert torch.equal(w_op[~mask], w0[~mask]), "a pruned weight moved"
+
+
+def test_compiled_first_order_training_uses_the_kernels():
+    """torch.compile (aot_eager, fullgraph) of a training step: the gradients eager gives,
+    and the backward graph calls masked_linear_backward (the kernel), not a dense expression."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm.code
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    x, w, mask, b = make_case((2, 3), 33, 6, torch.float32, True, seed=16)
+    bits = ops.pack_mask(mask)
+
+    def loss_of(x, w, b):
+        return ops.masked_linear(x, w, bits, b).pow(2).mean()
+
+    grads = []
+    for fn in (loss_of, torch.compile(loss_of, fullgraph=True, backend=backend),
+               torch.compile(loss_of, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        torch._dynamo.reset()
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for got in grads[1:]:
+        for a, c in zip(got, grads[0]):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    assert "masked_linear_backward" in graphs["backward"], graphs["backward"]
+    assert "masked_linear.default" in graphs["forward"], graphs["forward"]
+
+
 # ----------------------------------------------------------------------------- opcheck, errors, determinism
 
 
@@ -217,10 +364,15 @@ def test_opcheck(dtype, with_bias):
         b.requires_grad_()
     torch.library.opcheck(torch.ops.multiflow.masked_linear.default, (x, w, bits, b))
     g = torch.randn(2, 3, 7).to(dtype)
-    for output_mask in ([True, True, True], [False, True, False]):
+    for output_mask in ([True, True, True], [False, True, False], [True, False, True]):
         torch.library.opcheck(
             torch.ops.multiflow.masked_linear_backward.default,
             (g, x.detach(), w.detach(), bits, output_mask),
+        )
+        # With inputs that require grad: its own autograd formula (double backward).
+        torch.library.opcheck(
+            torch.ops.multiflow.masked_linear_backward.default,
+            (g.clone().requires_grad_(), x, w, bits, output_mask),
         )
 
 
