@@ -1,6 +1,7 @@
 """masks_from_stats against straightforward in-test implementations of DESIGN.md's equations."""
 import functools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -49,12 +50,13 @@ def naive_prior(weights, mods, s):
                 out[n] = 0.0
             else:
                 t = torch.kthvalue(pool, k).values
-                out[n] = float((weights[n].abs() <= t).sum()) / weights[n].numel()
+                # the fraction exactly (a float c / n times n can come out under c)
+                out[n] = Fraction(int((weights[n].abs() <= t).sum()), weights[n].numel())
     return out
 
 
 def naive_mask(score, s_l):
-    k = int(s_l * score.numel())
+    k = int(s_l * score.numel())  # exact when s_l is a Fraction
     if k < 1:
         return torch.ones_like(score, dtype=torch.bool)
     return score > torch.kthvalue(score.flatten(), k).values
@@ -69,6 +71,17 @@ def test_multiflow_equals_equations(sparsity, backend):
         expected = naive_mask(naive_flow(w, acts[n]), prior[n])
         assert torch.equal(masks[n], expected), n
         assert masks[n].dtype == torch.bool and masks[n].shape == w.shape
+
+
+def test_prior_count_survives_floating_point(backend):
+    """A layer's prior is a count c of its |W| at or below the modality's threshold; s_l = c / n
+    times n comes out under c in floating point for some (c, n) (15 / 22 * 22 < 15): the layer
+    must still prune c weights, not c - 1."""
+    assert 15 / 22 * 22 < 15
+    w = torch.arange(1, 23, dtype=torch.float32).reshape(2, 11)
+    names = {"l.weight": w}
+    masks = _mfs(backend)(names, {"l.weight": torch.ones(11)}, {"l.weight": "v"}, 15 / 22 + 1e-9)
+    assert int((~masks["l.weight"]).sum()) == 15
 
 
 def test_prior_is_per_modality(backend):
@@ -250,11 +263,21 @@ def test_nm_rejects_indivisible_layers_naming_them(backend):
 
 
 # ---- bad input ---------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, torch.tensor([0.5]), torch.tensor(1.0)])
 def test_bad_sparsity(bad, backend):
     weights, acts, mods = _layers()
     with pytest.raises(ValueError, match="sparsity"):
         _mfs(backend)(weights, acts, mods, bad)
+
+
+def test_sparsity_as_numpy_or_tensor_number(backend):
+    import numpy as np
+
+    weights, acts, mods = _layers()
+    want = _mfs(backend)(weights, acts, mods, 0.5)
+    for s in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        got = _mfs(backend)(weights, acts, mods, s)
+        assert all(torch.equal(got[n], want[n]) for n in want), type(s)
 
 
 def test_nonfinite_statistic_names_layer(backend):

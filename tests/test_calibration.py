@@ -83,9 +83,12 @@ def test_streaming_equals_one_big_batch_and_repeated_calls():
     assert p.calibration_samples == 16
 
 
-def test_blip_padding_rule(blip_factory, calib_batches):
-    """Changing the ids under padding changes no BLIP statistic (text layers drop padding)."""
-    model = blip_factory("retrieval")
+@pytest.mark.parametrize("task", ["retrieval", "caption", "vqa"])
+def test_blip_padding_rule(task, blip_factory, calib_batches):
+    """Changing the ids under padding changes no BLIP statistic (text layers drop padding).
+    For vqa the answer decoder cross-attends to the padded question: transformers drops that
+    mask, so the adapter restores it (without that, these statistics moved by ~20%)."""
+    model = blip_factory(task)
     b = calib_batches[0]
     assert (b["attention_mask"] == 0).any(), "the test needs padded captions"
     other = dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 77))
@@ -95,8 +98,9 @@ def test_blip_padding_rule(blip_factory, calib_batches):
         torch.testing.assert_close(a1[n], a2[n], rtol=1e-5, atol=1e-12)
 
 
-def test_blip_streaming_equals_one_batch(blip_factory, calib_batches):
-    model = blip_factory("retrieval")
+@pytest.mark.parametrize("task", ["retrieval", "caption", "vqa"])
+def test_blip_streaming_equals_one_batch(task, blip_factory, calib_batches):
+    model = blip_factory(task)
     from multiflow.data import BuiltinCalibrationSet, calibration_batches
 
     ds = BuiltinCalibrationSet(num_samples=8, image_size=64, seed=0)
@@ -242,3 +246,14 @@ def test_float64_model():
     masks = multiflow.prune(model, _text_batches(), 0.5, exclude=["unused"], progress=False)
     assert set(masks) == {"fc1.weight", "fc2.weight"}
     assert masks.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_nm_masks_record_the_sparsity_they_prune():
+    """With nm=(N, M) the sparsity argument is ignored: the metadata and summary give the
+    1 - N / M the masks prune, not the ignored number."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    masks = multiflow.prune(net, [torch.randn(4, 8)], 0.9, nm=(2, 4), progress=False)
+    assert masks.metadata["sparsity"] == 0.5 and masks.metadata["nm"] == [2, 4]
+    assert abs(masks.sparsity - 0.5) < 1e-12
+    assert "target sparsity=0.5000" in masks.summary()

@@ -207,3 +207,20 @@ def test_unwritable_output_folder(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="not writable"):
         atomic_write(tmp_path / "x.safetensors", lambda tmp: Path(tmp).write_text("x"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_mode(tmp_path, umask):
+    """atomic_write's temporary file is 0600 (mkstemp); the result must get the mode a plain
+    open() would give it, so outputs on a shared machine are readable as usual."""
+    import os
+    import stat
+
+    from multiflow_kernels._io import atomic_write
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "x.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -70,6 +70,11 @@ def test_missing_and_corrupt_files(tmp_path):
     save_file({"w": torch.ones(2, 2)}, str(tmp_path / "float.safetensors"), metadata={"multiflow": "{}"})
     with pytest.raises(ValueError, match="non-boolean"):
         Masks.load(tmp_path / "float.safetensors")
+    for i, meta in enumerate(("[1, 2]", '"abc"', "3", "null")):  # JSON, but not an object
+        save_file({"w": torch.ones(2, 2, dtype=torch.bool)}, str(tmp_path / f"m{i}.safetensors"),
+                  metadata={"multiflow": meta})
+        with pytest.raises(ValueError, match=f"m{i}.safetensors has corrupt metadata"):
+            Masks.load(tmp_path / f"m{i}.safetensors")
 
 
 def test_failed_save_leaves_existing_file(tmp_path, monkeypatch, blip_masks):

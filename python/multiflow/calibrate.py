@@ -295,7 +295,8 @@ class Pruner:
         masks = {n: mk.cpu() for n, mk in masks.items()}
         metadata = {
             "method": m.name,
-            "sparsity": None if sparsity is None else float(sparsity),
+            # N:M masks prune exactly 1 - N / M whatever `sparsity` says (it is ignored then)
+            "sparsity": 1.0 - nm[0] / nm[1] if nm is not None else None if sparsity is None else float(sparsity),
             "nm": list(nm) if nm is not None else None,
             "modalities": dict(self.modalities),
             "allocated_sparsity": allocated,

@@ -183,6 +183,9 @@ class Masks(Mapping):
             meta = json.loads(header[_META_KEY])
         except json.JSONDecodeError as e:
             raise ValueError(f"mask file {path} has corrupt metadata: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"mask file {path} has corrupt metadata: '{_META_KEY}' holds a "
+                             f"{type(meta).__name__}, not an object")
         bad = [k for k, t in tensors.items() if t.dtype != torch.bool]
         if bad:
             raise ValueError(f"mask file {path} holds non-boolean tensors: {bad[:20]}")

@@ -264,7 +264,13 @@ def compute_masks(
             allocated = modality_prior(weights, modalities, sparsity, impl=impl)
         else:
             allocated = {name: sparsity for name in weights}
-        ks = {name: int(allocated[name] * w.numel()) for name, w in weights.items()}
+        if m.allocation == "modality_prior":
+            # s_l = c_l / numel with c_l an integer count; (c_l / numel) * numel can come out a
+            # hair under c_l in floating point, and int() would then prune one weight fewer
+            # than the prior's count: round it instead (exact: the error is far below 0.5)
+            ks = {name: round(allocated[name] * w.numel()) for name, w in weights.items()}
+        else:
+            ks = {name: int(allocated[name] * w.numel()) for name, w in weights.items()}
         for names in _layer_groups(weights, max_group_elements):
             if m.fused is not None:
                 got = m.fused([weights[n].detach() for n in names], [act_sq_norms[n] for n in names],

@@ -10,6 +10,7 @@ weight tied at the threshold is pruned; ``k < 1`` prunes nothing.
 """
 from __future__ import annotations
 
+import numbers
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -32,8 +33,10 @@ def get_impl(backend: str = "kernels") -> ModuleType:
 
 
 def check_sparsity(sparsity: float) -> float:
-    """Validate a target sparsity: a real number in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    """Validate a target sparsity: a real number in [0, 1) (a Python, NumPy or 0-d tensor number)."""
+    if isinstance(sparsity, torch.Tensor) and sparsity.dim() == 0 and sparsity.dtype.is_floating_point:
+        sparsity = sparsity.item()
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     s = float(sparsity)
     if not (0.0 <= s < 1.0):  # also rejects NaN

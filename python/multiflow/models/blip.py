@@ -6,6 +6,7 @@ and ``text_decoder.*`` are ``text``. Not prunable: ``vision_proj``, ``text_proj`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from importlib import resources
@@ -35,6 +36,34 @@ _REFERENCE_RULES = [
     (re.compile(r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\."), r"vision_model.encoder.layers.\1.layer_norm\2."),
     (re.compile(r"^visual_encoder\.norm\."), r"vision_model.post_layernorm."),
 ]
+
+
+@contextlib.contextmanager
+def _masked_cross_attention(model: nn.Module):
+    """Within the block, BLIP's text cross-attention gets the encoder's padding mask.
+
+    transformers (5.x) drops it: ``BlipTextLayer`` hands the encoder mask to its cross-attention
+    as ``attention_mask``, ``BlipTextAttention`` passes that on as ``attention_mask``, and
+    ``BlipTextSelfAttention`` then takes ``encoder_attention_mask`` (None) for cross-attention.
+    The image tokens have no padding, but ``BlipForQuestionAnswering``'s answer decoder
+    cross-attends to the padded question encoding, so padded positions leaked into every
+    kept token's activations (the statistic then depended on the padding's values and on how
+    the samples were batched). A pre-hook restores the mask as the original BLIP applies it;
+    where transformers passes ``encoder_attention_mask`` itself, the hook changes nothing."""
+
+    def pass_mask(module, args, kwargs):
+        if (kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None
+                and kwargs.get("attention_mask") is not None):
+            return args, {**kwargs, "encoder_attention_mask": kwargs["attention_mask"]}
+        return None
+
+    handles = [m.register_forward_pre_hook(pass_mask, with_kwargs=True)
+               for m in model.modules() if type(m).__name__ == "BlipTextSelfAttention"]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _blip_task(model: nn.Module) -> Optional[str]:
@@ -83,6 +112,10 @@ class BlipAdapter(ModelAdapter):
         return image_text_inputs(batch, "BLIP")
 
     def _call(self, model: nn.Module, pixel_values, input_ids, attention_mask, **extra):
+        with _masked_cross_attention(model):
+            return self._call_model(model, pixel_values, input_ids, attention_mask, **extra)
+
+    def _call_model(self, model: nn.Module, pixel_values, input_ids, attention_mask, **extra):
         if self.task == "retrieval":
             return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          use_itm_head=True, **extra)
