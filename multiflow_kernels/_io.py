@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def _umask() -> int:
@@ -26,23 +26,38 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
     """Call ``write_fn(tmp_path)`` on a temporary file in ``path``'s folder, then rename it
     onto ``path``: an interrupted or failed write leaves no partial file and never clobbers an
     existing one."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
+    return atomic_write_all([(path, write_fn)])[0]
+
+
+def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], object]]]) -> list[Path]:
+    """:func:`atomic_write` for a set of files that belong together (a run's outputs): every
+    file is written to its temporary first, and only when all are written are they renamed
+    into place, so a failure or an interrupt while writing leaves every existing file as it
+    was and no new one (only one in the short loop of renames at the end could leave some
+    files new and some old)."""
+    paths = [Path(p) for p, _ in writes]
+    for path in paths:
+        parent = path.parent
+        if not parent.exists():
+            raise FileNotFoundError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"output folder is not writable: {parent}")
+    temps: list[str] = []
     try:
-        write_fn(tmp)
-        # mkstemp makes the file 0600; the result gets the mode a plain open() would give it
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, (_, write_fn) in zip(paths, writes):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append(tmp)
+            write_fn(tmp)
+            # mkstemp makes the file 0600; the result gets the mode a plain open() would give it
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
-    return path
+    return paths

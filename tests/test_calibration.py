@@ -257,3 +257,19 @@ def test_nm_masks_record_the_sparsity_they_prune():
     assert masks.metadata["sparsity"] == 0.5 and masks.metadata["nm"] == [2, 4]
     assert abs(masks.sparsity - 0.5) < 1e-12
     assert "target sparsity=0.5000" in masks.summary()
+
+
+def test_nonfinite_activations_name_the_layer_whose_weight_caused_them():
+    """An Inf weight in layer a makes b's activations Inf: the error names a's weight first."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("a", torch.nn.Linear(6, 6))
+    net.add_module("b", torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        net.a.weight[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"weights of layers \['a.weight'\] contain NaN/Inf; NaN/Inf in the activations "
+                                         r"of layers: \['b.weight'\]"):
+        multiflow.Pruner(net).calibrate([torch.randn(4, 6)], progress=False)
+    with pytest.raises(ValueError, match=r"^NaN/Inf in the activations of layers: \['0.weight', '1.weight'\]"):
+        multiflow.Pruner(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))).calibrate(
+            [torch.full((2, 6), float("nan"))], progress=False)

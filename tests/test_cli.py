@@ -146,6 +146,21 @@ def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
     assert "skipped 1 samples with unreadable images" in capsys.readouterr().err
 
 
+def test_the_unreadable_fraction_counts_every_sample_read(tmp_path):
+    """max_bad_fraction is a fraction of the samples read, wherever the bad ones sit: two
+    broken images among the first eight of 40 (5%) are skipped; one of five (20%) is an error."""
+    from multiflow.data import ImageCaptionDataset, calibration_batches
+
+    path = _json_dataset(tmp_path, 40, bad={2, 7})
+    batches = calibration_batches(ImageCaptionDataset(path, tmp_path), batch_size=4, image_size=32)
+    assert [i for i, _ in batches.skipped] == [2, 7] and len(batches) == 10 - 1 + 1  # 38 samples: 10 batches
+    small = tmp_path / "small"
+    small.mkdir()
+    path = _json_dataset(small, 5, bad={1})
+    with pytest.raises(ValueError, match="1 of the 2 samples read have unreadable images: more than max_bad"):
+        calibration_batches(ImageCaptionDataset(path, small), batch_size=4, image_size=32)
+
+
 def test_too_many_unreadable_images_is_an_error(tmp_path, capsys):
     path = _json_dataset(tmp_path, 6, bad={0, 1, 2})
     rc = main(["prune", "--no-progress", "--data", str(path), "--out", str(tmp_path / "out")])
@@ -224,3 +239,33 @@ def test_written_files_get_the_umask_mode(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_failed_write_leaves_the_previous_outputs(tmp_path, monkeypatch, capsys):
+    """The outputs of a run are written together: an interrupt while writing the last one (the
+    plot) leaves every file of the previous run as it was, and no temporary behind."""
+    from multiflow import cli
+
+    out = tmp_path / "out"
+    args = ["prune", "--no-progress", "--batches", "1", "--batch-size", "2", "--sparsity", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "layer_sparsity.png" in before and len(before) == 4
+
+    def interrupted(results):
+        def write(tmp):
+            raise KeyboardInterrupt
+
+        return write
+
+    monkeypatch.setattr(cli, "layer_sparsity_plot", interrupted)
+    assert main(args + ["--seed", "7"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("bad", ["file", "file/sub"])
+def test_a_bad_out_folder_fails_before_calibrating(tmp_path, capsys, bad):
+    (tmp_path / "file").write_text("not a folder")
+    rc = main(["prune", "--no-progress", "--out", str(tmp_path / bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--out" in err and "calibrating" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import json
 import os
@@ -369,7 +370,10 @@ def test_image_caption_dataset_missing_and_corrupt_image(tmp_path):
 def test_calibration_batches_builtin_shapes():
     ds = BuiltinCalibrationSet(num_samples=10, image_size=32)
     batches = calibration_batches(ds, batch_size=4, image_size=24, max_length=16)
-    assert isinstance(batches, list) and len(batches) == 3
+    assert isinstance(batches, collections.abc.Sequence) and len(batches) == 3
+    assert len(batches[:2]) == 2 and torch.equal(batches[-1]["input_ids"], batches[2]["input_ids"])
+    with pytest.raises(IndexError):
+        batches[3]
     assert [b["pixel_values"].shape[0] for b in batches] == [4, 4, 2]
     for b in batches:
         assert set(b) == {"pixel_values", "input_ids", "attention_mask"}
@@ -504,3 +508,26 @@ def test_load_data_json_specs(tmp_path):
         load_data(str(tmp_path / "missing.json"), num_samples=None, image_size=32, seed=0)
     with pytest.raises(ValueError, match="unrecognised"):
         load_data("coco-please", num_samples=None, image_size=32, seed=0)
+
+
+def test_calibration_batches_hold_one_batch_at_a_time():
+    """The batches are built when asked for (each sample read once up front, checked, then
+    again by its batch): nothing of the calibration set is held between batches."""
+    ds = BuiltinCalibrationSet(num_samples=12, image_size=32)
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return ds[i]
+
+    batches = calibration_batches(Counting(), batch_size=4, image_size=24)
+    up_front = len(reads)
+    assert up_front == 12 + 4  # the check of every sample, and the first batch
+    first = [b["pixel_values"] for b in batches]
+    assert len(reads) == up_front + 12
+    second = [b["pixel_values"] for b in batches]  # built again, the same
+    assert len(reads) == up_front + 24 and all(torch.equal(a, b) for a, b in zip(first, second))

@@ -237,7 +237,10 @@ class Pruner:
             raise ValueError("calibrate() got no batches: pass at least one batch")
         nonfinite = [n for n, s in sums.items() if not bool(torch.isfinite(s).all())]
         if nonfinite:
-            raise ValueError(f"NaN/Inf in the activations of layers: {nonfinite}")
+            # a NaN / Inf weight upstream is the usual cause: name those layers first
+            bad_weights = [n for n, m in self.layers.items() if not bool(torch.isfinite(m.weight).all())]
+            cause = f"the weights of layers {bad_weights} contain NaN/Inf; " if bad_weights else ""
+            raise ValueError(f"{cause}NaN/Inf in the activations of layers: {nonfinite}")
         # merge only now: a failed call leaves earlier statistics untouched
         for n in self.layers:
             self.sq_sums[n] = self.sq_sums[n] + sums[n] if n in self.sq_sums else sums[n]

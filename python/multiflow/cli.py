@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -149,12 +151,17 @@ def _mask_filename(method: str, sparsity: Optional[float], nm) -> str:
 
 def plot_layer_sparsity(results: dict, path: Path) -> None:
     """One line per mask set: each layer's sparsity in model order, coloured by modality."""
+    from .masks import atomic_write
+
+    atomic_write(path, layer_sparsity_plot(results))
+
+
+def layer_sparsity_plot(results: dict):
+    """:func:`plot_layer_sparsity`'s figure, as a function that writes it to a PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .masks import atomic_write
 
     fig, ax = plt.subplots(figsize=(10, 4))
     colors = {}
@@ -176,8 +183,14 @@ def plot_layer_sparsity(results: dict, path: Path) -> None:
     ax.set_title("MULTIFLOW layer-wise sparsity per modality")
     ax.legend(title="modality", loc="lower left")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+
+    def write(tmp: str) -> None:
+        try:
+            fig.savefig(tmp, dpi=120, format="png")
+        finally:
+            plt.close(fig)
+
+    return write
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -193,12 +206,31 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 
 def launch_distributed(nproc: int, argv: Sequence[str]) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    import subprocess
+    """Re-run this command under torchrun with ``nproc`` processes on this machine.
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "multiflow.cli", *_without_nproc(argv)]
-    return subprocess.run(cmd).returncode
+    torchrun runs in this process (not as a command) so that a failed run ends in one line:
+    rank 0 prints its own reason (the other ranks keep quiet, see ``main``), and torchrun's
+    ChildFailedError, which the ``torchrun`` command prints as a traceback, becomes the
+    exit code, plus a line naming the ranks when rank 0 itself did not fail."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    _Stage.now = f"running {nproc} processes"
+    # the CPU threads per process: this machine's cores shared out (torchrun's default is 1,
+    # with a warning); and torchrun's own log lines about a failed rank stay out of the way
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "multiflow.cli", *_without_nproc(argv)]))
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        if 0 not in codes:
+            print(f"multiflow: error: calibration processes failed (rank: exit code) {codes}", file=sys.stderr)
+        return 130 if 130 in codes.values() else 1
+    except SignalException:  # Ctrl-C: each rank printed where it stopped
+        return 130
+    return 0
 
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
@@ -232,15 +264,31 @@ def cmd_prune(args) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _check_out_folder(out: Path) -> None:
+    """--out must be a folder, or creatable as one: checked before calibrating, so a typo
+    does not cost the run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: {parent} is not writable")
+
+
 def _prune(args, rank: int, world: int) -> int:
     import torch
 
+    from multiflow_kernels._io import atomic_write_all
+
     from . import Pruner
-    from .masks import atomic_write
     from .models import build_model
     from .pruners import get_method
 
     out = Path(args.out)
+    _check_out_folder(out)  # before the work, not after it
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     _Stage.now = f"building the model {args.model}"
@@ -271,9 +319,11 @@ def _prune(args, rank: int, world: int) -> int:
     _Stage.now = f"writing the outputs to {out}"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
+    writes = []  # every output written before any replaces an existing one (atomic_write_all)
     for (label, masks), s in zip(results.items(), targets):
         masks.metadata["model"] = args.model
-        files[label] = str(atomic_write(out / _mask_filename(args.method, s, args.nm), masks.save))
+        files[label] = str(out / _mask_filename(args.method, s, args.nm))
+        writes.append((files[label], masks.save))
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
@@ -305,15 +355,16 @@ def _prune(args, rank: int, world: int) -> int:
         },
     }
     text = json.dumps(report, indent=2)
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    writes.append((out / "report.json", lambda tmp: Path(tmp).write_text(text)))
     md = [f"# multiflow prune: {args.model} ({type(model).__name__}), method {args.method}", ""]
     md.append(f"Calibration: {pruner.calibration_samples} samples in {len(batches)} batches, "
               f"{t_calib - t_data:.2f} s; date {report['date']}; {platform.platform()}; torch {torch.__version__}")
     for label, m in results.items():
         md += ["", f"## {label}  ({Path(files[label]).name}, {mask_seconds[label]:.2f} s)", "", "```", m.summary(), "```"]
     md_text = "\n".join(md) + "\n"
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(md_text))
-    plot_layer_sparsity(results, out / "layer_sparsity.png")
+    writes.append((out / "report.md", lambda tmp: Path(tmp).write_text(md_text)))
+    writes.append((out / "layer_sparsity.png", layer_sparsity_plot(results)))
+    atomic_write_all(writes)
 
     print(f"{type(model).__name__} ({args.model}), method {args.method}, "
           f"{pruner.calibration_samples} calibration samples, calibration {t_calib - t_data:.2f} s")
@@ -351,6 +402,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _one_line(message: str, limit: int = 600) -> str:
+    """An error message as one line (a multi-line list of problems joined by "; "), cut to
+    ``limit`` characters; --debug shows the whole exception."""
+    text = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    text = re.sub(r":; ", ": ", text)
+    return text if len(text) <= limit else text[: limit - 40].rstrip() + " ... (cut; --debug shows all)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -369,7 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as e:
         if debug:
             raise
-        print(f"multiflow: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under --nproc the ranks fail alike: rank 0 speaks
+            print(f"multiflow: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
 
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import random
 import re
 import zlib
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -622,15 +624,34 @@ class UnreadableImageError(ValueError):
     """An image of the data set is missing or cannot be decoded (a ValueError)."""
 
 
-class CalibrationBatches(list):
-    """The list of batches :func:`calibration_batches` returns; ``skipped`` lists
+class CalibrationBatches(SequenceABC):
+    """The batches :func:`calibration_batches` returns: a sequence (``len``, indexing,
+    iteration, as often as wanted) that builds each batch when it is asked for, so that
+    calibrating holds one batch at a time, not the whole calibration set. ``skipped`` lists
     ``(index, reason)`` for every sample left out because its image could not be read."""
 
     skipped: list
 
-    def __init__(self, batches=(), skipped=()):
-        super().__init__(batches)
+    def __init__(self, build, count: int, skipped=()):
+        self._build = build  # batch number -> batch dict
+        self._count = count
         self.skipped = list(skipped)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self._build(i) for i in range(*j.indices(self._count))]
+        j = operator.index(j)
+        if j < 0:
+            j += self._count
+        if not 0 <= j < self._count:
+            raise IndexError(f"batch {j} of {self._count}")
+        return self._build(j)
+
+    def __iter__(self):
+        return (self._build(j) for j in range(self._count))
 
 
 class ImageCaptionDataset(Dataset):
@@ -795,9 +816,11 @@ def calibration_batches(
       ``tokenizer(captions, padding=True, truncation=True,
       max_length=max_length, return_tensors="pt")``.
 
-    The result is an eager ``list`` (all batches are built up front), so it can
-    be iterated several times and ``len()`` works; this is fine for the usual
-    calibration sizes (a few hundred samples).
+    Every sample is read once up front (the unreadable ones are skipped then, and
+    errors are raised then); the batches themselves are built when asked for (the
+    result is a :class:`CalibrationBatches` sequence: ``len()``, indexing, repeated
+    iteration), reading their samples again, so calibration holds one batch at a time
+    whatever the number of batches.
 
     Args:
         dataset: a map-style dataset (``len`` + integer indexing) whose items
@@ -810,8 +833,9 @@ def calibration_batches(
         processor: a BLIP-style processor (replaces image_size/tokenizer).
         max_length: maximum text length in tokens.
         max_bad_fraction: samples whose image is missing or cannot be decoded are
-            skipped and listed in the result's ``skipped``; if more than this
-            fraction of the samples read are unreadable, ValueError.
+            skipped and listed in the result's ``skipped`` (later samples take their
+            places); if more than this fraction of the samples read are unreadable,
+            ValueError (raised as soon as that is certain, whatever the rest holds).
 
     Raises:
         ValueError: if the dataset is empty, ``batch_size < 1``,
@@ -846,29 +870,39 @@ def calibration_batches(
 
     wanted = n if num_batches is None else min(n, num_batches * batch_size)
     # Samples whose image cannot be read are skipped (and counted); later samples take
-    # their place, so batches stay full. Past max_bad_fraction of the samples read, stop.
-    items: list[tuple[Image.Image, str]] = []
+    # their place, so batches stay full. More than max_bad_fraction of the samples read
+    # unreadable is an error, raised as soon as no later sample can bring it back under.
+    readable: list[int] = []
     skipped: list[tuple[int, str]] = []
+
+    def too_many(at_most_readable: int) -> bool:
+        return len(skipped) > max_bad_fraction * (at_most_readable + len(skipped))
+
     for i in range(n):
-        if len(items) == wanted:
+        if len(readable) == wanted:
             break
         try:
-            items.append(_unpack_item(dataset[i], i))
+            _unpack_item(dataset[i], i)  # read and checked now; the batch reads it again
         except UnreadableImageError as e:
             skipped.append((i, str(e)))
-            if len(skipped) > max_bad_fraction * (len(items) + len(skipped)) and len(skipped) >= 2:
-                raise ValueError(
-                    f"calibration_batches: {len(skipped)} of the first {len(items) + len(skipped)} samples have "
-                    f"unreadable images (more than max_bad_fraction={max_bad_fraction}); first: {skipped[0][1]}"
-                ) from None
-    if not items:
+            if too_many(wanted):
+                break
+            continue
+        readable.append(i)
+    if too_many(len(readable)):
+        raise ValueError(
+            f"calibration_batches: {len(skipped)} of the {len(readable) + len(skipped)} samples read have "
+            f"unreadable images: more than max_bad_fraction={max_bad_fraction} of the samples, even if every "
+            f"other one of the {wanted} wanted could be read; first: {skipped[0][1]}")
+    if not readable:
         raise ValueError(f"calibration_batches: no readable sample ({len(skipped)} skipped; first: "
                          f"{skipped[0][1] if skipped else '-'})")
 
-    batches = CalibrationBatches(skipped=skipped)
-    for start in range(0, len(items), batch_size):
-        images = [im for im, _ in items[start:start + batch_size]]
-        captions = [c for _, c in items[start:start + batch_size]]
+    def build(j: int) -> dict:
+        chunk = readable[j * batch_size:(j + 1) * batch_size]
+        items = [_unpack_item(dataset[i], i) for i in chunk]
+        images = [im for im, _ in items]
+        captions = [c for _, c in items]
         if processor is not None:
             out = processor(
                 images=images,
@@ -889,12 +923,14 @@ def calibration_batches(
             out = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             source = f"tokenizer {type(tokenizer).__name__}"
             pixel_values = torch.stack([preprocess_image(img, image_size) for img in images])
-        batch = {
+        return {
             "pixel_values": torch.as_tensor(pixel_values).to(torch.float32),
             "input_ids": torch.as_tensor(_get_key(out, "input_ids", source)).to(torch.long),
             "attention_mask": torch.as_tensor(_get_key(out, "attention_mask", source)).to(torch.long),
         }
-        batches.append(batch)
+
+    batches = CalibrationBatches(build, math.ceil(len(readable) / batch_size), skipped)
+    build(0)  # the first batch now: a processor / tokenizer that does not fit fails here, not mid-calibration
     return batches
 
 
