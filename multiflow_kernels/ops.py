@@ -93,7 +93,11 @@ def flow_importance(
     that bring each maximum into [0.5, 1), so tiny layers do not underflow; ``r = 1``
     when ``a`` is all zero), ``A = w * r[None, :]`` in float32, ``imp_out = mean_j A``
     and ``imp_in = mean_i A`` summed in float64 and rounded once to float32. Equal
-    (torch.equal) to :func:`multiflow_kernels.reference.flow_importance`.
+    (torch.equal) to :func:`multiflow_kernels.reference.flow_importance` on every input
+    tested, with one exception both sides share: the float64 sums run in different
+    orders, so a mean whose exact value lies within a float64 rounding of a float32
+    rounding midpoint (inputs built for it; odds about 1e-7 per element on random data)
+    can round to the neighbouring float32 (csrc/cpu/flow.cpp).
 
     Args:
         weights: 2-D weights (out, in), float32, float16 or bfloat16 (dtypes may mix),
@@ -169,8 +173,9 @@ def flow_scores(weights: list[Tensor], act_sq_norms: list[Tensor]) -> list[Tenso
 
     ``score_l = (imp_out[:, None] * (|W_l| * w_scale[l])) * imp_in[None, :]`` in float32,
     with the importances of :func:`flow_importance`: a new contiguous float32 tensor of
-    each weight's shape. Equal (bitwise) to :func:`multiflow_kernels.reference.flow_scores`.
-    Same arguments as :func:`flow_importance`.
+    each weight's shape. Equal (bitwise) to :func:`multiflow_kernels.reference.flow_scores`
+    whenever the importances are (see :func:`flow_importance`). Same arguments as
+    :func:`flow_importance`.
     """
     weights, act_sq_norms = list(weights), list(act_sq_norms)
     if not weights and not act_sq_norms:
@@ -385,6 +390,10 @@ def _flow_masks_fake(
     torch._check(
         thresholds.dim() == 1 and thresholds.shape[0] == len(weights),
         lambda: f"{op}: thresholds must have shape (L,) with L = {len(weights)}, got {tuple(thresholds.shape)}",
+    )
+    torch._check(
+        thresholds.device == w_scale.device,
+        lambda: f"{op}: thresholds must be on the weights' device {w_scale.device}, got {thresholds.device}",
     )
     return [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
 

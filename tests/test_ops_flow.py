@@ -284,6 +284,11 @@ def test_device_mismatch_names_the_argument():
         ops.flow_importance([torch.randn(2, 3), torch.randn(2, 3, device="meta")], [torch.rand(3), torch.rand(3)])
     with pytest.raises(RuntimeError, match=r"act_sq_norms\[0\] must be on the device of weights\[0\] \(cpu\)"):
         ops.flow_scores([torch.randn(2, 3)], [torch.rand(3, device="meta")])
+    # flow_masks' thresholds: a meta tensor sends the call to the fake kernel, which returned
+    # uninitialised masks before it checked this argument's device
+    w, o, i, scale = [torch.randn(3, 4)], [torch.rand(3)], [torch.rand(4)], torch.ones(1)
+    with pytest.raises(RuntimeError, match=r"thresholds must be on the weights' device cpu, got meta"):
+        ops.flow_masks(w, o, i, scale, torch.zeros(1, device="meta"))
 
 
 # ----------------------------------------------------------------------------- CUDA (the Triton kernels)
@@ -333,3 +338,23 @@ def test_cuda_device_mismatch_names_the_argument():
         )
     with pytest.raises(RuntimeError, match=r"act_sq_norms\[0\] must be on the device of weights\[0\]"):
         ops.flow_scores([torch.randn(2, 3, device="cuda")], [torch.rand(3)])
+
+
+def test_ops_without_a_derivative_refuse_backward():
+    """A backward through a non-differentiable op raises (torch's default for custom ops only
+    warned and returned None gradients); without inputs that require grad nothing changes."""
+    w = torch.randn(3, 4, requires_grad=True)
+    a = torch.rand(4)
+    scores = ops.flow_scores([w], [a])[0]
+    with pytest.raises(RuntimeError, match="derivative for multiflow::flow_scores is not implemented"):
+        scores.sum().backward()
+    imp_out, imp_in, scale = ops.flow_importance([w], [a])
+    with pytest.raises(RuntimeError, match="derivative for multiflow::flow_importance is not implemented"):
+        imp_out[0].sum().backward()
+    with pytest.raises(RuntimeError, match="derivative for multiflow::kth_smallest_each is not implemented"):
+        ops.kth_smallest_each([w], [2])[0].backward()
+    acc = torch.zeros(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.sq_sum_accumulate_(acc, torch.randn(2, 4), None)
+    plain = ops.flow_scores([w.detach()], [a])[0]
+    assert not plain.requires_grad and torch.equal(plain, scores.detach())
