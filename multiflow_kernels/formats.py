@@ -111,6 +111,20 @@ def check_24(mask: Tensor, name: str = "mask") -> None:
                          f"(rows {shown}); prune with nm=(2, 4)")
 
 
+def bad_24_metadata_rows(metadata: Tensor, in_features: int) -> list[int]:
+    """The rows of a 2:4 ``metadata`` (int16, out x ceil(in / 16)) that :func:`sparse24_pack`
+    could not have written: each 4-column chunk names two positions, the first below the
+    second, and the padding chunks of a row's last word are 0. The kernels trust the metadata
+    (no check per call), so a file or state dict is checked once, when it is loaded."""
+    words = metadata.to(torch.int32) & 0xFFFF
+    shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=metadata.device)
+    nibbles = ((words[..., None] >> shifts) & 0xF).reshape(metadata.shape[0], -1)  # (out, 4 * words)
+    chunks = in_features // 4
+    real, padding = nibbles[:, :chunks], nibbles[:, chunks:]
+    bad = ((real & 3) >= (real >> 2)).any(1) | (padding != 0).any(1)
+    return bad.nonzero().flatten().tolist()
+
+
 def is_24(mask: Tensor) -> bool:
     """Whether ``mask`` keeps at most 2 of every 4 consecutive weights of each row."""
     return mask.shape[-1] % 4 == 0 and not bool(_groups_over_2(mask).any())

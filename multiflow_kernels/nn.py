@@ -123,6 +123,12 @@ class SparseLinear(nn.Module):
         return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        meta = state_dict.get(prefix + "metadata") if self.format == "2:4" else None
+        if isinstance(meta, torch.Tensor) and meta.shape == self.metadata.shape:
+            bad = formats.bad_24_metadata_rows(meta, self.in_features)
+            if bad:
+                raise ValueError(f"{prefix}metadata: rows {bad[:8]}{' ...' if len(bad) > 8 else ''} are not 2:4 "
+                                 "metadata sparse24_pack writes (two increasing positions per 4 columns)")
         # the number of kept values of a bitmap is data, not shape: size the buffer from the checkpoint
         if self.format == "bitmap" and prefix + "values" in state_dict:
             saved = state_dict[prefix + "values"]
@@ -259,6 +265,7 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
     storage is loaded under another."""
     state = model.state_dict()
     bitmap_values = {f"{n}.values" for n, m in _sparse_layers(model).items() if m.format == "bitmap"}
+    metadata_24 = {f"{n}.metadata": m.in_features for n, m in _sparse_layers(model).items() if m.format == "2:4"}
 
     def storage(t):  # None for tensors that cannot be shared (no bytes)
         return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.untyped_storage().nbytes() else None
@@ -275,6 +282,10 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
             problems.append(f"{k} (shape {shape} in the file, {tuple(want.shape)} in the model)")
         if _FILE_DTYPES.get(entry.get_dtype()) != want.dtype:
             problems.append(f"{k} (dtype {entry.get_dtype()} in the file, {want.dtype} in the model)")
+        elif k in metadata_24 and shape == tuple(want.shape):
+            bad = formats.bad_24_metadata_rows(f.get_tensor(k), metadata_24[k])
+            if bad:
+                problems.append(f"{k} (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}: not 2:4 metadata)")
     if problems:
         raise ValueError(_problems(f"cannot load {path} into {type(model).__name__}; nothing was loaded", problems))
 

@@ -1020,7 +1020,10 @@ def sparse24_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | 
     Args:
         x: (..., in_features) with in_features = 2 * values.shape[1], values' dtype
             (float32, float16 or bfloat16).
-        values, metadata: :func:`sparse24_pack`'s output.
+        values, metadata: :func:`sparse24_pack`'s output. The metadata's contents are not
+            checked per call (a chunk naming a position twice gives results that depend on
+            the kernel); ``load_sparse`` and ``SparseLinear.load_state_dict`` check them
+            once (:func:`multiflow_kernels.formats.bad_24_metadata_rows`).
         bias: None or (out_features,), x's dtype.
     """
     return torch.ops.multiflow.sparse24_linear.default(x, values, metadata, bias)
