@@ -111,6 +111,32 @@ def check_24(mask: Tensor, name: str = "mask") -> None:
                          f"(rows {shown}); prune with nm=(2, 4)")
 
 
+def bad_bitmap_rows(values_numel: int, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor,
+                    in_features: int) -> list[int]:
+    """The rows of a bitmap format whose offsets disagree with its bits (``row_ptr`` /
+    ``block_ptr`` not the counts of kept weights ``bitmap_pack`` writes, ``values`` of
+    another length) or that set a padding bit past ``in_features``. The CUDA kernels trust
+    the offsets (no check per call: wrong numbers, never a read outside ``values``), so a
+    file or state dict is checked once, when it is loaded."""
+    out = bits.shape[0]
+    mask = ops.unpack_mask(bits, in_features)
+    counts = mask.sum(1)
+    want_rows = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    bad = row_ptr.to(torch.int64)[1:] != want_rows[1:]
+    bad |= row_ptr.to(torch.int64)[:1] != 0
+    blocks = block_ptr.shape[1] + 1 if out else 0
+    if blocks > 1:
+        padded = torch.nn.functional.pad(mask, (0, blocks * ops.BITMAP_BLOCK_COLS - in_features))
+        before = padded.reshape(out, blocks, ops.BITMAP_BLOCK_COLS).sum(-1).cumsum(1)[:, :-1]
+        bad |= (block_ptr.to(torch.int64) != before).any(1)
+    if in_features % 32 and bits.shape[1]:
+        bad |= (bits[:, -1].to(torch.int64) & 0xFFFFFFFF) >> (in_features % 32) != 0
+    rows = bad.nonzero().flatten().tolist()
+    if out and int(want_rows[-1]) != values_numel and not rows:
+        rows = [out - 1]  # the counts agree but values has another length: its last row is short or long
+    return rows
+
+
 def bad_24_metadata_rows(metadata: Tensor, in_features: int) -> list[int]:
     """The rows of a 2:4 ``metadata`` (int16, out x ceil(in / 16)) that :func:`sparse24_pack`
     could not have written: each 4-column chunk names two positions, the first below the

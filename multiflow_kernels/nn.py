@@ -6,6 +6,7 @@ the tools to turn a pruned model into one: ``sparsify`` (also ``format="auto"``)
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 from collections.abc import Mapping
@@ -129,6 +130,15 @@ class SparseLinear(nn.Module):
             if bad:
                 raise ValueError(f"{prefix}metadata: rows {bad[:8]}{' ...' if len(bad) > 8 else ''} are not 2:4 "
                                  "metadata sparse24_pack writes (two increasing positions per 4 columns)")
+        if self.format == "bitmap":
+            got = [state_dict.get(prefix + t) for t in ("values", "bits", "row_ptr", "block_ptr")]
+            mine = (self.bits, self.row_ptr, self.block_ptr)
+            if all(isinstance(t, torch.Tensor) for t in got) and all(
+                    t.shape == b.shape and t.dtype == b.dtype for t, b in zip(got[1:], mine)):
+                bad = formats.bad_bitmap_rows(got[0].numel(), *got[1:], self.in_features)
+                if bad:
+                    raise ValueError(f"{prefix}: bitmap rows {bad[:8]}{' ...' if len(bad) > 8 else ''} have offsets "
+                                     "that disagree with their bits, or padding bits set")
         # the number of kept values of a bitmap is data, not shape: size the buffer from the checkpoint
         if self.format == "bitmap" and prefix + "values" in state_dict:
             saved = state_dict[prefix + "values"]
@@ -286,6 +296,18 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
             bad = formats.bad_24_metadata_rows(f.get_tensor(k), metadata_24[k])
             if bad:
                 problems.append(f"{k} (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}: not 2:4 metadata)")
+    # a bitmap layer's offsets against its bits (the CUDA kernels trust them), once the names,
+    # shapes and dtypes fit
+    for n, m in _sparse_layers(model).items() if not problems else ():
+        keys = [f"{n}.{t}" for t in ("values", "bits", "row_ptr", "block_ptr")]
+        if m.format != "bitmap":
+            continue
+        bits, row_ptr, block_ptr = (f.get_tensor(k) for k in keys[1:])
+        bad = formats.bad_bitmap_rows(math.prod(f.get_slice(keys[0]).get_shape()), bits, row_ptr, block_ptr,
+                                      m.in_features)
+        if bad:
+            problems.append(f"{n} (bitmap rows {bad[:8]}{' ...' if len(bad) > 8 else ''}: offsets that disagree "
+                            "with the bits, or padding bits set)")
     if problems:
         raise ValueError(_problems(f"cannot load {path} into {type(model).__name__}; nothing was loaded", problems))
 
