@@ -125,12 +125,21 @@ def main() -> int:
         # bits reach past its staged values (tc2 relies on its shared-memory slack there)
         (values, torch.full_like(bits, -1), row_ptr, block_ptr),
     ]
+    # every bit set on 4096 columns (8 chunks, so the last warp stages too) at ~25% density:
+    # its last row's reads run past the warps' buffers, into tc2's slack (1100 columns use only
+    # 3 of the 8 warps, whose reads stay inside the next warps' buffers)
+    w4 = torch.randn(19, 4096, generator=g).to(dev, torch.float16)
+    v4, b4, r4, p4 = ops.bitmap_pack(w4, (torch.rand(19, 4096, generator=g) > 0.75).to(dev))
+    wide = (v4, torch.full_like(b4, -1), r4, p4)
     for gemv, rows in itertools.product(("tc", "v1", "tc2"), (1, 5, 9, 16)):
         os.environ["MULTIFLOW_BITMAP_GEMV"] = gemv
         xx = torch.randn(rows, 1100, generator=g).to(dev, torch.float16)
         for fmt in hostile:
             assert ops._bitmap_linear_cuda(xx, *fmt, 1100, None).shape == (rows, 19)
             calls += 1
+        x4 = torch.randn(rows, 4096, generator=g).to(dev, torch.float16)
+        assert ops._bitmap_linear_cuda(x4, *wide, 4096, None).shape == (rows, 19)
+        calls += 1
     os.environ.pop("MULTIFLOW_BITMAP_GEMV")
     torch.cuda.synchronize()
     print(f"{calls} calls checked")

@@ -144,7 +144,7 @@ def bad_24_metadata_rows(metadata: Tensor, in_features: int) -> list[int]:
     (no check per call), so a file or state dict is checked once, when it is loaded."""
     words = metadata.to(torch.int32) & 0xFFFF
     shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=metadata.device)
-    nibbles = ((words[..., None] >> shifts) & 0xF).reshape(metadata.shape[0], -1)  # (out, 4 * words)
+    nibbles = ((words[..., None] >> shifts) & 0xF).reshape(metadata.shape[0], 4 * metadata.shape[1])
     chunks = in_features // 4
     real, padding = nibbles[:, :chunks], nibbles[:, chunks:]
     bad = ((real & 3) >= (real >> 2)).any(1) | (padding != 0).any(1)

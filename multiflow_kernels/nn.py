@@ -260,10 +260,18 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
 
 
-# safetensors' dtype names
-_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
+def _file_dtypes() -> dict:
+    """safetensors' dtype names -> torch dtypes (its own table where it has one)."""
+    try:
+        from safetensors.torch import _TYPES
+
+        return dict(_TYPES)
+    except ImportError:  # pragma: no cover (a safetensors without the table)
+        names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+                 "U32": "uint32", "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2"}
+        return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
 
 
 def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
@@ -274,8 +282,12 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
     that share storage are saved once (safetensors), so a missing name is fine when its
     storage is loaded under another."""
     state = model.state_dict()
-    bitmap_values = {f"{n}.values" for n, m in _sparse_layers(model).items() if m.format == "bitmap"}
-    metadata_24 = {f"{n}.metadata": m.in_features for n, m in _sparse_layers(model).items() if m.format == "2:4"}
+    file_dtypes = _file_dtypes()
+    # every name of every sparse layer: a layer registered under several names is saved once,
+    # under whichever name safetensors kept
+    sparse = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SparseLinear)]
+    bitmap_values = {f"{n}.values" for n, m in sparse if m.format == "bitmap"}
+    metadata_24 = {f"{n}.metadata": m.in_features for n, m in sparse if m.format == "2:4"}
 
     def storage(t):  # None for tensors that cannot be shared (no bytes)
         return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.untyped_storage().nbytes() else None
@@ -290,7 +302,7 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
         shape = tuple(entry.get_shape())
         if (len(shape) != 1) if k in bitmap_values else (shape != tuple(want.shape)):
             problems.append(f"{k} (shape {shape} in the file, {tuple(want.shape)} in the model)")
-        if _FILE_DTYPES.get(entry.get_dtype()) != want.dtype:
+        if file_dtypes.get(entry.get_dtype()) != want.dtype:
             problems.append(f"{k} (dtype {entry.get_dtype()} in the file, {want.dtype} in the model)")
         elif k in metadata_24 and shape == tuple(want.shape):
             bad = formats.bad_24_metadata_rows(f.get_tensor(k), metadata_24[k])
@@ -298,9 +310,9 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
                 problems.append(f"{k} (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}: not 2:4 metadata)")
     # a bitmap layer's offsets against its bits (the CUDA kernels trust them), once the names,
     # shapes and dtypes fit
-    for n, m in _sparse_layers(model).items() if not problems else ():
+    for n, m in sparse if not problems else ():
         keys = [f"{n}.{t}" for t in ("values", "bits", "row_ptr", "block_ptr")]
-        if m.format != "bitmap":
+        if m.format != "bitmap" or not all(k in saved for k in keys):  # another of its names holds them
             continue
         bits, row_ptr, block_ptr = (f.get_tensor(k) for k in keys[1:])
         bad = formats.bad_bitmap_rows(math.prod(f.get_slice(keys[0]).get_shape()), bits, row_ptr, block_ptr,

@@ -310,3 +310,39 @@ def test_sparse_linear_checks_its_sizes():
         mk.SparseLinear(-1, 4)
     with pytest.raises(TypeError, match="out_features must be an int, got float"):
         mk.SparseLinear(4, 2.5)
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
+def test_save_load_a_layer_registered_under_two_names(tmp_path, fmt):
+    """safetensors saves a shared layer once, under one of its names: load_sparse checks and
+    loads it under whichever name the file kept (enc / dec: the file keeps dec)."""
+
+    class Shared(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.enc = nn.Linear(64, 16)
+            self.dec = self.enc
+
+        def forward(self, x):
+            return self.dec(x)
+
+    mask = torch.tensor([1, 0, 0, 1], dtype=torch.bool).repeat(16, 16) if fmt == "2:4" else torch.rand(16, 64) > 0.5
+    model = mk.sparsify(Shared(0), {"enc.weight": mask}, format=fmt)
+    path = mk.save_sparse(model, tmp_path / "m.safetensors")
+    other = mk.sparsify(Shared(1), {"enc.weight": mask if fmt == "2:4" else torch.rand(16, 64) > 0.5}, format=fmt)
+    mk.load_sparse(other, path)
+    x = torch.randn(3, 64)
+    assert torch.equal(other(x), model(x)) and other.enc is other.dec
+
+
+def test_load_takes_buffers_of_any_safetensors_dtype(tmp_path):
+    model = mk.sparsify(_two_layers(), {"0.weight": torch.rand(8, 12) > 0.5})
+    model.register_buffer("scale8", torch.ones(3, dtype=torch.float8_e4m3fn))
+    model.register_buffer("count", torch.arange(4).to(torch.uint16))
+    path = mk.save_sparse(model, tmp_path / "m.safetensors")
+    other = mk.sparsify(_two_layers(seed=1), {"0.weight": torch.rand(8, 12) > 0.5})
+    other.register_buffer("scale8", torch.zeros(3, dtype=torch.float8_e4m3fn))
+    other.register_buffer("count", torch.zeros(4, dtype=torch.uint16))
+    mk.load_sparse(other, path)
+    assert torch.equal(other.count, model.count) and torch.equal(other.scale8.float(), model.scale8.float())

@@ -413,10 +413,14 @@ __device__ __forceinline__ void decode_byte(uint32_t w, int t8, uint32_t below, 
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
 #if defined(__CUDA_ARCH__)
-    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0;\n\t"
+    // volatile + "memory": a load the compiler must keep after the staging's writes and
+    // __syncwarp (its address alone does not tell it that it reads shared memory)
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0;\n\t"
         "@p ld.shared.u16 %0, [%1];\n\t@p add.u32 %1, %1, 2;\n\t}"
         : "=r"(v[i]), "+r"(addr)
-        : "r"(b & (1u << i)));
+        : "r"(b & (1u << i))
+        : "memory");
 #else
     v[i] = 0u;
 #endif

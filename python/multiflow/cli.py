@@ -157,7 +157,12 @@ def plot_layer_sparsity(results: dict, path: Path) -> None:
 
 
 def layer_sparsity_plot(results: dict):
-    """:func:`plot_layer_sparsity`'s figure, as a function that writes it to a PNG path."""
+    """:func:`plot_layer_sparsity`'s figure, as a function that draws it and writes it to a
+    PNG path (nothing is drawn unless it is called)."""
+    return lambda tmp: _draw_layer_sparsity(results, tmp)
+
+
+def _draw_layer_sparsity(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,15 +187,11 @@ def layer_sparsity_plot(results: dict):
     ax.set_ylim(0, 1)
     ax.set_title("MULTIFLOW layer-wise sparsity per modality")
     ax.legend(title="modality", loc="lower left")
-    fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        try:
-            fig.savefig(tmp, dpi=120, format="png")
-        finally:
-            plt.close(fig)
-
-    return write
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -216,20 +217,29 @@ def launch_distributed(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    import tempfile
+
     _Stage.now = f"running {nproc} processes"
     # the CPU threads per process: this machine's cores shared out (torchrun's default is 1,
     # with a warning); and torchrun's own log lines about a failed rank stay out of the way
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "multiflow.cli", *_without_nproc(argv)]))
-    except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        if 0 not in codes:
-            print(f"multiflow: error: calibration processes failed (rank: exit code) {codes}", file=sys.stderr)
-        return 130 if 130 in codes.values() else 1
-    except SignalException:  # Ctrl-C: each rank printed where it stopped
-        return 130
+    with tempfile.TemporaryDirectory(prefix="multiflow-ranks-") as errors:
+        os.environ[_RANK_ERRORS] = errors  # the other ranks leave their one-line reason here
+        try:
+            run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "multiflow.cli",
+                            *_without_nproc(argv)]))
+        except ChildFailedError as e:
+            codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+            if codes.get(0, -1) != 1:  # rank 0 did not print a reason: the first rank that has one
+                reasons = sorted(Path(errors).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+                reason = reasons[0].read_text() if reasons else f"processes failed (rank: exit code) {codes}"
+                print(f"multiflow: error: {reason}", file=sys.stderr)
+            return 130 if 130 in codes.values() else 1
+        except SignalException:  # Ctrl-C: each rank printed where it stopped
+            return 130
+        finally:
+            os.environ.pop(_RANK_ERRORS, None)
     return 0
 
 
@@ -402,6 +412,9 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+_RANK_ERRORS = "MULTIFLOW_RANK_ERRORS"  # set by launch_distributed for its ranks
+
+
 def _one_line(message: str, limit: int = 600) -> str:
     """An error message as one line (a multi-line list of problems joined by "; "), cut to
     ``limit`` characters; --debug shows the whole exception."""
@@ -428,8 +441,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as e:
         if debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # under --nproc the ranks fail alike: rank 0 speaks
+        rank = int(os.environ.get("RANK", "0")) if os.environ.get(_RANK_ERRORS) else 0
+        if rank == 0:  # under --nproc the ranks mostly fail alike: rank 0 speaks
             print(f"multiflow: error: {_one_line(str(e))}", file=sys.stderr)
+        else:  # the launcher prints it when rank 0 has nothing to say
+            (Path(os.environ[_RANK_ERRORS]) / f"rank{rank}.txt").write_text(f"rank {rank}: {_one_line(str(e))}")
         return 1
 
 

@@ -34,8 +34,8 @@ def get_impl(backend: str = "kernels") -> ModuleType:
 
 def check_sparsity(sparsity: float) -> float:
     """Validate a target sparsity: a real number in [0, 1) (a Python, NumPy or 0-d tensor number)."""
-    if isinstance(sparsity, torch.Tensor) and sparsity.dim() == 0 and sparsity.dtype.is_floating_point:
-        sparsity = sparsity.item()
+    if isinstance(sparsity, torch.Tensor) and sparsity.dim() == 0 and sparsity.dtype != torch.bool:
+        sparsity = sparsity.item()  # a complex one stays complex, and is refused below
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     s = float(sparsity)
