@@ -165,8 +165,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     ``format="auto"`` picks per layer with :func:`multiflow_kernels.formats.choose_format`
     for the layer's device and dtype and ``rows``, the expected rows of x per call.
     Raises ValueError naming every mask that does not fit, before changing anything: not
-    the weight of a plain ``nn.Linear`` (a subclass, such as ``nn.MultiheadAttention``'s
-    ``out_proj``, may have its weight read directly by its parent), unknown name, wrong shape
+    the weight of an ``nn.Linear`` that computes ``nn.Linear.forward`` (a subclass with its
+    own forward, or ``nn.MultiheadAttention``'s ``out_proj``, whose weight its parent reads
+    directly), unknown name, wrong shape
     or dtype, a weight on the meta device, a weight tied to another parameter (sparsifying
     one user of a shared weight would untie it), not 2:4 for ``format="2:4"``. A layer
     registered under several names is replaced under all of them (by one SparseLinear). The
@@ -199,10 +200,13 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
         w = lin.weight
         tied = [n for n in param_names.get(id(w), [])
                 if not (n.endswith(".weight") and modules.get(n[: -len(".weight")]) is lin)]
-        if type(lin) is not nn.Linear:
-            problems.append(f"{name} (weight of a {type(lin).__name__}, an nn.Linear subclass: its own forward or its "
-                            "parent may use .weight directly, e.g. nn.MultiheadAttention's out_proj; sparsify "
-                            "replaces plain nn.Linear only)")
+        parent_name = mod_name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if type(lin).forward is not nn.Linear.forward or isinstance(parent, nn.MultiheadAttention):
+            why = ("has its own forward" if type(lin).forward is not nn.Linear.forward
+                   else "nn.MultiheadAttention uses through .weight directly")
+            problems.append(f"{name} (weight of a {type(lin).__name__} that {why}: a SparseLinear in its place "
+                            "would change what the model computes)")
         elif not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             problems.append(f"{name} (mask is not a bool tensor)")
         elif tuple(m.shape) != tuple(w.shape):

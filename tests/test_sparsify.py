@@ -228,7 +228,8 @@ def test_sparsify_rejects_linear_subclasses_and_tied_weights():
     """nn.MultiheadAttention reads out_proj.weight itself (a SparseLinear there would be skipped,
     and a masked one's pruned weights would train); a tied weight would come apart."""
     mha = nn.MultiheadAttention(8, 2)
-    with pytest.raises(ValueError, match=r"out_proj\.weight \(weight of a NonDynamicallyQuantizableLinear"):
+    with pytest.raises(ValueError, match=r"out_proj\.weight \(weight of a NonDynamicallyQuantizableLinear that "
+                                         r"nn.MultiheadAttention uses"):
         mk.sparsify(mha, {"out_proj.weight": torch.rand(8, 8) > 0.5}, format="masked")
     assert type(mha.out_proj) is not mk.SparseLinear
 
@@ -237,6 +238,19 @@ def test_sparsify_rejects_linear_subclasses_and_tied_weights():
             super().__init__()
             self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 6)
             self.dec.weight = self.enc.weight
+
+    class Scaled(nn.Linear):  # its own forward: replacing it would drop the scale
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Tagged(nn.Linear):  # nn.Linear's forward: replaced like a plain one
+        tag = "kept"
+
+    mixed = nn.Sequential(Scaled(6, 6), Tagged(6, 6))
+    with pytest.raises(ValueError, match=r"0\.weight \(weight of a Scaled that has its own forward"):
+        mk.sparsify(mixed, {"0.weight": torch.rand(6, 6) > 0.5})
+    mk.sparsify(mixed, {"1.weight": torch.rand(6, 6) > 0.5})
+    assert type(mixed[0]) is Scaled and isinstance(mixed[1], mk.SparseLinear)
 
     tied = Tied()
     with pytest.raises(ValueError, match=r"enc\.weight \(tied: the same Parameter is also dec\.weight"):
