@@ -1,10 +1,11 @@
 """Where the time goes on CUDA: torch.profiler over the calls whose benchmarks miss their goals.
 
-    python benchmarks/gpu_profile.py [--out DIR] [--only NAME ...]
+    python benchmarks/gpu_profile.py [--only NAME ...] > profile.log
 
 For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the public
-op: the CUDA C++ kernel; the Triton kernel beside it) and sparse24_linear at a few row counts;
-sq_sum_accumulate_), prints the median time per call
+op: the CUDA C++ kernel; under MULTIFLOW_BITMAP_GEMV=tc2 its lean decode; the Triton kernel
+beside it) and sparse24_linear at a few row counts; sq_sum_accumulate_), prints to stdout the
+median time per call
 (CUDA events, after warm-up) and the profiler's table of the ops and kernels it ran, sorted
 by device time, with host-side sync / copy calls counted: the first thing to read before
 changing a kernel. A diagnostic, not a benchmark: its numbers are not kept in RESULTS.md.
@@ -12,6 +13,7 @@ changing a kernel. A diagnostic, not a benchmark: its numbers are not kept in RE
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -61,7 +63,7 @@ def _profile_one(name, fn, calls, rows):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="masks bitmap bitmap_triton sparse24 act")
+    p.add_argument("--only", nargs="*", default=None, help="masks bitmap bitmap_tc2 bitmap_triton sparse24 act")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA GPU visible", file=sys.stderr)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     from multiflow_kernels import ops
 
     dev = torch.device("cuda")
-    want = set(args.only or ["masks", "bitmap", "bitmap_triton", "sparse24", "act"])
+    want = set(args.only or ["masks", "bitmap", "bitmap_tc2", "bitmap_triton", "sparse24", "act"])
     g = torch.Generator(device=dev).manual_seed(0)
 
     if "masks" in want:
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         _profile("masks_from_stats BLIP-base 0.75", lambda: multiflow.masks_from_stats(weights, acts, mods, 0.75))
         del weights, acts
 
-    if "bitmap" in want or "bitmap_triton" in want:
+    if want & {"bitmap", "bitmap_tc2", "bitmap_triton"}:
         out_f, in_f = 11008, 4096
         w = torch.randn(out_f, in_f, device=dev, generator=g)
         mask = torch.rand(out_f, in_f, device=dev, generator=g) >= 0.75
@@ -93,6 +95,13 @@ def main(argv=None) -> int:
             if "bitmap" in want:
                 _profile(f"bitmap_linear (public op: CUDA C++) 11008x4096 fp16 75% rows={rows}",
                          lambda: ops.bitmap_linear(x, *packed, in_f, None))
+            if "bitmap_tc2" in want and rows <= 16:  # the lean decode is a few-row kernel
+                os.environ["MULTIFLOW_BITMAP_GEMV"] = "tc2"
+                try:
+                    _profile(f"bitmap_linear, MULTIFLOW_BITMAP_GEMV=tc2, 11008x4096 fp16 75% rows={rows}",
+                             lambda: ops.bitmap_linear(x, *packed, in_f, None))
+                finally:
+                    os.environ.pop("MULTIFLOW_BITMAP_GEMV")
             if "bitmap_triton" in want:
                 from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
 
