@@ -32,6 +32,16 @@ def main() -> int:
     R.sq_sum_accumulate_(ref, x, mask)
     torch.testing.assert_close(acc, ref, rtol=1e-4, atol=1e-4)
     calls += 1
+    # the paths real sizes take: 16-byte loads (768 features) and several token chunks added
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(300, 768, generator=g).to(dev, dtype)
+        mask = (torch.rand(300, generator=g) > 0.2).to(dev)
+        acc = torch.rand(768, device=dev)
+        ref = acc.clone()
+        ops.sq_sum_accumulate_(acc, x, mask)
+        R.sq_sum_accumulate_(ref, x, mask)
+        torch.testing.assert_close(acc, ref, rtol=1e-4, atol=1e-3)
+        calls += 1
 
     ws = [torch.randn(s, generator=g).to(dev) for s in ((33, 65), (7, 3), (0, 5), (130, 17))]
     acts = [torch.rand(w.shape[1], generator=g).to(dev) for w in ws]
@@ -55,10 +65,11 @@ def main() -> int:
     assert torch.equal(ops.nm_mask(sc, 2, 4), R.nm_mask(sc, 2, 4))
     calls += 6
 
-    m = torch.rand(5, 70, generator=g).to(dev) > 0.5
-    bits = ops.pack_mask(m)
-    assert torch.equal(bits, R.pack_mask(m)) and torch.equal(ops.unpack_mask(bits, 70), m)
-    calls += 2
+    for cols in (70, 64):  # 64: whole words only (the whole-word pack / unpack kernels)
+        m = torch.rand(5, cols, generator=g).to(dev) > 0.5
+        bits = ops.pack_mask(m)
+        assert torch.equal(bits, R.pack_mask(m)) and torch.equal(ops.unpack_mask(bits, cols), m)
+        calls += 2
 
     # 2:4: pack / unpack, and linear on each path: warp-per-row (few rows), mma.sp
     # (float16 / bfloat16, in % 16 == 0), decode + cuBLAS (float32 many rows, in % 16 != 0)
