@@ -226,8 +226,9 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       weights (a sparser mask is much smaller as a bitmap), else ``bitmap``. Measured here
       (2-core AVX-512, float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
       size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
-      on a 2:4 mask beats bitmap_linear on the same 50% mask from 4 to 64 rows (1.2-2.1x),
-      is within 10% of it at 1 and 256 rows, and beats dense up to 256 rows on most shapes.
+      on a 2:4 mask beats bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.1x), is
+      0.94-1.5x its speed at 64-256 rows and within 10% of it at 1 row, and beats dense up to
+      256 rows on most shapes.
     - CUDA: ``2:4`` when the mask is 2:4 (and keeps at least ``AUTO_24_MIN_DENSITY``), the
       dtype float16 / bfloat16, ``in_features`` a multiple of 16, the GPU sm_80 or newer,
       and the rows at most ``AUTO_CUDA_24_ANY_ROWS``, or at most ``AUTO_CUDA_24_MAX_ROWS``

@@ -2,9 +2,11 @@
 // in CUDA C++. A private op; the public op's CUDA kernel (bitmap_linear_public_cuda, at the
 // end) calls it unless MULTIFLOW_BITMAP_CUDA=triton picks the Triton kernel. The few-row
 // kernels gemv_kernel (float32, or MULTIFLOW_BITMAP_GEMV=v1) and gemv_tc_kernel (float16 /
-// bfloat16) passed every CUDA test and compute-sanitizer memcheck on an H200; speeds in
-// benchmarks/RESULTS.md (gemv_tc: 1.2-1.7x cuBLAS dense at 1-16 rows on 4096x4096,
-// 0.4-0.7x on 11008-row layers; both 2.3-36x the Triton kernel).
+// bfloat16) passed every CUDA test and compute-sanitizer memcheck on an H200 before the
+// bitmap format change of session 7 (int32 row_ptr, no block_ptr column for block 0), which
+// has not run on a GPU yet; speeds in benchmarks/RESULTS.md (gemv_tc: 1.2-1.7x cuBLAS dense
+// at 1-16 rows on 4096x4096, 0.4-0.7x on 11008-row layers; in run 2 the CUDA C++ path was
+// 2.3-36x faster than the Triton kernel).
 //
 // The format (csrc/bitmap.h): values (nnz,) the kept weights row-major; bits int32
 // (out, words = ceil(in / 32)), bit b of word w of row r keeps column 32 w + b;
