@@ -210,14 +210,14 @@ def launch_distributed(nproc: int, argv: Sequence[str]) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine.
 
     torchrun runs in this process (not as a command) so that a failed run ends in one line:
-    rank 0 prints its own reason (the other ranks keep quiet, see ``main``), and torchrun's
-    ChildFailedError, which the ``torchrun`` command prints as a traceback, becomes the
-    exit code, plus a line naming the ranks when rank 0 itself did not fail."""
+    rank 0 prints its own reason, the other ranks leave theirs in a folder (see ``main``) that
+    is read back when rank 0 did not fail with one, and torchrun's ChildFailedError, which the
+    ``torchrun`` command prints as a traceback, becomes the exit code."""
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    import tempfile
 
     _Stage.now = f"running {nproc} processes"
     # the CPU threads per process: this machine's cores shared out (torchrun's default is 1,
