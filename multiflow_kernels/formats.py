@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 
 __all__ = ["FORMATS", "buffers", "empty", "pack", "unpack", "linear", "stored_mask", "check_24", "choose_format"]
 
@@ -120,17 +120,11 @@ def bad_bitmap_rows(values_numel: int, bits: Tensor, row_ptr: Tensor, block_ptr:
     file or state dict is checked once, when it is loaded."""
     out = bits.shape[0]
     mask = ops.unpack_mask(bits, in_features)
-    counts = mask.sum(1)
-    want_rows = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    bad = row_ptr.to(torch.int64)[1:] != want_rows[1:]
-    bad |= row_ptr.to(torch.int64)[:1] != 0
-    blocks = block_ptr.shape[1] + 1 if out else 0
-    if blocks > 1:
-        padded = torch.nn.functional.pad(mask, (0, blocks * ops.BITMAP_BLOCK_COLS - in_features))
-        before = padded.reshape(out, blocks, ops.BITMAP_BLOCK_COLS).sum(-1).cumsum(1)[:, :-1]
-        bad |= (block_ptr.to(torch.int64) != before).any(1)
-    if in_features % 32 and bits.shape[1]:
-        bad |= (bits[:, -1].to(torch.int64) & 0xFFFFFFFF) >> (in_features % 32) != 0
+    want_rows, want_blocks = reference.bitmap_offsets(mask)
+    wrong = row_ptr.to(torch.int64) != want_rows.to(torch.int64)
+    bad = wrong[1:] | wrong[:1]
+    bad |= (block_ptr != want_blocks).any(1)
+    bad |= (bits != ops.pack_mask(mask)).any(1)  # unpack_mask drops a padding bit; pack_mask does not write it
     rows = bad.nonzero().flatten().tolist()
     if out and int(want_rows[-1]) != values_numel and not rows:
         rows = [out - 1]  # the counts agree but values has another length: its last row is short or long
@@ -142,12 +136,10 @@ def bad_24_metadata_rows(metadata: Tensor, in_features: int) -> list[int]:
     could not have written: each 4-column chunk names two positions, the first below the
     second, and the padding chunks of a row's last word are 0. The kernels trust the metadata
     (no check per call), so a file or state dict is checked once, when it is loaded."""
-    words = metadata.to(torch.int32) & 0xFFFF
-    shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=metadata.device)
-    nibbles = ((words[..., None] >> shifts) & 0xF).reshape(metadata.shape[0], 4 * metadata.shape[1])
+    positions = reference.sparse24_positions(metadata, 16 * metadata.shape[1])  # the padding chunks too
     chunks = in_features // 4
-    real, padding = nibbles[:, :chunks], nibbles[:, chunks:]
-    bad = ((real & 3) >= (real >> 2)).any(1) | (padding != 0).any(1)
+    real, padding = positions[:, :chunks], positions[:, chunks:]
+    bad = (real[..., 0] >= real[..., 1]).any(1) | (padding != 0).flatten(1).any(1)
     return bad.nonzero().flatten().tolist()
 
 

@@ -185,7 +185,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     for n, p in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(p), []).append(n)
     problems = []
-    chosen: dict[int, tuple[str, torch.Tensor, str]] = {}  # id(linear) -> (mask name, mask, format)
+    chosen: dict[int, tuple[str, nn.Linear, torch.Tensor, str]] = {}  # id(linear) -> (mask name, linear, mask, format)
     for name, m in masks.items():
         mod_name = name[: -len(".weight")] if name.endswith(".weight") else None
         lin = modules.get(mod_name) if mod_name else None
@@ -219,7 +219,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
             problems.append(f"{name} (tied: the same Parameter is also {', '.join(tied[:3])}; sparsifying one of its "
                             "users would untie them)")
         elif id(lin) in chosen:
-            first, first_mask, _ = chosen[id(lin)]
+            first, _, first_mask, _ = chosen[id(lin)]
             if not torch.equal(first_mask.to(m.device), m):
                 problems.append(f"{name} (the same module as {first}, with a different mask)")
         else:
@@ -230,12 +230,11 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
                 except ValueError as e:
                     problems.append(str(e))
                     continue
-            chosen[id(lin)] = (name, m, fmt)
+            chosen[id(lin)] = (name, lin, m, fmt)
     if problems:
         raise ValueError(_problems(f"masks do not fit {type(model).__name__}", problems))
     # every layer built first: an error while packing leaves the model untouched
-    built = {key: SparseLinear.from_dense(modules[name[: -len(".weight")]], m, format=fmt)
-             for key, (name, m, fmt) in chosen.items()}
+    built = {key: SparseLinear.from_dense(lin, m, format=fmt) for key, (_, lin, m, fmt) in chosen.items()}
     for key, layer in built.items():
         for mod_name in module_names[key]:
             parent_name, _, child = mod_name.rpartition(".")

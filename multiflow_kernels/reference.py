@@ -217,18 +217,22 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None, compute_dtype: torch
     return y.to(x.dtype)
 
 
+def bitmap_offsets(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(row_ptr, block_ptr) of the bitmap format for the bool keep-mask (out, in): int32
+    (out + 1,) the kept weights before each row, and int32 (out, ceil(in / 512) - 1) with
+    [r, b - 1] = the kept weights of row r before column 512 b, blocks b >= 1."""
+    out, cols = mask.shape
+    row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=mask.device)
+    row_ptr[1:] = mask.sum(1, dtype=torch.int64).cumsum(0)
+    blocks = max((cols + 511) // 512, 1)
+    per_block = torch.nn.functional.pad(mask, (0, blocks * 512 - cols)).reshape(out, blocks, 512).sum(-1)
+    return row_ptr.to(torch.int32), per_block.cumsum(1)[:, :-1].to(torch.int32)
+
+
 def bitmap_pack(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values, bits, row_ptr, block_ptr) of weight (out, in) under the bool keep-mask."""
-    out, cols = weight.shape
     values = weight[mask]  # row-major order
-    counts = mask.sum(1, dtype=torch.int64)
-    row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=weight.device)
-    row_ptr[1:] = counts.cumsum(0)
-    # block_ptr[r, b - 1] = kept weights of row r before column 512 b, blocks b >= 1
-    starts = torch.arange(1, max((cols + 511) // 512, 1), device=weight.device) * 512
-    kept_before = torch.cat([torch.zeros(out, 1, dtype=torch.int64, device=weight.device), mask.long().cumsum(1)], 1)
-    block_ptr = kept_before[:, starts].to(torch.int32)
-    return values, pack_mask(mask), row_ptr.to(torch.int32), block_ptr
+    return (values, pack_mask(mask), *bitmap_offsets(mask))
 
 
 def bitmap_unpack(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:

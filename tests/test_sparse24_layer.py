@@ -168,18 +168,18 @@ def test_metadata_sparse24_pack_could_not_write_is_refused_on_load(tmp_path):
     """The kernels trust the metadata (no check per call): a file or a state dict whose
     metadata names a position twice, or out of order, is refused when it is loaded, and the
     model is left as it was."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from _sparse_files import tampered_copy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 6))
     masks = {"0.weight": _nm_mask(6, 20)}
     mk.sparsify(model, masks, format="2:4")
     path = mk.save_sparse(model, tmp_path / "m.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    tensors["0.metadata"][3, 0] = -1  # every position 3: the first not below the second
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+
+    def every_position_3(tensors):  # the first not below the second
+        tensors["0.metadata"][3, 0] = -1
+
+    tensors = tampered_copy(path, tmp_path / "bad.safetensors", every_position_3)
     other = mk.sparsify(nn.Sequential(nn.Linear(20, 6)), masks, format="2:4")
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"0\.metadata \(rows \[3\]: not 2:4 metadata\)"):

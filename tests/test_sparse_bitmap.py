@@ -132,24 +132,24 @@ def test_offsets_that_disagree_with_the_bits_are_refused_on_load(tmp_path, tampe
     """The CUDA kernels trust row_ptr / block_ptr (no check per call): a file or state dict
     whose offsets disagree with its bits, or that sets a padding bit, is refused when it is
     loaded, and the model is left as it was."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from _sparse_files import tampered_copy
 
     torch.manual_seed(0)
     masks = {"0.weight": torch.rand(7, 1100) > 0.6}
     model = mk.sparsify(nn.Sequential(nn.Linear(1100, 7)), masks)
     path = mk.save_sparse(model, tmp_path / "m.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
-    if tamper == "row_ptr":
-        tensors["0.row_ptr"][3] += 1
-    elif tamper == "block_ptr":
-        tensors["0.block_ptr"][5, 1] -= 1
-    elif tamper == "padding_bit":
-        tensors["0.bits"][2, -1] |= 1 << 30  # 1100 = 34 * 32 + 12: bit 30 of the last word is past the row
-    else:
-        tensors["0.values"] = tensors["0.values"][:-1].clone()
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+
+    def edit(tensors):
+        if tamper == "row_ptr":
+            tensors["0.row_ptr"][3] += 1
+        elif tamper == "block_ptr":
+            tensors["0.block_ptr"][5, 1] -= 1
+        elif tamper == "padding_bit":
+            tensors["0.bits"][2, -1] |= 1 << 30  # 1100 = 34 * 32 + 12: bit 30 of the last word is past the row
+        else:
+            tensors["0.values"] = tensors["0.values"][:-1].clone()
+
+    tensors = tampered_copy(path, tmp_path / "bad.safetensors", edit)
     other = mk.sparsify(nn.Sequential(nn.Linear(1100, 7)), masks)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"0 \(bitmap rows \[\d"):
