@@ -2,7 +2,9 @@
 (cuBLAS / MKL), ``bitmap_linear`` on the same 50% masks and, on CUDA, PyTorch's own 2:4 path (``to_sparse_semi_structured``, where
 this torch and GPU support it); time vs rows of x. On CUDA at 1-4 rows also
 ``sparse24_half`` ("half ms"): the same op with MULTIFLOW_SPARSE24_GEMV=half (a half-warp per
-output row in the few-row kernel, for layers whose warp-per-row grid takes more than one wave).
+output row in the few-row kernel, for layers whose warp-per-row grid takes more than one wave);
+at 16 rows or more ``sparse24_t128`` ("t128 ms", "t128/dense"): the same op with
+MULTIFLOW_SPARSE24_GEMM=tile128 (the 128 x 128 tile mma.sp kernel instead of the 64 x 64 one).
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
 (+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Several weight buffers are
@@ -32,12 +34,14 @@ from common import (  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24", "sparse24_half")
+FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24", "sparse24_half", "sparse24_t128")
 # Formats timed under an environment setting (set around their samples, not per call):
 # sparse24_half = sparse24_linear's few-row kernel with a half-warp per output row, CUDA,
 # at the rows that kernel serves (1-4; 5+ rows of 16-bit x go to the tensor cores).
-FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half")}
+# sparse24_t128 = the tensor-core path with 128 x 128 tiles, CUDA, at T128_MIN_ROWS rows or more.
+FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half"), "sparse24_t128": ("MULTIFLOW_SPARSE24_GEMM", "tile128")}
 HALF_MAX_ROWS = 4
+T128_MIN_ROWS = 16
 
 
 def _nbytes(*tensors) -> int:
@@ -89,6 +93,8 @@ def _format_fns(bufs, x):
     }
     if x.is_cuda and x.shape[0] <= HALF_MAX_ROWS:
         fns["sparse24_half"] = fns["sparse24"]  # the same call, timed under FORMAT_ENV
+    if x.is_cuda and x.shape[0] >= T128_MIN_ROWS:
+        fns["sparse24_t128"] = fns["sparse24"]
     return fns
 
 
@@ -99,7 +105,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"]),
                "bitmap": _nbytes(*bufs[0]["bitmap"]) if "bitmap" in bufs[0] else 0}
     w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
-    w_bytes["sparse24_half"] = w_bytes["sparse24"]
+    w_bytes["sparse24_half"] = w_bytes["sparse24_t128"] = w_bytes["sparse24"]
     g = torch.Generator(device=device).manual_seed(1)
     results = []
     for rows in rows_list:
@@ -138,6 +144,10 @@ def _plot(results, shapes, out_png, device):
                              lambda shape, p: f"{shape}, 2:4, {p}, {device}", out_png)
 
 
+def _ratio(t, base, fmt):
+    return f"{t[base] / t[fmt]:.2f}x" if fmt in t and base in t else "-"
+
+
 def _ms(r, fmt):
     t = r["time_s"].get(fmt)
     return f"{t * 1e3:.3f}" if t is not None else "-"
@@ -160,7 +170,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), weight copies rotated "
           f"(see common.rotating_copies); ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'bitmap ms':>9} {'ours ms':>9} "
-          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9} {'half ms':>8}")
+          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9} {'half ms':>8} {'t128 ms':>8} {'t128/dense':>10}")
     out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
@@ -178,7 +188,8 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 tf = f"{r['tflops']['sparse24']:.1f}" if ours else "-"
                 print(f"{shape_name:>10} {dname:>8} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'torch_2:4'):>11} "
                       f"{_ms(r, 'bitmap'):>9} {_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
-                      f"{roof:>10} {tf:>9} {_ms(r, 'sparse24_half'):>8}")
+                      f"{roof:>10} {tf:>9} {_ms(r, 'sparse24_half'):>8} {_ms(r, 'sparse24_t128'):>8} "
+                      f"{_ratio(t, 'dense', 'sparse24_t128'):>10}")
             for fmt, why in case["unavailable"].items():
                 print(f"{'':>10} {fmt} not measured: {why}")
             for r in case["rows"]:

@@ -4,7 +4,7 @@
 
 For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the public
 op: the CUDA C++ kernel; under MULTIFLOW_BITMAP_GEMV=tc2 its lean decode; the Triton kernel
-beside it) and sparse24_linear at a few row counts; sq_sum_accumulate_), prints to stdout the
+beside it) and sparse24_linear at a few row counts (also under MULTIFLOW_SPARSE24_GEMM=tile128); sq_sum_accumulate_), prints to stdout the
 median time per call
 (CUDA events, after warm-up) and the profiler's table of the ops and kernels it ran, sorted
 by device time, with host-side sync / copy calls counted: the first thing to read before
@@ -63,7 +63,7 @@ def _profile_one(name, fn, calls, rows):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="masks bitmap bitmap_tc2 bitmap_triton sparse24 act")
+    p.add_argument("--only", nargs="*", default=None, help="masks bitmap bitmap_tc2 bitmap_triton sparse24 sparse24_t128 act")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA GPU visible", file=sys.stderr)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from multiflow_kernels import ops
 
     dev = torch.device("cuda")
-    want = set(args.only or ["masks", "bitmap", "bitmap_tc2", "bitmap_triton", "sparse24", "act"])
+    want = set(args.only or ["masks", "bitmap", "bitmap_tc2", "bitmap_triton", "sparse24", "sparse24_t128", "act"])
     g = torch.Generator(device=dev).manual_seed(0)
 
     if "masks" in want:
@@ -109,14 +109,22 @@ def main(argv=None) -> int:
                          lambda: bitmap_linear_triton(x, *packed, in_f, None))
         del w, mask, dense, packed
 
-    if "sparse24" in want:
+    if want & {"sparse24", "sparse24_t128"}:
         out_f, in_f = 4096, 4096
         w = torch.randn(out_f, in_f, device=dev, generator=g).half()
         mask = ops.nm_mask(w.float().abs(), 2, 4)  # keep the 2 largest of every 4
         packed = ops.sparse24_pack(w, mask)
         for rows in (16, 2048):
             x = torch.randn(rows, in_f, device=dev, generator=g).half()
-            _profile(f"sparse24_linear 4096x4096 fp16 rows={rows}", lambda: ops.sparse24_linear(x, *packed, None))
+            if "sparse24" in want:
+                _profile(f"sparse24_linear 4096x4096 fp16 rows={rows}", lambda: ops.sparse24_linear(x, *packed, None))
+            if "sparse24_t128" in want:
+                os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
+                try:
+                    _profile(f"sparse24_linear, MULTIFLOW_SPARSE24_GEMM=tile128, 4096x4096 fp16 rows={rows}",
+                             lambda: ops.sparse24_linear(x, *packed, None))
+                finally:
+                    os.environ.pop("MULTIFLOW_SPARSE24_GEMM", None)
 
     if "act" in want:
         for dtype in (torch.float32, torch.bfloat16):

@@ -98,7 +98,28 @@ def main() -> int:
                                            rtol=2e-2, atol=2e-2)
                 calls += 1
             os.environ.pop("MULTIFLOW_SPARSE24_GEMV")
+            # the 128 x 128 tile mma.sp kernel (MULTIFLOW_SPARSE24_GEMM=tile128): 130 rows of x
+            # are two token tiles, the second almost empty; out 70 / 33: a partial feature tile
+            if dtype != torch.float32 and in_f % 16 == 0:
+                os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
+                for rows in (5, 130):
+                    xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
+                    got = ops.sparse24_linear(xx, values, meta, bias)
+                    torch.testing.assert_close(got.float(), R.sparse24_linear(xx, values, meta, bias).float(),
+                                               rtol=2e-2, atol=2e-2)
+                    calls += 1
+                os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
             calls += 2
+    # tile128 over many stages (1040 columns: 17 stages, the last 16 columns) and two
+    # feature tiles, the second partial (136 = 128 + 8: 16-byte output pieces)
+    os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
+    w = torch.randn(136, 1040, generator=g).to(dev, torch.float16)
+    values, meta = ops.sparse24_pack(w, ops.nm_mask(torch.rand(136, 1040, generator=g).to(dev), 2, 4))
+    xx = torch.randn(200, 1040, generator=g).to(dev, torch.float16)
+    torch.testing.assert_close(ops.sparse24_linear(xx, values, meta, None).float(),
+                               R.sparse24_linear(xx, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+    os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
+    calls += 1
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under
     # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; tc2: gemv_tc's lean decode; 2100 columns: five

@@ -3,7 +3,8 @@ plain-torch twin. Every test here needs an NVIDIA GPU (marked ``cuda``; skipped 
 
 sparse24_linear has three CUDA paths, each covered: a warp per output row (rows of x <=
 4, any dtype; a half-warp per row under MULTIFLOW_SPARSE24_GEMV=half, the `lanes` fixture), mma.sp sparse tensor cores (float16 / bfloat16, 5 rows or more, in % 16 == 0,
-16-byte aligned), and the row kernel over blocks of 16 rows of x (float32 with more rows,
+16-byte aligned; 64 x 64 tiles, or 128 x 128 under MULTIFLOW_SPARSE24_GEMM=tile128),
+and the row kernel over blocks of 16 rows of x (float32 with more rows,
 in % 16 != 0, unaligned x).
 """
 import pytest
@@ -123,6 +124,66 @@ def test_linear_leading_dims_and_unaligned_x(dtype):
     unaligned = flat[1:].view(40, 128)  # 2 bytes off a 16-byte boundary: the row kernel in 16-row blocks
     torch.testing.assert_close(ops.sparse24_linear(unaligned, values, meta, None).float(),
                                R.sparse24_linear(unaligned, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+
+
+# MULTIFLOW_SPARSE24_GEMM=tile128: the 128 x 128 tile mma.sp kernel for every call that takes
+# the tensor-core path (16-bit, 5 rows or more, in % 16 == 0). Shapes: out % 8 != 0 (scalar
+# output pieces), several feature / token tiles, in = 16 (one stage, shorter than the
+# pipeline), 1040 (a last stage of 16 columns).
+_TILE128_SHAPES = [(64, 64), (70, 48), (130, 1040), (17, 32), (264, 256), (8, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", _TILE128_SHAPES)
+@pytest.mark.parametrize("rows", [5, 64, 129, 300])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_tile128_matches_reference(dtype, shape, rows, with_bias, monkeypatch):
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+    out_f, in_f = shape
+    w, mask = _problem(out_f, in_f, dtype, seed=rows + out_f)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    x = torch.randn(rows, in_f).to(dtype).cuda()
+    bias = torch.randn(out_f).to(dtype).cuda() if with_bias else None
+    got = ops.sparse24_linear(x, values, meta, bias)
+    want = R.sparse24_linear(x, values, meta, bias)
+    assert got.shape == (rows, out_f) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile64")
+    torch.testing.assert_close(got.float(), ops.sparse24_linear(x, values, meta, bias).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_tile128_multiplies_only_named_positions(dtype, monkeypatch):
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+    w, mask = _problem(136, 128, dtype)
+    mask[:, 69] = False
+    values, meta = ops.sparse24_pack(w, mask)
+    x = torch.randn(40, 128).to(dtype)
+    x[:, 69] = float("inf")
+    got = ops.sparse24_linear(x.cuda(), values.cuda(), meta.cuda(), None).cpu()
+    columns = R.sparse24_positions(meta, 128) + 4 * torch.arange(32)[:, None]
+    names_69 = (columns == 69).flatten(1).any(1)
+    assert 0 < int(names_69.sum()) < 136
+    assert torch.equal(~got.isfinite(), names_69.expand(40, 136))
+    keep = ~names_69
+    want = ops.sparse24_linear(x, values, meta, None)
+    torch.testing.assert_close(got[:, keep].float(), want[:, keep].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_tile128_deterministic(monkeypatch):
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+    w, mask = _problem(256, 512, torch.float16)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    x = torch.randn(300, 512).half().cuda()
+    assert torch.equal(ops.sparse24_linear(x, values, meta, None), ops.sparse24_linear(x, values, meta, None))
+
+
+def test_gemm_switch_rejects_unknown_values(monkeypatch):
+    w, mask = _problem(8, 16, torch.float16)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile256")
+    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMM must be one of tile64, tile128"):
+        ops.sparse24_linear(torch.randn(1, 16).half().cuda(), values, meta, None)
 
 
 def test_gemv_lanes_switch_rejects_unknown_values(monkeypatch):

@@ -8,14 +8,18 @@
 
 namespace multiflow::cuda {
 
-// Copies 16 bytes gmem -> smem (both 16-byte aligned); in_bounds false: writes 16 zero
-// bytes and reads nothing (gmem must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool in_bounds) {
+// Copies 16 bytes gmem -> shared address smem_addr (both 16-byte aligned); in_bounds
+// false: writes 16 zero bytes and reads nothing (gmem must still be a valid address).
+__device__ __forceinline__ void cp_async16_at(unsigned smem_addr, const void* gmem, bool in_bounds) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = in_bounds ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 #endif
+}
+
+// The same with a generic pointer to shared memory.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool in_bounds) {
+  cp_async16_at(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem, in_bounds);
 }
 
 __device__ __forceinline__ void cp_async_commit() {

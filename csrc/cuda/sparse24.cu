@@ -36,6 +36,10 @@
 //    Padding (rows past out, tokens past m, columns past in) is zero-filled, and its
 //    metadata set to positions (0, 1), a valid pattern.
 //
+//    MULTIFLOW_SPARSE24_GEMM=tile128 runs linear_mma128_kernel instead (128 x 128
+//    tiles, ldmatrix, a 3-stage pipeline; see there): compiled for sm_80 / sm_90, not yet
+//    run on a GPU, so not the default.
+//
 //  * anything else (float32 with many rows: the 2:4 tensor-core path is for 16-bit
 //    types; unaligned shapes; GPUs older than sm_80): the warp-per-row kernel over
 //    blocks of kRowsGemv rows of x, reading the weight once per block. Correct, not
@@ -56,6 +60,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 
 #include "ceil_div.h"
@@ -466,6 +471,287 @@ __global__ void __launch_bounds__(kMmaThreads) linear_mma_kernel(
   }
 }
 
+// ---- the 128 x 128 tile GEMM (MULTIFLOW_SPARSE24_GEMM=tile128; opt-in, compiled for
+// sm_80 / sm_90, not yet run on a GPU).
+//
+// The 64 x 64 kernel above reaches 130-186 TFLOP/s on an H200 against ~750 for cuBLAS
+// dense: per 32-column k-step a warp issues 24 four-byte shared loads for 8 mma.sp, and a
+// block streams 6 KiB a step with one copy in flight. This one follows the usual sm_80
+// GEMM shape: a block of 8 warps computes a 128 (features) x 128 (tokens) tile of y^T,
+// each warp 64 x 32 (4 x 4 mma tiles: 16 mma.sp per 32 columns), fragments loaded with
+// ldmatrix.x4 (8 per 32 columns), k in stages of 64 columns, a 3-stage cp.async
+// pipeline (87 KiB of dynamic shared memory, 2 blocks per SM on sm_90). The metadata
+// words are read into registers one stage ahead (plain loads: a row's words need not be
+// 4-byte aligned) and stored to shared memory after the stage's math. The output tile
+// is staged through shared memory and written in 16-byte pieces when out % 8 == 0.
+// Blocks walk the feature tiles first, so the blocks in flight share a few token tiles
+// of x and read the weight (half the dense bytes, L2-resident on the shapes we target)
+// from L2. Same fragment layouts and metadata pairing as the 64 x 64 kernel; the same
+// zero-fill / filler padding.
+namespace tile128 {
+constexpr int kOut = 128;                               // features per block
+constexpr int kTok = 128;                               // tokens per block
+constexpr int kK = 64;                                  // input columns per stage
+constexpr int kVals = kK / 2;                           // kept values per row per stage
+constexpr int kWords = kK / kSparse24WordCols;          // metadata words per row per stage
+constexpr int kStages = 3;
+constexpr int kBlockThreads = 256;
+constexpr int kAPitch = kVals + 8;   // 80-byte rows: the 8 rows an ldmatrix reads hit distinct banks
+constexpr int kXPitch = kK + 8;      // 144-byte rows: likewise
+constexpr int kYPitch = kOut + 8;    // the epilogue tile's rows
+template <typename scalar_t>
+struct Layout {
+  static constexpr int kABytes = kOut * kAPitch * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kXBytes = kTok * kXPitch * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kMetaBytes = kOut * kWords * 2;
+  static constexpr int kStageBytes = kABytes + kXBytes + kMetaBytes;
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kABytes % 16 == 0 && kXBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned pieces");
+  static_assert(kTok * kYPitch * static_cast<int>(sizeof(scalar_t)) <= kBytes, "the epilogue tile fits");
+};
+static_assert(kStages == 3, "cp_async_wait_one waits for all but the newest group: kStages - 2 == 1");
+}  // namespace tile128
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ldmatrix.x4: lane l gives the shared address of row (l & 7) of 8x8 matrix l >> 3; r[q]
+// receives, in lane l, row l >> 2, elements 2 (l & 3) and + 1 of matrix q.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+// Preconditions: cols % 16 == 0, values and x 16-byte aligned (checked on the host); y
+// 16-byte aligned (a fresh at::empty); cols < 2^24; gridDim.x = feature_tiles * token tiles,
+// feature tiles first.
+template <typename scalar_t, bool kBf16>
+__global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kernel(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ values,
+    const int16_t* __restrict__ metadata,
+    const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ y,
+    int64_t m,
+    int64_t rows,
+    int64_t cols,
+    int steps,              // ceil(cols / kK)
+    int64_t feature_tiles,  // ceil(rows / kOut)
+    bool vec_out) {         // rows % 8 == 0: 16-byte output pieces
+  using namespace tile128;
+  using L = Layout<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int wo = (warp & 1) * 64;   // warp's features in the tile
+  const int wt = (warp >> 1) * 32;  // warp's tokens in the tile
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) % feature_tiles) * kOut;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) / feature_tiles) * kTok;
+  const int half = static_cast<int>(cols / 2);  // cols < 2^24 (host)
+  const int words = static_cast<int>(cols / kSparse24WordCols);
+
+  auto a_tile = [&](int stage) { return reinterpret_cast<scalar_t*>(smem + stage * L::kStageBytes); };
+  auto x_tile = [&](int stage) { return reinterpret_cast<scalar_t*>(smem + stage * L::kStageBytes + L::kABytes); };
+  auto m_tile = [&](int stage) {
+    return reinterpret_cast<uint16_t*>(smem + stage * L::kStageBytes + L::kABytes + L::kXBytes);
+  };
+
+  // The thread's copies, the same at every step: values pieces (8 kept values) of rows
+  // v_row + 64 p, part v_part; x pieces (8 columns) of tokens x_row + 32 p, part x_part.
+  // 32-bit offsets from per-thread pointers (the host sends only cols < 2^24).
+  constexpr int kVPieces = (kOut * kVals / 8) / kBlockThreads;
+  constexpr int kXPieces = (kTok * kK / 8) / kBlockThreads;
+  constexpr int kVRowStep = kBlockThreads / (kVals / 8);
+  constexpr int kXRowStep = kBlockThreads / (kK / 8);
+  const int v_row = tid / (kVals / 8);
+  const int v_part = tid % (kVals / 8);
+  const int x_row = tid / (kK / 8);
+  const int x_part = tid % (kK / 8);
+  const int rows_here = static_cast<int>(rows - o0 < kOut ? rows - o0 : kOut);  // >= 1
+  const int toks_here = static_cast<int>(m - t0 < kTok ? m - t0 : kTok);      // >= 1
+  const int v_stride = kVRowStep * half;
+  const int x_stride = kXRowStep * static_cast<int>(cols);
+  // Row v_row / token x_row of the tile, clamped into the matrix (used only when it exists).
+  const scalar_t* v_src = values + (o0 + (v_row < rows_here ? v_row : 0)) * static_cast<int64_t>(half) + 8 * v_part;
+  const scalar_t* x_src = x + (t0 + (x_row < toks_here ? x_row : 0)) * cols + 8 * x_part;
+  const unsigned smem0 = smem_addr(smem);
+  const unsigned v_dst = smem0 + static_cast<unsigned>((v_row * kAPitch + 8 * v_part) * sizeof(scalar_t));
+  const unsigned x_dst = smem0 + L::kABytes + static_cast<unsigned>((x_row * kXPitch + 8 * x_part) * sizeof(scalar_t));
+
+  auto copy_tiles = [&](int stage, int step) {
+    const int k0 = step * kK;
+    const int cols_left = static_cast<int>(cols) - k0;
+    const unsigned at = static_cast<unsigned>(stage * L::kStageBytes);
+#pragma unroll
+    for (int p = 0; p < kVPieces; ++p) {
+      const bool ok = 16 * v_part < cols_left && v_row + kVRowStep * p < rows_here;
+      cp_async16_at(v_dst + at + static_cast<unsigned>(kVRowStep * p * kAPitch * sizeof(scalar_t)),
+                    ok ? v_src + (p * v_stride + k0 / 2) : values, ok);
+    }
+#pragma unroll
+    for (int p = 0; p < kXPieces; ++p) {
+      const bool ok = 8 * x_part < cols_left && x_row + kXRowStep * p < toks_here;
+      cp_async16_at(x_dst + at + static_cast<unsigned>(kXRowStep * p * kXPitch * sizeof(scalar_t)),
+                    ok ? x_src + (p * x_stride + k0) : x, ok);
+    }
+  };
+  // Metadata: thread tid holds words 2 (tid & 1) and + 1 of row tid >> 1 of a stage.
+  // read_meta loads them from a valid address whatever the bounds (the loads stay in flight
+  // during the stage's math); meta_pair puts the filler pattern on padding when they are
+  // stored. Shared layout, per stage: the u32 at ((r >> 4) * kWords + w) * 8 + (r & 7) holds
+  // word w of rows r (low half) and r + 8 (high half) of each 16-row mma tile: one e register.
+  const int meta_row = tid >> 1;
+  const int meta_word = 2 * (tid & 1);
+  const bool meta_ok = meta_row < rows_here;
+  const int16_t* meta_src = metadata + (meta_ok ? (o0 + meta_row) * static_cast<int64_t>(words) : 0);
+  // (Two registers, not one: joining them here would wait for the loads before the math.)
+  auto read_meta = [&](int step) -> int2 {
+    const int wd = step * kWords + meta_word;
+    return make_int2(__ldg(meta_src + (wd < words ? wd : 0)), __ldg(meta_src + (wd + 1 < words ? wd + 1 : 0)));
+  };
+  auto meta_pair = [&](int step, int2 raw) -> uint32_t {
+    const int wd = step * kWords + meta_word;
+    const uint32_t lo = meta_ok && wd < words ? static_cast<uint16_t>(raw.x) : kFillerWord;
+    const uint32_t hi = meta_ok && wd + 1 < words ? static_cast<uint16_t>(raw.y) : kFillerWord;
+    return lo | (hi << 16);
+  };
+  const int meta_at = ((meta_row >> 4) * kWords + meta_word) * 16 + (meta_row & 7) * 2 + ((meta_row >> 3) & 1);
+  auto store_meta = [&](int stage, uint32_t pair) {  // words meta_word and + 1: 16 halves apart
+    uint16_t* ms = m_tile(stage) + meta_at;
+    ms[0] = static_cast<uint16_t>(pair & 0xffffu);
+    ms[16] = static_cast<uint16_t>(pair >> 16);
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        acc[i][j][k] = 0.f;
+      }
+    }
+  }
+
+  // Prologue: stages 0 .. kStages - 2 (one commit group each, possibly empty).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) {
+      copy_tiles(s, s);
+      store_meta(s, meta_pair(s, read_meta(s)));
+    }
+    cp_async_commit();
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    // Group `step` holds this stage's copies; one newer group may stay in flight.
+    cp_async_wait_one();
+    // Every thread's copies of this stage have landed and every thread is done with
+    // stage (step - 1) % kStages, which is refilled next.
+    __syncthreads();
+    const int next = step + kStages - 1;
+    const int refill = next % kStages;
+    int2 raw = make_int2(0, 0);
+    if (next < steps) {
+      copy_tiles(refill, next);
+      raw = read_meta(next);  // in flight during the math below
+    }
+    cp_async_commit();
+
+    const int stage = step % kStages;
+    const unsigned as = smem_addr(a_tile(stage));
+    const unsigned xs = smem_addr(x_tile(stage));
+    const uint32_t* ms = reinterpret_cast<const uint32_t*>(m_tile(stage));
+#pragma unroll
+    for (int u = 0; u < kK / 32; ++u) {  // the mma's k: 32 columns, 16 kept values per row
+      uint32_t a[4][4];
+      uint32_t e[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // Matrices 0-3: rows 0-7 / 8-15 of the mma tile, values 0-7 / 8-15 of the k-step
+        // (a[0] row g value 2t, a[1] row g + 8, a[2] value 2t + 8, a[3] both).
+        const int r = wo + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
+        const int c = 16 * u + 8 * (lane >> 4);
+        ldmatrix_x4(a[i], as + static_cast<unsigned>((r * kAPitch + c) * sizeof(scalar_t)));
+        // rows g (low half) and g + 8 (high half), word 2u + (t & 1): as the 64 x 64 kernel
+        e[i] = ms[(((wo >> 4) + i) * kWords + 2 * u + (t & 1)) * 8 + g];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // Matrix q: tokens 0-7 of the mma tile, columns 8q .. 8q + 7 of the k-step (b[q]:
+        // token g, columns 8q + 2t and + 1).
+        uint32_t b[4];
+        const int tok = wt + 8 * j + (lane & 7);
+        const int c = 32 * u + 8 * (lane >> 3);
+        ldmatrix_x4(b, xs + static_cast<unsigned>((tok * kXPitch + c) * sizeof(scalar_t)));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          mma_sp<kBf16>(acc[i][j], a[i], b, e[i]);
+        }
+      }
+    }
+    if (next < steps) {
+      store_meta(refill, meta_pair(next, raw));  // read after the __syncthreads of iteration `next`
+    }
+  }
+
+  // Epilogue: acc[i][j][2h + c] = y^T at feature wo + 16 i + g + 8 h, token wt + 8 j + 2 t + c.
+  cp_async_wait_all();  // only empty groups remain; the tile reuses the stages' memory
+  __syncthreads();
+  scalar_t* ys = reinterpret_cast<scalar_t*>(smem);  // [kTok][kYPitch]
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ol = wo + 16 * i + g + 8 * h;
+      const float bo = (bias != nullptr && o0 + ol < rows) ? to_float(bias[o0 + ol]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          ys[(wt + 8 * j + 2 * t + c) * kYPitch + ol] = static_cast<scalar_t>(acc[i][j][2 * h + c] + bo);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (vec_out) {  // 128 tokens x 16 pieces of 8 features
+#pragma unroll
+    for (int p = 0; p < (kTok * kOut / 8) / kBlockThreads; ++p) {
+      const int piece = tid + p * kBlockThreads;
+      const int tl = piece >> 4;
+      const int part = piece & 15;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + 8 * part;
+      if (tok < m && o < rows) {  // rows % 8 == 0: o < rows means all 8 are
+        *reinterpret_cast<int4*>(y + tok * rows + o) = *reinterpret_cast<const int4*>(ys + tl * kYPitch + 8 * part);
+      }
+    }
+  } else {
+    for (int p = 0; p < (kTok * kOut) / kBlockThreads; ++p) {
+      const int piece = tid + p * kBlockThreads;
+      const int tl = piece / kOut;
+      const int ol = piece % kOut;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + ol;
+      if (tok < m && o < rows) {
+        y[tok * rows + o] = ys[tl * kYPitch + ol];
+      }
+    }
+  }
+}
+
 // ---- host side
 
 // Whether the mma.sp kernel was compiled for sm_80+ code (and is not the __trap()
@@ -542,6 +828,46 @@ void launch_mma(const Sparse24Problem& p, const at::Tensor& y) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// MULTIFLOW_SPARSE24_GEMM: the tensor-core kernel, "tile64" (unset or empty: the default,
+// linear_mma_kernel) or "tile128" (linear_mma128_kernel, for every call that takes the
+// tensor-core path; compiled for sm_80 / sm_90 but not yet run on a GPU). Read at each call.
+bool sparse24_gemm_tile128() {
+  return env_switch("MULTIFLOW_SPARSE24_GEMM", "tile64", "tile128", "multiflow::sparse24_linear");
+}
+
+// Launches the 128 x 128 tile kernel; false (nothing launched) when the grid would not fit
+// one dimension, in >= 2^24 (the kernel's 32-bit offsets) or the device cannot give a
+// block its dynamic shared memory.
+template <typename scalar_t, bool kBf16>
+bool launch_mma128(const Sparse24Problem& p, const at::Tensor& y) {
+  using namespace tile128;
+  constexpr int kBytes = Layout<scalar_t>::kBytes;
+  const int64_t feature_tiles = ceil_div(p.rows, static_cast<int64_t>(kOut));
+  const int64_t blocks = feature_tiles * ceil_div(p.m, static_cast<int64_t>(kTok));
+  if (blocks > std::numeric_limits<int32_t>::max() || p.cols >= (int64_t{1} << 24) ||
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) < kBytes) {
+    return false;
+  }
+  auto* kernel = &linear_mma128_kernel<scalar_t, kBf16>;
+  // The dynamic shared memory limit is a per-device attribute of the kernel: set once per
+  // device and instantiation (setting it twice from two threads is harmless).
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> opted_in[kMaxDevices] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev >= kMaxDevices || !opted_in[dev].load()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    if (dev < kMaxDevices) {
+      opted_in[dev].store(true);
+    }
+  }
+  kernel<<<static_cast<unsigned>(blocks), kBlockThreads, kBytes, at::cuda::getCurrentCUDAStream()>>>(
+      p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.metadata.const_data_ptr<int16_t>(),
+      p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), p.m, p.rows,
+      p.cols, static_cast<int>(ceil_div(p.cols, static_cast<int64_t>(kK))), feature_tiles, p.rows % 8 == 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 at::Tensor unpack_dense(const Sparse24Problem& p) {
   auto dense = at::empty({p.rows, p.cols}, p.values.options());
   const int64_t words = sparse24_words(p.cols);
@@ -610,6 +936,7 @@ at::Tensor sparse24_linear_cuda(
   const Sparse24Problem p = prepare_sparse24_linear(x, values, metadata, bias);
   const c10::cuda::CUDAGuard guard(p.x.device());
   const int lanes = sparse24_gemv_lanes();  // first: a bad setting fails whatever the path
+  const bool use_tile128 = sparse24_gemm_tile128();
   if (auto trivial = trivial_linear_result(p)) {
     return *trivial;
   }
@@ -624,8 +951,10 @@ at::Tensor sparse24_linear_cuda(
                             reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 == 0 && mma_compiled();
   if (tensor_cores) {
     if (dtype == at::kHalf) {
-      launch_mma<c10::Half, false>(p, y);
-    } else {
+      if (!(use_tile128 && launch_mma128<c10::Half, false>(p, y))) {
+        launch_mma<c10::Half, false>(p, y);
+      }
+    } else if (!(use_tile128 && launch_mma128<c10::BFloat16, true>(p, y))) {
       launch_mma<c10::BFloat16, true>(p, y);
     }
     return y.view(p.out_shape);
