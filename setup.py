@@ -7,7 +7,10 @@ The extension always has its CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp). It also
 gets the CUDA kernels (csrc/cuda/*.cu, with WITH_CUDA defined) when torch is a
 CUDA build, nvcc is found (CUDA_HOME) and either a GPU is visible or
 FORCE_CUDA=1. MULTIFLOW_NO_CUDA=1 forces a CPU-only build. Without a GPU to
-read the architecture from, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+read the architecture from, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a"; with one,
+to the visible GPUs' architectures, sm_90 as 9.0a (Hopper's wgmma, used by the opt-in
+MULTIFLOW_SPARSE24_GEMM=wgmma kernel, exists only in sm_90a code; an sm_90a binary
+runs on every sm_90 GPU).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = "0.1.0"
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
 def _sources(*patterns: str) -> list[str]:
@@ -216,8 +219,13 @@ def _extension():
         )
         return ext, backends
 
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" + ("a" if (a, b) == (9, 0) else "")
+                                                          for a, b in caps)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "those of the visible GPUs")
     # -isystem, not -I: searched after CUDA_HOME/include, so the toolkit's own
     # runtime headers win and the wheels only fill in what it lacks.

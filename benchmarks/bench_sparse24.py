@@ -4,7 +4,9 @@ this torch and GPU support it); time vs rows of x. On CUDA at 1-4 rows also
 ``sparse24_half`` ("half ms"): the same op with MULTIFLOW_SPARSE24_GEMV=half (a half-warp per
 output row in the few-row kernel, for layers whose warp-per-row grid takes more than one wave);
 at 16 rows or more ``sparse24_t128`` ("t128 ms", "t128/dense"): the same op with
-MULTIFLOW_SPARSE24_GEMM=tile128 (the 128 x 128 tile mma.sp kernel instead of the 64 x 64 one).
+MULTIFLOW_SPARSE24_GEMM=tile128 (the 128 x 128 tile mma.sp kernel instead of the 64 x 64 one),
+and on sm_90 GPUs ``sparse24_wgmma`` ("wg ms", "wg/dense"): MULTIFLOW_SPARSE24_GEMM=wgmma
+(the same tiles on Hopper's wgmma.mma_async.sp).
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
 (+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Several weight buffers are
@@ -34,12 +36,15 @@ from common import (  # noqa: E402
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24", "sparse24_half", "sparse24_t128")
+FORMATS = ("dense", "torch_2:4", "bitmap", "sparse24", "sparse24_half", "sparse24_t128", "sparse24_wgmma")
 # Formats timed under an environment setting (set around their samples, not per call):
 # sparse24_half = sparse24_linear's few-row kernel with a half-warp per output row, CUDA,
 # at the rows that kernel serves (1-4; 5+ rows of 16-bit x go to the tensor cores).
-# sparse24_t128 = the tensor-core path with 128 x 128 tiles, CUDA, at T128_MIN_ROWS rows or more.
-FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half"), "sparse24_t128": ("MULTIFLOW_SPARSE24_GEMM", "tile128")}
+# sparse24_t128 / sparse24_wgmma = the tensor-core path with 128 x 128 tiles (mma.sp / wgmma,
+# the latter on sm_90 only), CUDA, at T128_MIN_ROWS rows or more.
+FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half"),
+              "sparse24_t128": ("MULTIFLOW_SPARSE24_GEMM", "tile128"),
+              "sparse24_wgmma": ("MULTIFLOW_SPARSE24_GEMM", "wgmma")}
 HALF_MAX_ROWS = 4
 T128_MIN_ROWS = 16
 
@@ -95,6 +100,8 @@ def _format_fns(bufs, x):
         fns["sparse24_half"] = fns["sparse24"]  # the same call, timed under FORMAT_ENV
     if x.is_cuda and x.shape[0] >= T128_MIN_ROWS:
         fns["sparse24_t128"] = fns["sparse24"]
+        if torch.cuda.get_device_capability(x.device) == (9, 0):
+            fns["sparse24_wgmma"] = fns["sparse24"]
     return fns
 
 
@@ -105,7 +112,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"]),
                "bitmap": _nbytes(*bufs[0]["bitmap"]) if "bitmap" in bufs[0] else 0}
     w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
-    w_bytes["sparse24_half"] = w_bytes["sparse24_t128"] = w_bytes["sparse24"]
+    w_bytes["sparse24_half"] = w_bytes["sparse24_t128"] = w_bytes["sparse24_wgmma"] = w_bytes["sparse24"]
     g = torch.Generator(device=device).manual_seed(1)
     results = []
     for rows in rows_list:
@@ -170,7 +177,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     print(f"2:4 linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), weight copies rotated "
           f"(see common.rotating_copies); ms per call (median); '% roof' = time the format's bytes take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'rows':>5} {'dense ms':>9} {'torch2:4 ms':>11} {'bitmap ms':>9} {'ours ms':>9} "
-          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9} {'half ms':>8} {'t128 ms':>8} {'t128/dense':>10}")
+          f"{'ours/dense':>10} {'ours/torch':>10} {'dense %roof':>11} {'ours %roof':>10} {'ours TF/s':>9} {'half ms':>8} {'t128 ms':>8} {'t128/dense':>10} {'wg ms':>8} {'wg/dense':>8}")
     out = Path(out or results_dir(quick=quick))
     results = []
     for dtype in dtypes:
@@ -189,7 +196,8 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                 print(f"{shape_name:>10} {dname:>8} {r['rows']:>5} {_ms(r, 'dense'):>9} {_ms(r, 'torch_2:4'):>11} "
                       f"{_ms(r, 'bitmap'):>9} {_ms(r, 'sparse24'):>9} {vs_dense:>10} {vs_torch:>10} {r['of_roofline']['dense']:>11.0%} "
                       f"{roof:>10} {tf:>9} {_ms(r, 'sparse24_half'):>8} {_ms(r, 'sparse24_t128'):>8} "
-                      f"{_ratio(t, 'dense', 'sparse24_t128'):>10}")
+                      f"{_ratio(t, 'dense', 'sparse24_t128'):>10} {_ms(r, 'sparse24_wgmma'):>8} "
+                      f"{_ratio(t, 'dense', 'sparse24_wgmma'):>8}")
             for fmt, why in case["unavailable"].items():
                 print(f"{'':>10} {fmt} not measured: {why}")
             for r in case["rows"]:

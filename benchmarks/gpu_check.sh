@@ -119,7 +119,8 @@ except OSError:
 EOF
 
 # ---- build: local architecture only ------------------------------------------------
-ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+# sm_90 as 9.0a: the opt-in wgmma 2:4 kernel needs sm_90a code (it runs on every sm_90 GPU)
+ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if (m, n) == (9, 0) else ''))")
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
 export TORCH_CUDA_ARCH_LIST=$ARCH FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}

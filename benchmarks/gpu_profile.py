@@ -4,7 +4,7 @@
 
 For each target (masks_from_stats on the BLIP-base layer set; bitmap_linear (the public
 op: the CUDA C++ kernel; under MULTIFLOW_BITMAP_GEMV=tc2 its lean decode; the Triton kernel
-beside it) and sparse24_linear at a few row counts (also under MULTIFLOW_SPARSE24_GEMM=tile128); sq_sum_accumulate_), prints to stdout the
+beside it) and sparse24_linear at a few row counts (also under MULTIFLOW_SPARSE24_GEMM=tile128 and, on sm_90, wgmma); sq_sum_accumulate_), prints to stdout the
 median time per call
 (CUDA events, after warm-up) and the profiler's table of the ops and kernels it ran, sorted
 by device time, with host-side sync / copy calls counted: the first thing to read before
@@ -118,10 +118,11 @@ def main(argv=None) -> int:
             x = torch.randn(rows, in_f, device=dev, generator=g).half()
             if "sparse24" in want:
                 _profile(f"sparse24_linear 4096x4096 fp16 rows={rows}", lambda: ops.sparse24_linear(x, *packed, None))
-            if "sparse24_t128" in want:
-                os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
+            kinds = ["tile128", "wgmma"] if torch.cuda.get_device_capability() == (9, 0) else ["tile128"]
+            for kind in kinds if "sparse24_t128" in want else []:
+                os.environ["MULTIFLOW_SPARSE24_GEMM"] = kind
                 try:
-                    _profile(f"sparse24_linear, MULTIFLOW_SPARSE24_GEMM=tile128, 4096x4096 fp16 rows={rows}",
+                    _profile(f"sparse24_linear, MULTIFLOW_SPARSE24_GEMM={kind}, 4096x4096 fp16 rows={rows}",
                              lambda: ops.sparse24_linear(x, *packed, None))
                 finally:
                     os.environ.pop("MULTIFLOW_SPARSE24_GEMM", None)

@@ -110,16 +110,23 @@ def main() -> int:
                     calls += 1
                 os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
             calls += 2
-    # tile128 over many stages (1040 columns: 17 stages, the last 16 columns) and two
-    # feature tiles, the second partial (136 = 128 + 8: 16-byte output pieces)
-    os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
+    # the 128 x 128 tile kernels (tile128; wgmma on sm_90) over many stages (1040 columns:
+    # 17 stages, the last 16 columns) and two feature tiles, the second partial (136 = 128 + 8:
+    # 16-byte output pieces); 70 x 48 / 5 rows: one partial stage and tile
     w = torch.randn(136, 1040, generator=g).to(dev, torch.float16)
     values, meta = ops.sparse24_pack(w, ops.nm_mask(torch.rand(136, 1040, generator=g).to(dev), 2, 4))
     xx = torch.randn(200, 1040, generator=g).to(dev, torch.float16)
-    torch.testing.assert_close(ops.sparse24_linear(xx, values, meta, None).float(),
-                               R.sparse24_linear(xx, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+    w2 = torch.randn(70, 48, generator=g).to(dev, torch.bfloat16)
+    packed2 = ops.sparse24_pack(w2, ops.nm_mask(torch.rand(70, 48, generator=g).to(dev), 2, 4))
+    x2 = torch.randn(5, 48, generator=g).to(dev, torch.bfloat16)
+    for kind in ("tile128", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("tile128",):
+        os.environ["MULTIFLOW_SPARSE24_GEMM"] = kind
+        torch.testing.assert_close(ops.sparse24_linear(xx, values, meta, None).float(),
+                                   R.sparse24_linear(xx, values, meta, None).float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ops.sparse24_linear(x2, *packed2, None).float(),
+                                   R.sparse24_linear(x2, *packed2, None).float(), rtol=2e-2, atol=2e-2)
+        calls += 2
     os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
-    calls += 1
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under
     # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; tc2: gemv_tc's lean decode; 2100 columns: five

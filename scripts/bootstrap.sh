@@ -4,7 +4,7 @@
 # extension is rebuilt only when setup.py, csrc/ or the build settings changed.
 #
 # CUDA sources are compiled when nvcc is found (CUDA_HOME is derived from it) even without
-# a GPU (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"). MULTIFLOW_NO_CUDA=1
+# a GPU (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a"). MULTIFLOW_NO_CUDA=1
 # builds the CPU kernels only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ if [ "${MULTIFLOW_NO_CUDA:-0}" != "1" ]; then
             export CUDA_HOME
         fi
         export FORCE_CUDA=${FORCE_CUDA:-1}
-        export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+        export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
     fi
 fi
 

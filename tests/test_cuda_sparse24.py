@@ -3,7 +3,7 @@ plain-torch twin. Every test here needs an NVIDIA GPU (marked ``cuda``; skipped 
 
 sparse24_linear has three CUDA paths, each covered: a warp per output row (rows of x <=
 4, any dtype; a half-warp per row under MULTIFLOW_SPARSE24_GEMV=half, the `lanes` fixture), mma.sp sparse tensor cores (float16 / bfloat16, 5 rows or more, in % 16 == 0,
-16-byte aligned; 64 x 64 tiles, or 128 x 128 under MULTIFLOW_SPARSE24_GEMM=tile128),
+16-byte aligned; 64 x 64 tiles, or 128 x 128 under MULTIFLOW_SPARSE24_GEMM=tile128 / wgmma),
 and the row kernel over blocks of 16 rows of x (float32 with more rows,
 in % 16 != 0, unaligned x).
 """
@@ -126,19 +126,28 @@ def test_linear_leading_dims_and_unaligned_x(dtype):
                                R.sparse24_linear(unaligned, values, meta, None).float(), rtol=2e-2, atol=2e-2)
 
 
-# MULTIFLOW_SPARSE24_GEMM=tile128: the 128 x 128 tile mma.sp kernel for every call that takes
-# the tensor-core path (16-bit, 5 rows or more, in % 16 == 0). Shapes: out % 8 != 0 (scalar
-# output pieces), several feature / token tiles, in = 16 (one stage, shorter than the
-# pipeline), 1040 (a last stage of 16 columns).
+# MULTIFLOW_SPARSE24_GEMM=tile128 / wgmma: the opt-in 128 x 128 tile kernels (mma.sp; Hopper's
+# warpgroup wgmma.mma_async.sp, sm_90 only) for every call that takes the tensor-core path
+# (16-bit, 5 rows or more, in % 16 == 0). Shapes: out % 8 != 0 (scalar output pieces),
+# several feature / token tiles, in = 16 (one stage, shorter than the pipeline), 1040 (a
+# last stage of 16 columns).
 _TILE128_SHAPES = [(64, 64), (70, 48), (130, 1040), (17, 32), (264, 256), (8, 16)]
+
+
+@pytest.fixture(params=["tile128", "wgmma"])
+def big_gemm(request, monkeypatch):
+    """An opt-in tensor-core kernel (MULTIFLOW_SPARSE24_GEMM); wgmma needs an sm_90 GPU."""
+    if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma.mma_async.sp is sm_90 (H100 / H200) only")
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", _TILE128_SHAPES)
 @pytest.mark.parametrize("rows", [5, 64, 129, 300])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_tile128_matches_reference(dtype, shape, rows, with_bias, monkeypatch):
-    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+def test_linear_tile128_matches_reference(dtype, shape, rows, with_bias, big_gemm, monkeypatch):
     out_f, in_f = shape
     w, mask = _problem(out_f, in_f, dtype, seed=rows + out_f)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
@@ -153,8 +162,7 @@ def test_linear_tile128_matches_reference(dtype, shape, rows, with_bias, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_linear_tile128_multiplies_only_named_positions(dtype, monkeypatch):
-    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+def test_linear_tile128_multiplies_only_named_positions(dtype, big_gemm):
     w, mask = _problem(136, 128, dtype)
     mask[:, 69] = False
     values, meta = ops.sparse24_pack(w, mask)
@@ -170,8 +178,7 @@ def test_linear_tile128_multiplies_only_named_positions(dtype, monkeypatch):
     torch.testing.assert_close(got[:, keep].float(), want[:, keep].float(), rtol=2e-2, atol=2e-2)
 
 
-def test_linear_tile128_deterministic(monkeypatch):
-    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile128")
+def test_linear_tile128_deterministic(big_gemm):
     w, mask = _problem(256, 512, torch.float16)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
     x = torch.randn(300, 512).half().cuda()
@@ -182,8 +189,19 @@ def test_gemm_switch_rejects_unknown_values(monkeypatch):
     w, mask = _problem(8, 16, torch.float16)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
     monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile256")
-    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMM must be one of tile64, tile128"):
+    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMM must be one of tile64, tile128, wgmma"):
         ops.sparse24_linear(torch.randn(1, 16).half().cuda(), values, meta, None)
+
+
+def test_wgmma_switch_off_hopper_names_the_requirement(monkeypatch):
+    if torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("this GPU runs the wgmma kernel")
+    w, mask = _problem(64, 64, torch.float16)
+    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
+    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "wgmma")
+    with pytest.raises(RuntimeError, match="needs an sm_90 GPU"):
+        ops.sparse24_linear(torch.randn(64, 64).half().cuda(), values, meta, None)
+    ops.sparse24_linear(torch.randn(2, 64).half().cuda(), values, meta, None)  # the few-row kernel: any GPU
 
 
 def test_gemv_lanes_switch_rejects_unknown_values(monkeypatch):

@@ -37,8 +37,9 @@
 //    metadata set to positions (0, 1), a valid pattern.
 //
 //    MULTIFLOW_SPARSE24_GEMM=tile128 runs linear_mma128_kernel instead (128 x 128
-//    tiles, ldmatrix, a 3-stage pipeline; see there): compiled for sm_80 / sm_90, not yet
-//    run on a GPU, so not the default.
+//    tiles, ldmatrix, a 3-stage pipeline; see there), =wgmma linear_wgmma_kernel (the
+//    same tiles on Hopper's warpgroup wgmma.mma_async.sp; sm_90a builds only): compiled,
+//    not yet run on a GPU, so not the default.
 //
 //  * anything else (float32 with many rows: the 2:4 tensor-core path is for 16-bit
 //    types; unaligned shapes; GPUs older than sm_80): the warp-per-row kernel over
@@ -61,7 +62,9 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <sstream>
+#include <string>
 
 #include "ceil_div.h"
 #include "cuda/cp_async.cuh"
@@ -529,6 +532,52 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
 #endif
 }
 
+// The metadata of the 128 x 128 tile kernels' stages (128 rows, 64 columns: 4 words a row).
+// Thread tid (of 256) holds words 2 (tid & 1) and + 1 of row tid >> 1. read() loads them
+// from a valid address whatever the bounds, into two registers (joining them there would
+// wait for the loads before the stage's math); pair() puts the filler pattern on padding;
+// store() writes them pre-paired: the u32 at ((r >> 4) * 4 + w) * 8 + (r & 7) of a stage's
+// metadata tile holds word w of rows r (low half) and r + 8 (high half) of each 16-row mma
+// tile, one e register (e()).
+struct StageMeta {
+  static constexpr int kWords = 4;
+  int word;            // the first of the thread's two words in a stage
+  bool ok;             // the thread's row exists
+  int words;           // words per row of the matrix
+  const int16_t* src;  // the thread's row (row 0 when it does not exist)
+  int at;              // the thread's first half-word in a stage's tile
+
+  __device__ StageMeta(const int16_t* metadata, int64_t o0, int rows_here, int words_in_row, int tid)
+      : word(2 * (tid & 1)),
+        ok((tid >> 1) < rows_here),
+        words(words_in_row),
+        src(metadata + (ok ? (o0 + (tid >> 1)) * static_cast<int64_t>(words_in_row) : 0)),
+        at(((tid >> 5) * kWords + word) * 16 + ((tid >> 1) & 7) * 2 + ((tid >> 4) & 1)) {}
+
+  __device__ int2 read(int step) const {
+    const int wd = step * kWords + word;
+    return make_int2(__ldg(src + (wd < words ? wd : 0)), __ldg(src + (wd + 1 < words ? wd + 1 : 0)));
+  }
+
+  __device__ uint32_t pair(int step, int2 raw) const {
+    const int wd = step * kWords + word;
+    const uint32_t lo = ok && wd < words ? static_cast<uint16_t>(raw.x) : kFillerWord;
+    const uint32_t hi = ok && wd + 1 < words ? static_cast<uint16_t>(raw.y) : kFillerWord;
+    return lo | (hi << 16);
+  }
+
+  __device__ void store(uint16_t* tile, uint32_t pair) const {  // words `word` and + 1: 16 halves apart
+    tile[at] = static_cast<uint16_t>(pair & 0xffffu);
+    tile[at + 16] = static_cast<uint16_t>(pair >> 16);
+  }
+
+  // The e register of lane (g, t) for the 16-row mma tile `tile16`, 32-column half u of a
+  // stage: rows g (low half) and g + 8 (high half), word 2 u + (t & 1).
+  __device__ static uint32_t e(const uint16_t* tile, int tile16, int u, int g, int t) {
+    return reinterpret_cast<const uint32_t*>(tile)[(tile16 * kWords + 2 * u + (t & 1)) * 8 + g];
+  }
+};
+
 // Preconditions: cols % 16 == 0, values and x 16-byte aligned (checked on the host); y
 // 16-byte aligned (a fresh at::empty); cols < 2^24; gridDim.x = feature_tiles * token tiles,
 // feature tiles first.
@@ -605,32 +654,8 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
                     ok ? x_src + (p * x_stride + k0) : x, ok);
     }
   };
-  // Metadata: thread tid holds words 2 (tid & 1) and + 1 of row tid >> 1 of a stage.
-  // read_meta loads them from a valid address whatever the bounds (the loads stay in flight
-  // during the stage's math); meta_pair puts the filler pattern on padding when they are
-  // stored. Shared layout, per stage: the u32 at ((r >> 4) * kWords + w) * 8 + (r & 7) holds
-  // word w of rows r (low half) and r + 8 (high half) of each 16-row mma tile: one e register.
-  const int meta_row = tid >> 1;
-  const int meta_word = 2 * (tid & 1);
-  const bool meta_ok = meta_row < rows_here;
-  const int16_t* meta_src = metadata + (meta_ok ? (o0 + meta_row) * static_cast<int64_t>(words) : 0);
-  // (Two registers, not one: joining them here would wait for the loads before the math.)
-  auto read_meta = [&](int step) -> int2 {
-    const int wd = step * kWords + meta_word;
-    return make_int2(__ldg(meta_src + (wd < words ? wd : 0)), __ldg(meta_src + (wd + 1 < words ? wd + 1 : 0)));
-  };
-  auto meta_pair = [&](int step, int2 raw) -> uint32_t {
-    const int wd = step * kWords + meta_word;
-    const uint32_t lo = meta_ok && wd < words ? static_cast<uint16_t>(raw.x) : kFillerWord;
-    const uint32_t hi = meta_ok && wd + 1 < words ? static_cast<uint16_t>(raw.y) : kFillerWord;
-    return lo | (hi << 16);
-  };
-  const int meta_at = ((meta_row >> 4) * kWords + meta_word) * 16 + (meta_row & 7) * 2 + ((meta_row >> 3) & 1);
-  auto store_meta = [&](int stage, uint32_t pair) {  // words meta_word and + 1: 16 halves apart
-    uint16_t* ms = m_tile(stage) + meta_at;
-    ms[0] = static_cast<uint16_t>(pair & 0xffffu);
-    ms[16] = static_cast<uint16_t>(pair >> 16);
-  };
+  static_assert(kWords == StageMeta::kWords && kOut == 128 && kBlockThreads == 256, "StageMeta's tile");
+  const StageMeta meta(metadata, o0, rows_here, words, tid);
 
   float acc[4][4][4];
 #pragma unroll
@@ -649,7 +674,7 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) {
       copy_tiles(s, s);
-      store_meta(s, meta_pair(s, read_meta(s)));
+      meta.store(m_tile(s), meta.pair(s, meta.read(s)));
     }
     cp_async_commit();
   }
@@ -665,14 +690,13 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
     int2 raw = make_int2(0, 0);
     if (next < steps) {
       copy_tiles(refill, next);
-      raw = read_meta(next);  // in flight during the math below
+      raw = meta.read(next);  // in flight during the math below
     }
     cp_async_commit();
 
     const int stage = step % kStages;
     const unsigned as = smem_addr(a_tile(stage));
     const unsigned xs = smem_addr(x_tile(stage));
-    const uint32_t* ms = reinterpret_cast<const uint32_t*>(m_tile(stage));
 #pragma unroll
     for (int u = 0; u < kK / 32; ++u) {  // the mma's k: 32 columns, 16 kept values per row
       uint32_t a[4][4];
@@ -684,8 +708,7 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
         const int r = wo + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
         const int c = 16 * u + 8 * (lane >> 4);
         ldmatrix_x4(a[i], as + static_cast<unsigned>((r * kAPitch + c) * sizeof(scalar_t)));
-        // rows g (low half) and g + 8 (high half), word 2u + (t & 1): as the 64 x 64 kernel
-        e[i] = ms[(((wo >> 4) + i) * kWords + 2 * u + (t & 1)) * 8 + g];
+        e[i] = StageMeta::e(m_tile(stage), (wo >> 4) + i, u, g, t);  // as the 64 x 64 kernel's
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -702,7 +725,7 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
       }
     }
     if (next < steps) {
-      store_meta(refill, meta_pair(next, raw));  // read after the __syncthreads of iteration `next`
+      meta.store(m_tile(refill), meta.pair(next, raw));  // read after the __syncthreads of iteration `next`
     }
   }
 
@@ -750,6 +773,305 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
       }
     }
   }
+}
+
+// ---- the warpgroup GEMM (MULTIFLOW_SPARSE24_GEMM=wgmma; sm_90a only, opt-in, compiled
+// but not yet run on a GPU).
+//
+// Hopper's full tensor-core rate is reached only through wgmma (the warp-level mma.sp
+// above issues at a fraction of it). Same block tile, stages, copies of the values, paired
+// metadata and epilogue as linear_mma128_kernel, but each warpgroup (4 warps) computes a
+// 64 (features) x 128 (tokens) tile of y^T with wgmma.mma_async.sp.m64n128k32: A (the
+// kept values of the warpgroup's 64 rows) from registers, loaded with ldmatrix as in the
+// mma.sp kernels (per warp, the m16n8k32 fragment of its 16 rows, and the same metadata
+// register), B (x) read by the tensor cores straight from shared memory through a matrix
+// descriptor: the x tile is stored K-major in 8 x 16-byte core matrices without swizzle
+// (core matrix (token / 8, column / 8) at (token / 8) * 1024 + (column / 8) * 128 bytes:
+// leading byte offset 128, stride byte offset 1024). cp.async writes are made visible to
+// the tensor cores' (async proxy) reads with fence.proxy.async before the block barrier;
+// each warpgroup waits for its wgmma before the next barrier, so a stage is refilled only
+// after every read of it. The accumulator fragment of a warp is that of mma.m16n8 per
+// 8 tokens: d[4 j + c] is row g + 8 (c >> 1), token 8 j + 2 t + (c & 1).
+namespace wg {
+constexpr int kOut = 128;
+constexpr int kTok = 128;
+constexpr int kK = 64;
+constexpr int kVals = kK / 2;
+constexpr int kWords = kK / kSparse24WordCols;
+constexpr int kStages = 3;
+constexpr int kBlockThreads = 256;  // 2 warpgroups
+constexpr int kAPitch = kVals + 8;
+constexpr int kYPitch = kOut + 8;
+constexpr int kCoreBytes = 128;                     // an 8 x 16-byte core matrix
+constexpr int kLeadBytes = kCoreBytes;              // next 8 columns of the same 8 tokens
+constexpr int kStrideBytes = (kK / 8) * kCoreBytes;  // next 8 tokens
+template <typename scalar_t>
+struct Layout {
+  static constexpr int kXBytes = kTok * kK * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kABytes = kOut * kAPitch * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kMetaBytes = kOut * kWords * 2;
+  static constexpr int kStageBytes = kXBytes + kABytes + kMetaBytes;  // x first: 1024-byte aligned
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kStageBytes % 1024 == 0, "x tiles start 1024-byte aligned");
+  static_assert(kTok * kYPitch * static_cast<int>(sizeof(scalar_t)) <= kBytes, "the epilogue tile fits");
+};
+static_assert(kStages == 3, "cp_async_wait_one waits for all but the newest group: kStages - 2 == 1");
+}  // namespace wg
+
+[[maybe_unused]] __device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The wgmma matrix descriptor of a K-major, unswizzled operand at shared address addr.
+[[maybe_unused]] __device__ __forceinline__ uint64_t wgmma_desc(unsigned addr) {
+  return static_cast<uint64_t>((addr & 0x3ffffu) >> 4) |
+         (static_cast<uint64_t>(wg::kLeadBytes >> 4) << 16) |
+         (static_cast<uint64_t>(wg::kStrideBytes >> 4) << 32);  // base offset 0, layout type 0 (no swizzle)
+}
+
+// Keeps the compiler from moving the accumulators' uses across the asynchronous wgmma.
+// ([[maybe_unused]]: the wgmma helpers are referenced only from sm_90a device code.)
+[[maybe_unused]] __device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    asm volatile("" : "+f"(d[i])::"memory");
+  }
+}
+
+// d += A (64 x 32, 2:4, in registers) x B (32 x 128, K-major in shared memory)
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_sp_m64n128k32(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, uint32_t e) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MULTIFLOW_WGMMA_SP(TYPE)                                                                                 \
+  asm volatile(                                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"                                                              \
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TYPE "." TYPE " "                                       \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                     \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                      \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                     \
+      "{%64, %65, %66, %67}, %68, %69, 0, p, 1, 1, 0;\n}\n"                                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),      \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),            \
+        "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),            \
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),            \
+        "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),            \
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),            \
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),            \
+        "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                          \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e), "n"(1))
+  if constexpr (kBf16) {
+    MULTIFLOW_WGMMA_SP("bf16");
+  } else {
+    MULTIFLOW_WGMMA_SP("f16");
+  }
+#undef MULTIFLOW_WGMMA_SP
+#else
+  __trap();
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ void wgmma_wait_all() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+// Whether this build's code for the device has the sm_90a features (wgmma): 1 or 0.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// Preconditions as linear_mma128_kernel's; and the device is sm_90 with this kernel
+// compiled for sm_90a (the host asks sm90a_probe_kernel).
+template <typename scalar_t, bool kBf16>
+__global__ void __launch_bounds__(wg::kBlockThreads, 2) linear_wgmma_kernel(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ values,
+    const int16_t* __restrict__ metadata,
+    const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ y,
+    int64_t m,
+    int64_t rows,
+    int64_t cols,
+    int steps,              // ceil(cols / kK)
+    int64_t feature_tiles,  // ceil(rows / kOut)
+    bool vec_out) {         // rows % 8 == 0: 16-byte output pieces
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace wg;
+  using L = Layout<scalar_t>;
+  extern __shared__ __align__(1024) unsigned char smem_wg[];  // not smem: its declaration is 16-byte aligned
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int wrow = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's 16 rows of A (its warpgroup's 64)
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) % feature_tiles) * kOut;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) / feature_tiles) * kTok;
+  const int half = static_cast<int>(cols / 2);  // cols < 2^24 (host)
+  const int words = static_cast<int>(cols / kSparse24WordCols);
+  const int rows_here = static_cast<int>(rows - o0 < kOut ? rows - o0 : kOut);
+  const int toks_here = static_cast<int>(m - t0 < kTok ? m - t0 : kTok);
+  const unsigned smem0 = smem_addr(smem_wg);
+  auto x_at = [&](int stage) { return smem0 + static_cast<unsigned>(stage * L::kStageBytes); };
+  auto a_at = [&](int stage) { return smem0 + static_cast<unsigned>(stage * L::kStageBytes + L::kXBytes); };
+  auto m_tile = [&](int stage) {
+    return reinterpret_cast<uint16_t*>(smem_wg + stage * L::kStageBytes + L::kXBytes + L::kABytes);
+  };
+
+  // Copies, the same at every step. Values: as linear_mma128_kernel. x: token x_row + 32 p,
+  // columns 8 x_part ..; lanes 0-7 take the 8 tokens of a core matrix, so a warp writes 512
+  // contiguous bytes.
+  constexpr int kVPieces = (kOut * kVals / 8) / kBlockThreads;
+  constexpr int kXPieces = (kTok * kK / 8) / kBlockThreads;
+  constexpr int kVRowStep = kBlockThreads / (kVals / 8);
+  constexpr int kXRowStep = 32;
+  const int v_row = tid / (kVals / 8);
+  const int v_part = tid % (kVals / 8);
+  const int x_row = 8 * (tid >> 6) + (tid & 7);
+  const int x_part = (tid >> 3) & 7;
+  const int v_stride = kVRowStep * half;
+  const int x_stride = kXRowStep * static_cast<int>(cols);
+  const scalar_t* v_src = values + (o0 + (v_row < rows_here ? v_row : 0)) * static_cast<int64_t>(half) + 8 * v_part;
+  const scalar_t* x_src = x + (t0 + (x_row < toks_here ? x_row : 0)) * cols + 8 * x_part;
+  const unsigned v_dst = static_cast<unsigned>((v_row * kAPitch + 8 * v_part) * sizeof(scalar_t));
+  const unsigned x_dst = static_cast<unsigned>((x_row >> 3) * kStrideBytes + x_part * kLeadBytes + (x_row & 7) * 16);
+  auto copy_tiles = [&](int stage, int step) {
+    const int k0 = step * kK;
+    const int cols_left = static_cast<int>(cols) - k0;
+#pragma unroll
+    for (int p = 0; p < kVPieces; ++p) {
+      const bool ok = 16 * v_part < cols_left && v_row + kVRowStep * p < rows_here;
+      cp_async16_at(a_at(stage) + v_dst + static_cast<unsigned>(kVRowStep * p * kAPitch * sizeof(scalar_t)),
+                    ok ? v_src + (p * v_stride + k0 / 2) : values, ok);
+    }
+#pragma unroll
+    for (int p = 0; p < kXPieces; ++p) {
+      const bool ok = 8 * x_part < cols_left && x_row + kXRowStep * p < toks_here;
+      cp_async16_at(x_at(stage) + x_dst + static_cast<unsigned>((kXRowStep / 8) * p * kStrideBytes),
+                    ok ? x_src + (p * x_stride + k0) : x, ok);
+    }
+  };
+  static_assert(kWords == StageMeta::kWords && kOut == 128 && kBlockThreads == 256, "StageMeta's tile");
+  const StageMeta meta(metadata, o0, rows_here, words, tid);
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    acc[i] = 0.f;
+  }
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) {
+      copy_tiles(s, s);
+      meta.store(m_tile(s), meta.pair(s, meta.read(s)));
+    }
+    cp_async_commit();
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait_one();
+    fence_proxy_async_shared();  // this thread's copies, visible to the tensor cores' reads
+    // Every thread's copies of this stage have landed; every warpgroup's wgmma of the last
+    // step (the last reader of the stage refilled below) has completed.
+    __syncthreads();
+    const int next = step + kStages - 1;
+    const int stage = step % kStages;
+    uint32_t a[kK / 32][4];
+    uint32_t e[kK / 32];
+#pragma unroll
+    for (int u = 0; u < kK / 32; ++u) {
+      const int r = wrow + (lane & 7) + 8 * ((lane >> 3) & 1);
+      const int c = 16 * u + 8 * (lane >> 4);
+      ldmatrix_x4(a[u], a_at(stage) + static_cast<unsigned>((r * kAPitch + c) * sizeof(scalar_t)));
+      e[u] = StageMeta::e(m_tile(stage), wrow >> 4, u, g, t);
+    }
+    fence_accumulators(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int u = 0; u < kK / 32; ++u) {  // columns 32 u ..: core matrices 4 u .. 4 u + 3
+      wgmma_sp_m64n128k32<kBf16>(acc, a[u], wgmma_desc(x_at(stage) + static_cast<unsigned>(4 * u * kLeadBytes)), e[u]);
+    }
+    wgmma_commit();
+    // The refill of stage (step + 2) % 3 (read last by the previous step's wgmma), issued
+    // while this step's wgmma runs on stage step % 3.
+    int2 raw = make_int2(0, 0);
+    if (next < steps) {
+      copy_tiles(next % kStages, next);
+      raw = meta.read(next);
+    }
+    cp_async_commit();
+    wgmma_wait_all();
+    fence_accumulators(acc);
+    if (next < steps) {
+      meta.store(m_tile(next % kStages), meta.pair(next, raw));
+    }
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  scalar_t* ys = reinterpret_cast<scalar_t*>(smem_wg);  // [kTok][kYPitch]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int ol = wrow + g + 8 * h;
+    const float bo = (bias != nullptr && o0 + ol < rows) ? to_float(bias[o0 + ol]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kTok / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        ys[(8 * j + 2 * t + c) * kYPitch + ol] = static_cast<scalar_t>(acc[4 * j + 2 * h + c] + bo);
+      }
+    }
+  }
+  __syncthreads();
+  if (vec_out) {
+#pragma unroll
+    for (int p = 0; p < (kTok * kOut / 8) / kBlockThreads; ++p) {
+      const int piece = tid + p * kBlockThreads;
+      const int tl = piece >> 4;
+      const int part = piece & 15;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + 8 * part;
+      if (tok < m && o < rows) {
+        *reinterpret_cast<int4*>(y + tok * rows + o) = *reinterpret_cast<const int4*>(ys + tl * kYPitch + 8 * part);
+      }
+    }
+  } else {
+    for (int p = 0; p < (kTok * kOut) / kBlockThreads; ++p) {
+      const int piece = tid + p * kBlockThreads;
+      const int tl = piece / kOut;
+      const int ol = piece % kOut;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + ol;
+      if (tok < m && o < rows) {
+        y[tok * rows + o] = ys[tl * kYPitch + ol];
+      }
+    }
+  }
+#else
+  __trap();
+#endif
 }
 
 // ---- host side
@@ -828,44 +1150,99 @@ void launch_mma(const Sparse24Problem& p, const at::Tensor& y) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// MULTIFLOW_SPARSE24_GEMM: the tensor-core kernel, "tile64" (unset or empty: the default,
-// linear_mma_kernel) or "tile128" (linear_mma128_kernel, for every call that takes the
-// tensor-core path; compiled for sm_80 / sm_90 but not yet run on a GPU). Read at each call.
-bool sparse24_gemm_tile128() {
-  return env_switch("MULTIFLOW_SPARSE24_GEMM", "tile64", "tile128", "multiflow::sparse24_linear");
+// MULTIFLOW_SPARSE24_GEMM: the tensor-core kernel for every call that takes the tensor-core
+// path: "tile64" (unset or empty: the default, linear_mma_kernel), "tile128"
+// (linear_mma128_kernel) or "wgmma" (linear_wgmma_kernel: sm_90 GPUs, a build for sm_90a).
+// The last two are compiled but not yet run on a GPU. Read at each call.
+enum class Gemm { kTile64 = 0, kTile128 = 1, kWgmma = 2 };
+Gemm sparse24_gemm() {
+  return static_cast<Gemm>(
+      env_choice("MULTIFLOW_SPARSE24_GEMM", {"tile64", "tile128", "wgmma"}, "multiflow::sparse24_linear"));
 }
 
-// Launches the 128 x 128 tile kernel; false (nothing launched) when the grid would not fit
-// one dimension, in >= 2^24 (the kernel's 32-bit offsets) or the device cannot give a
-// block its dynamic shared memory.
-template <typename scalar_t, bool kBf16>
-bool launch_mma128(const Sparse24Problem& p, const at::Tensor& y) {
-  using namespace tile128;
-  constexpr int kBytes = Layout<scalar_t>::kBytes;
-  const int64_t feature_tiles = ceil_div(p.rows, static_cast<int64_t>(kOut));
-  const int64_t blocks = feature_tiles * ceil_div(p.m, static_cast<int64_t>(kTok));
+// Whether the current device runs linear_wgmma_kernel: an sm_90 GPU and this build's code
+// for it compiled for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a; plain 9.0 lacks wgmma).
+// Asked once per device, with a one-thread probe kernel and one sync (so the first wgmma
+// call on a device must not be inside CUDA graph capture: warm it up eagerly).
+bool wgmma_available() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const int dev = c10::cuda::current_device();
+  if (dev < kMaxDevices && known[dev].load() != 0) {
+    return known[dev].load() == 2;
+  }
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  bool yes = false;
+  if (props->major == 9 && props->minor == 0) {
+    auto flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, dev).dtype(at::kInt));
+    sm90a_probe_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(flag.mutable_data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    yes = flag.item<int>() == 1;
+  }
+  if (dev < kMaxDevices) {
+    known[dev].store(yes ? 2 : 1);
+  }
+  return yes;
+}
+
+// Launches a 128 x 128 tile kernel (linear_mma128_kernel or linear_wgmma_kernel: kKernel,
+// with kTileOut x kTileTok tiles, kStepK columns a stage, kBlock threads and kBytes of
+// dynamic shared memory); false (nothing launched) when the grid would not fit one
+// dimension, in >= 2^24 (the kernels' 32-bit offsets) or the device cannot give a block
+// its shared memory.
+template <auto kKernel, int kTileOut, int kTileTok, int kStepK, int kBlock, int kBytes, typename scalar_t>
+bool launch_tiles(const Sparse24Problem& p, const at::Tensor& y) {
+  const int64_t feature_tiles = ceil_div(p.rows, static_cast<int64_t>(kTileOut));
+  const int64_t blocks = feature_tiles * ceil_div(p.m, static_cast<int64_t>(kTileTok));
   if (blocks > std::numeric_limits<int32_t>::max() || p.cols >= (int64_t{1} << 24) ||
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) < kBytes) {
     return false;
   }
-  auto* kernel = &linear_mma128_kernel<scalar_t, kBf16>;
   // The dynamic shared memory limit is a per-device attribute of the kernel: set once per
-  // device and instantiation (setting it twice from two threads is harmless).
+  // device and kernel (setting it twice from two threads is harmless).
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> opted_in[kMaxDevices] = {};
   const int dev = c10::cuda::current_device();
   if (dev >= kMaxDevices || !opted_in[dev].load()) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    // Prefer shared memory over L1 so that two blocks' worth fits on an SM.
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     if (dev < kMaxDevices) {
       opted_in[dev].store(true);
     }
   }
-  kernel<<<static_cast<unsigned>(blocks), kBlockThreads, kBytes, at::cuda::getCurrentCUDAStream()>>>(
+  kKernel<<<static_cast<unsigned>(blocks), kBlock, kBytes, at::cuda::getCurrentCUDAStream()>>>(
       p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.metadata.const_data_ptr<int16_t>(),
       p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), p.m, p.rows,
-      p.cols, static_cast<int>(ceil_div(p.cols, static_cast<int64_t>(kK))), feature_tiles, p.rows % 8 == 0);
+      p.cols, static_cast<int>(ceil_div(p.cols, static_cast<int64_t>(kStepK))), feature_tiles, p.rows % 8 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+template <typename scalar_t, bool kBf16>
+bool launch_mma128(const Sparse24Problem& p, const at::Tensor& y) {
+  using namespace tile128;
+  return launch_tiles<&linear_mma128_kernel<scalar_t, kBf16>, kOut, kTok, kK, kBlockThreads,
+                      Layout<scalar_t>::kBytes, scalar_t>(p, y);
+}
+
+// As launch_mma128; raises when the device cannot run the kernel (the switch asks for it
+// by name).
+template <typename scalar_t, bool kBf16>
+bool launch_wgmma(const Sparse24Problem& p, const at::Tensor& y) {
+  if (!wgmma_available()) {
+    const auto* props = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(false, "multiflow::sparse24_linear: MULTIFLOW_SPARSE24_GEMM=wgmma needs an sm_90 GPU (H100 / H200) "
+                "and an extension built for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a): ",
+                props->major == 9 && props->minor == 0
+                    ? std::string("this build has no sm_90a code")
+                    : "this device is sm_" + std::to_string(props->major) + std::to_string(props->minor),
+                ". Unset it to use the default kernel");
+  }
+  using namespace wg;
+  return launch_tiles<&linear_wgmma_kernel<scalar_t, kBf16>, kOut, kTok, kK, kBlockThreads,
+                      Layout<scalar_t>::kBytes, scalar_t>(p, y);
 }
 
 at::Tensor unpack_dense(const Sparse24Problem& p) {
@@ -936,7 +1313,7 @@ at::Tensor sparse24_linear_cuda(
   const Sparse24Problem p = prepare_sparse24_linear(x, values, metadata, bias);
   const c10::cuda::CUDAGuard guard(p.x.device());
   const int lanes = sparse24_gemv_lanes();  // first: a bad setting fails whatever the path
-  const bool use_tile128 = sparse24_gemm_tile128();
+  const Gemm gemm = sparse24_gemm();
   if (auto trivial = trivial_linear_result(p)) {
     return *trivial;
   }
@@ -950,12 +1327,20 @@ at::Tensor sparse24_linear_cuda(
                             reinterpret_cast<uintptr_t>(p.x.const_data_ptr()) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(p.values.const_data_ptr()) % 16 == 0 && mma_compiled();
   if (tensor_cores) {
-    if (dtype == at::kHalf) {
-      if (!(use_tile128 && launch_mma128<c10::Half, false>(p, y))) {
-        launch_mma<c10::Half, false>(p, y);
+    // The opt-in kernels, then the default (also where they decline an exotic shape).
+    auto launch = [&](auto zero, auto bf16) {
+      using T = decltype(zero);
+      constexpr bool kBf16 = decltype(bf16)::value;
+      const bool done = (gemm == Gemm::kTile128 && launch_mma128<T, kBf16>(p, y)) ||
+                        (gemm == Gemm::kWgmma && launch_wgmma<T, kBf16>(p, y));
+      if (!done) {
+        launch_mma<T, kBf16>(p, y);
       }
-    } else if (!(use_tile128 && launch_mma128<c10::BFloat16, true>(p, y))) {
-      launch_mma<c10::BFloat16, true>(p, y);
+    };
+    if (dtype == at::kHalf) {
+      launch(c10::Half(), std::false_type());
+    } else {
+      launch(c10::BFloat16(), std::true_type());
     }
     return y.view(p.out_shape);
   }
