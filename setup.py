@@ -8,7 +8,7 @@ gets the CUDA kernels (csrc/cuda/*.cu, with WITH_CUDA defined) when torch is a
 CUDA build, nvcc is found (CUDA_HOME) and either a GPU is visible or
 FORCE_CUDA=1. MULTIFLOW_NO_CUDA=1 forces a CPU-only build. Without a GPU to
 read the architecture from, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a"; with one,
-to the visible GPUs' architectures, sm_90 as 9.0a (Hopper's wgmma, used by the opt-in
+torch's choice from the visible GPUs, except that an sm_90 GPU gives 9.0a (Hopper's wgmma, used by the opt-in
 MULTIFLOW_SPARSE24_GEMM=wgmma kernel, exists only in sm_90a code; an sm_90a binary
 runs on every sm_90 GPU).
 """
@@ -220,12 +220,13 @@ def _extension():
         return ext, backends
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():
-            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" + ("a" if (a, b) == (9, 0) else "")
-                                                          for a, b in caps)
-        else:
+        if not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        else:  # torch's own choice (the visible GPUs), unless one is sm_90: then 9.0a for it
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            if (9, 0) in caps:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+                    f"{a}.{b}" + ("a" if (a, b) == (9, 0) else "") for a, b in caps)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "those of the visible GPUs")
     # -isystem, not -I: searched after CUDA_HOME/include, so the toolkit's own
     # runtime headers win and the wheels only fill in what it lacks.

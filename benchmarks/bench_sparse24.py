@@ -98,7 +98,7 @@ def _format_fns(bufs, x):
     }
     if x.is_cuda and x.shape[0] <= HALF_MAX_ROWS:
         fns["sparse24_half"] = fns["sparse24"]  # the same call, timed under FORMAT_ENV
-    if x.is_cuda and x.shape[0] >= T128_MIN_ROWS:
+    if x.is_cuda and x.shape[0] >= T128_MIN_ROWS and x.dtype != torch.float32:  # tensor cores: 16-bit only
         fns["sparse24_t128"] = fns["sparse24"]
         if torch.cuda.get_device_capability(x.device) == (9, 0):
             fns["sparse24_wgmma"] = fns["sparse24"]

@@ -98,8 +98,9 @@ def main() -> int:
                                            rtol=2e-2, atol=2e-2)
                 calls += 1
             os.environ.pop("MULTIFLOW_SPARSE24_GEMV")
-            # the 128 x 128 tile mma.sp kernel (MULTIFLOW_SPARSE24_GEMM=tile128): 130 rows of x
-            # are two token tiles, the second almost empty; out 70 / 33: a partial feature tile
+            # the 128 x 128 tile mma.sp kernel (MULTIFLOW_SPARSE24_GEMM=tile128) on 70 x 48 (the
+            # 33 x 100 layer has in % 16 != 0: no tensor cores): 130 rows of x are two token
+            # tiles, the second almost empty; 70 outputs, a partial feature tile
             if dtype != torch.float32 and in_f % 16 == 0:
                 os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
                 for rows in (5, 130):

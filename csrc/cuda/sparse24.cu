@@ -1174,6 +1174,11 @@ bool wgmma_available() {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   bool yes = false;
   if (props->major == 9 && props->minor == 0) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
+    TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
+                "multiflow::sparse24_linear: the first MULTIFLOW_SPARSE24_GEMM=wgmma call on a device probes it (one "
+                "sync), which CUDA graph capture does not allow: call the op once before capturing");
     auto flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, dev).dtype(at::kInt));
     sm90a_probe_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(flag.mutable_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1205,7 +1210,8 @@ bool launch_tiles(const Sparse24Problem& p, const at::Tensor& y) {
   const int dev = c10::cuda::current_device();
   if (dev >= kMaxDevices || !opted_in[dev].load()) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-    // Prefer shared memory over L1 so that two blocks' worth fits on an SM.
+    // Prefer shared memory over L1 so that two blocks' worth fits on an sm_90 SM (sm_80 / 86 /
+    // 89 hold one block of these kernels whatever the carveout).
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     if (dev < kMaxDevices) {
