@@ -124,26 +124,47 @@ class SparseLinear(nn.Module):
         return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        meta = state_dict.get(prefix + "metadata") if self.format == "2:4" else None
-        if isinstance(meta, torch.Tensor) and meta.shape == self.metadata.shape:
-            bad = formats.bad_24_metadata_rows(meta, self.in_features)
+        # What the kernels trust is checked on the state the layer would have after the load
+        # (the incoming tensors, the layer's own for keys the state dict does not give, as with
+        # strict=False), before anything changes: index tensors in their exact dtype (not
+        # converted), a bitmap's 1-D values, offsets that agree with the bits, 2:4 metadata
+        # sparse24_pack could have written. Shape mismatches of the other tensors are left to
+        # torch, which reports them without copying.
+        incoming = {n: state_dict[prefix + n] for n in formats.buffers(self.format)
+                    if isinstance(state_dict.get(prefix + n), torch.Tensor)}
+        problems = []
+        for n, t in incoming.items():
+            mine = getattr(self, n)
+            if n in ("values", "weight"):
+                if not t.is_floating_point():
+                    problems.append(f"{prefix}{n} (dtype {t.dtype}: not a floating-point tensor)")
+                elif n == "values" and self.format == "bitmap" and t.dim() != 1:
+                    problems.append(f"{prefix}values (shape {tuple(t.shape)}: a bitmap's values are 1-D)")
+            elif t.dtype != mine.dtype:
+                problems.append(f"{prefix}{n} (dtype {t.dtype}, the layer's is {mine.dtype}: index tensors are "
+                                "not converted)")
+        if problems:
+            raise ValueError(_problems("SparseLinear.load_state_dict: nothing was loaded", problems))
+        after = {n: incoming.get(n, getattr(self, n)) for n in formats.buffers(self.format)}
+        readable = all(t.device.type != "meta" for t in after.values())
+        if readable and self.format == "2:4" and after["metadata"].shape == self.metadata.shape:
+            bad = formats.bad_24_metadata_rows(after["metadata"], self.in_features)
             if bad:
                 raise ValueError(f"{prefix}metadata: rows {bad[:8]}{' ...' if len(bad) > 8 else ''} are not 2:4 "
                                  "metadata sparse24_pack writes (two increasing positions per 4 columns)")
-        if self.format == "bitmap":
-            got = [state_dict.get(prefix + t) for t in ("values", "bits", "row_ptr", "block_ptr")]
-            mine = (self.bits, self.row_ptr, self.block_ptr)
-            if all(isinstance(t, torch.Tensor) for t in got) and all(
-                    t.shape == b.shape and t.dtype == b.dtype for t, b in zip(got[1:], mine)):
-                bad = formats.bad_bitmap_rows(got[0].numel(), *got[1:], self.in_features)
-                if bad:
-                    raise ValueError(f"{prefix}: bitmap rows {bad[:8]}{' ...' if len(bad) > 8 else ''} have offsets "
-                                     "that disagree with their bits, or padding bits set")
-        # the number of kept values of a bitmap is data, not shape: size the buffer from the checkpoint
-        if self.format == "bitmap" and prefix + "values" in state_dict:
-            saved = state_dict[prefix + "values"]
-            if saved.shape != self.values.shape:
-                self.values = torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device)
+        if readable and self.format == "bitmap" and all(
+                after[n].shape == getattr(self, n).shape for n in ("bits", "row_ptr", "block_ptr")):
+            bad = formats.bad_bitmap_rows(after["values"].numel(), after["bits"], after["row_ptr"],
+                                          after["block_ptr"], self.in_features)
+            if bad:
+                raise ValueError(f"{prefix or 'SparseLinear'}: bitmap rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                                 "have offsets that disagree with their bits, or padding bits set")
+        # the number of kept values of a bitmap is data, not shape: the buffer takes the
+        # checkpoint's length (converted first: a tensor that cannot be read fails here,
+        # before the layer changes)
+        if "values" in incoming and self.format == "bitmap" and incoming["values"].shape != self.values.shape:
+            self.values = incoming["values"].detach().to(device=self.values.device, dtype=self.values.dtype,
+                                                         copy=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -540,13 +540,15 @@ def _check_masked_linear_args(op: str, x: Tensor, weight: Tensor, mask_bits: Ten
 
 
 def _check_grad_out(op: str, grad_out: Tensor, x: Tensor, weight: Tensor) -> None:
-    """masked_linear_backward's grad_out: x.shape[:-1] + (out_features,), x's dtype."""
+    """masked_linear_backward's grad_out: x.shape[:-1] + (out_features,), x's dtype and device."""
     expect = (*x.shape[:-1], weight.shape[0])
     torch._check(
         tuple(grad_out.shape) == expect,
         lambda: f"{op}: grad_out must have shape x.shape[:-1] + (out_features,) = {expect}, got {tuple(grad_out.shape)}",
     )
     torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    torch._check(grad_out.device == x.device,
+                 lambda: f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
 
 
 def _check_bias(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:

@@ -205,6 +205,36 @@ def test_sparsify_command(tmp_path, capsys):
     assert "format auto: bitmap" in capsys.readouterr().out
 
 
+def test_sparsify_rebuilds_the_pruned_model(tmp_path, capsys):
+    """sparsify takes the seed and task the mask file records: the same model as the pruning
+    run (another seed is another random model, refused), and --out is checked first."""
+    import multiflow_kernels as mk
+    from multiflow.models.blip import build_blip_tiny
+
+    out = tmp_path / "run"
+    assert main(["prune", "--no-progress", "--task", "caption", "--seed", "5", "--sparsity", "0.5", "--batches", "1",
+                 "--out", str(out)]) == 0
+    maskfile = out / "masks_multiflow_s0.50.safetensors"
+    masks = Masks.load(maskfile)
+    assert masks.metadata["seed"] == 5 and masks.metadata["task"] == "caption"
+    target = tmp_path / "sparse.safetensors"
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--out", str(target)]) == 0
+    want = mk.sparsify(build_blip_tiny(task="caption", seed=5), masks).state_dict()
+    got = mk.load_sparse(mk.sparsify(build_blip_tiny(task="caption", seed=0), masks), target).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    capsys.readouterr()
+
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--seed", "0", "--out", str(tmp_path / "s0")]) != 0
+    assert "seed 5" in capsys.readouterr().err and not (tmp_path / "s0").exists()
+    before = maskfile.read_bytes()
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--out", str(maskfile)]) != 0
+    assert "is the mask file" in capsys.readouterr().err and maskfile.read_bytes() == before
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--out", str(tmp_path)]) != 0
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["sparsify", "blip-tiny", str(maskfile), "--out", str(tmp_path / "no" / "such.safetensors")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_corrupt_data_json_is_one_line(tmp_path, capsys):
     (tmp_path / "data.json").write_text("[{not json")
     rc = main(["prune", "--no-progress", "--data", str(tmp_path / "data.json"), "--out", str(tmp_path / "o")])

@@ -354,7 +354,18 @@ def test_ops_without_a_derivative_refuse_backward():
     with pytest.raises(RuntimeError, match="derivative for multiflow::kth_smallest_each is not implemented"):
         ops.kth_smallest_each([w], [2])[0].backward()
     acc = torch.zeros(4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+    with pytest.raises(RuntimeError, match="sq_sum_accumulate_ is not differentiable"):
         ops.sq_sum_accumulate_(acc, torch.randn(2, 4), None)
+    # x requiring grad: the x**2 added to acc would carry no gradient (before, silently)
+    x = torch.randn(2, 4, requires_grad=True)
+    plain_acc = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="sq_sum_accumulate_ is not differentiable"):
+        ops.sq_sum_accumulate_(plain_acc, x, None)
+    assert torch.equal(plain_acc, torch.zeros(4))  # refused before writing
+    with torch.no_grad():
+        ops.sq_sum_accumulate_(plain_acc, x, None)
+    version = plain_acc._version
+    ops.sq_sum_accumulate_(plain_acc, x.detach(), None)
+    assert torch.allclose(plain_acc, 2 * (x.detach() ** 2).sum(0)) and plain_acc._version > version
     plain = ops.flow_scores([w.detach()], [a])[0]
     assert not plain.requires_grad and torch.equal(plain, scores.detach())

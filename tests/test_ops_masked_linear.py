@@ -185,6 +185,13 @@ def test_backward_output_mask_skips_outputs():
     assert torch.equal(ws.grad, ops.masked_linear_backward(torch.ones(4, 9), x, w, bits, [False, True, False])[1])
 
 
+def test_backward_grad_out_on_another_device_is_refused():
+    """A meta grad_out must not reach the fake kernel's outputs (uninitialised CPU tensors)."""
+    x, w, mask, _ = make_case((3,), 4, 5, torch.float32, False)
+    with pytest.raises(RuntimeError, match="grad_out is on meta but x is on cpu"):
+        ops.masked_linear_backward(torch.zeros(3, 5, device="meta"), x, w, ops.pack_mask(mask), [True, True, False])
+
+
 @pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.Adam(p, lr=0.01)],
                          ids=["sgd", "adam"])
 def test_training_never_revives_pruned_weights(make_opt):

@@ -131,6 +131,21 @@ def test_nm_mask_of_magnitudes_packs(dtype):
     assert torch.equal(values, w.reshape(33, 65, 4).gather(-1, positions).reshape(33, 130))
 
 
+def test_pack_reads_mask_bytes_other_than_one_as_true():
+    """A bool tensor whose bytes are not 0 / 1 (bytes viewed as bool) packs as the mask torch
+    sees: not a chunk code out of range (wrong weights, reads past the table)."""
+    w = torch.arange(1.0, 17.0).reshape(2, 8)
+    raw = torch.tensor([[1, 2, 0, 0, 0, 0, 3, 255], [0, 7, 0, 9, 1, 0, 0, 0]], dtype=torch.uint8)
+    mask = raw.view(torch.bool)
+    clean = raw != 0
+    values, meta = ops.sparse24_pack(w, mask)
+    assert torch.equal(values, ops.sparse24_pack(w, clean)[0]) and torch.equal(meta, ops.sparse24_pack(w, clean)[1])
+    assert torch.equal(ops.sparse24_unpack(values, meta), w * clean)
+    bad = torch.tensor([[3, 0, 1, 2, 0, 0, 0, 0]], dtype=torch.uint8).view(torch.bool)
+    with pytest.raises(ValueError, match=r"row 0 keeps 3 of columns 0\.\.3"):
+        ops.sparse24_pack(w[:1], bad)
+
+
 def test_empty_shapes():
     for n_out, n_in in [(0, 8), (3, 0), (0, 0)]:
         w, mask = make_weight(n_out, n_in, torch.float32)

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <sstream>
 #include <tuple>
@@ -93,14 +94,15 @@ constexpr ChunkPicks make_chunk_picks() {
 
 constexpr ChunkPicks kChunkPicks = make_chunk_picks();
 
-inline uint32_t keep_pattern(const bool* m) {
-  return static_cast<uint32_t>(m[0]) | (static_cast<uint32_t>(m[1]) << 1) | (static_cast<uint32_t>(m[2]) << 2) |
-         (static_cast<uint32_t>(m[3]) << 3);
+// The mask is read as bytes: a bool byte other than 0 / 1 (a tensor viewed as bool) counts
+// as true, as in pack_mask and the CUDA kernel, and never indexes past the 16-entry table.
+inline uint32_t keep_pattern(const uint8_t* m) {
+  return (m[0] != 0 ? 1u : 0u) | (m[1] != 0 ? 2u : 0u) | (m[2] != 0 ? 4u : 0u) | (m[3] != 0 ? 8u : 0u);
 }
 
 // Packs one row (E: the element's bits); false when a chunk keeps more than 2.
 template <typename E>
-bool pack_row(const E* w, const bool* mask, int64_t cols, E* values, uint16_t* metadata) {
+bool pack_row(const E* w, const uint8_t* mask, int64_t cols, E* values, uint16_t* metadata) {
   const int64_t chunks = cols / 4;
   bool ok = true;
   for (int64_t word = 0; 4 * word < chunks; ++word) {
@@ -145,12 +147,12 @@ void report_bad_rows(const Sparse24PackProblem& p, const std::vector<uint8_t>& b
     named << ", ...";
   }
   // The first offending chunk of the first bad row, as an example.
-  const bool* m = p.mask.const_data_ptr<bool>() + rows[0] * p.cols;
+  const auto* m = reinterpret_cast<const uint8_t*>(p.mask.const_data_ptr<bool>()) + rows[0] * p.cols;
   int64_t q = 0;
-  while (kChunkPicks.pick[keep_pattern(m + 4 * q)].valid) {
+  while (q + 1 < p.cols / 4 && kChunkPicks.pick[keep_pattern(m + 4 * q)].valid) {
     ++q;
   }
-  const int kept = m[4 * q] + m[4 * q + 1] + m[4 * q + 2] + m[4 * q + 3];
+  const int kept = std::popcount(keep_pattern(m + 4 * q));
   TORCH_CHECK_VALUE(
       false, "multiflow::sparse24_pack: mask is not 2:4: rows [", named.str(),
       "] keep more than 2 of 4 consecutive weights (", n_bad, n_bad == 1 ? " row" : " rows", " in total; row ",
@@ -163,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> sparse24_pack_cpu(const at::Tensor& weight, c
   at::Tensor values = at::empty({rows, cols / 2}, p.weight.options());
   at::Tensor metadata = at::empty({rows, words}, p.weight.options().dtype(at::kShort));
   std::vector<uint8_t> bad(rows, 0);
-  const bool* m = p.mask.const_data_ptr<bool>();
+  const auto* m = reinterpret_cast<const uint8_t*>(p.mask.const_data_ptr<bool>());
   uint16_t* meta = reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr<int16_t>());
   with_element_bits(p.weight.scalar_type(), [&](auto zero) {
     using E = decltype(zero);

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "save it and print the memory report")
     sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
     sp.add_argument("maskfile", help="a mask file written by multiflow prune")
-    sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None)
+    sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None,
+                    help="the model's task (default: the one the mask file records, else retrieval)")
     sp.add_argument("--format", default="bitmap", choices=["masked", "bitmap", "2:4", "auto"],
                     help="sparse format: bitmap (the default: compressed, inference), masked (dense + mask bits, "
                          "fine-tuning), "
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --format auto: expected rows of x per call (tokens x batch), default 1. The model "
                          "is built on the CPU, so auto decides for the CPU here (where the rule does not depend "
                          "on rows); use multiflow_kernels.sparsify(model.cuda(), masks, 'auto', rows=N) for a GPU")
-    sp.add_argument("--seed", type=int, default=0, help="seed of a built-in model (must match the pruning run)")
+    sp.add_argument("--seed", type=int, default=None,
+                    help="seed of a built-in model (default: the one the mask file records, else 0; a different "
+                         "one is refused: it would be another model)")
     sp.add_argument("--out", default="sparse_model.safetensors", help="output safetensors file")
     sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -123,7 +126,7 @@ def _batches(args, model):
 
 
 class _Stage:
-    """What `multiflow prune` is doing now, for the message printed on Ctrl-C."""
+    """What `multiflow prune` / `sparsify` is doing now, for the message printed on Ctrl-C."""
 
     now = "starting"
 
@@ -332,6 +335,9 @@ def _prune(args, rank: int, world: int) -> int:
     writes = []  # every output written before any replaces an existing one (atomic_write_all)
     for (label, masks), s in zip(results.items(), targets):
         masks.metadata["model"] = args.model
+        masks.metadata["seed"] = args.seed  # what `multiflow sparsify` needs to rebuild the same model
+        masks.metadata["task"] = args.task
+        masks.metadata["model_class"] = type(model).__name__
         files[label] = str(out / _mask_filename(args.method, s, args.nm))
         writes.append((files[label], masks.save))
     report = {
@@ -386,16 +392,45 @@ def _prune(args, rank: int, world: int) -> int:
     return 0
 
 
+def _check_out_file(out: Path, maskfile: str) -> None:
+    """--out must be a file path that is not the mask file and whose folder exists and is
+    writable: checked before building anything."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path, e.g. {out / 'sparse_model.safetensors'}")
+    if out.exists() and Path(maskfile).exists() and os.path.samefile(out, maskfile):
+        raise ValueError(f"--out {out} is the mask file: writing the model there would destroy the masks")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: {parent} is not writable")
+
+
 def cmd_sparsify(args) -> int:
     import multiflow_kernels as mk
 
     from .masks import Masks
     from .models import build_model
 
+    out = Path(args.out)
+    _check_out_file(out, args.maskfile)
+    _Stage.now = f"reading the masks {args.maskfile}"
     masks = Masks.load(args.maskfile)
-    model = build_model(args.model, task=args.task, seed=args.seed)
+    recorded = masks.metadata
+    same_model = recorded.get("model") == args.model
+    seed = args.seed
+    if same_model and isinstance(recorded.get("seed"), int):
+        if seed is not None and seed != recorded["seed"]:
+            raise ValueError(f"--seed {seed}: the masks were computed on {args.model} built with seed "
+                             f"{recorded['seed']}; another seed is another model (omit --seed to use the recorded one)")
+        seed = recorded["seed"]
+    task = args.task if args.task is not None else (recorded.get("task") if same_model else None)
+    _Stage.now = f"building the model {args.model}"
+    model = build_model(args.model, task=task, seed=0 if seed is None else seed)
+    _Stage.now = f"sparsifying {type(model).__name__}"
     mk.sparsify(model, masks, format=args.format, rows=args.rows)
-    path = mk.save_sparse(model, args.out)
+    _Stage.now = f"writing {out}"
+    path = mk.save_sparse(model, out)
     print(mk.memory_report(model))
     used = sorted({m.format for m in model.modules() if isinstance(m, mk.SparseLinear)})
     print(f"wrote {path} ({len(masks)} sparse layers, format {args.format}"
