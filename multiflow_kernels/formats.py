@@ -25,6 +25,8 @@ in ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Mapping
 
 import torch
@@ -208,6 +210,14 @@ AUTO_CUDA_24_MAX_ROWS = 256
 AUTO_CUDA_24_MAX_IN = 768
 
 
+def check_rows(rows) -> int:
+    """``rows`` (the expected rows of x per call, for ``auto``): an int >= 1, else ValueError."""
+    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
+        raise ValueError(f"rows (the expected rows of x per call, for format='auto') must be an int >= 1, "
+                         f"got {rows!r}")
+    return int(rows)
+
+
 def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
                   capability: tuple[int, int] | None = None) -> str:
     """The format ``auto`` picks for one layer: its keep-``mask``, weight ``dtype``, the
@@ -237,6 +247,7 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       11008x4096 bitmap was faster from 4 rows (0.020 vs 0.040 ms at 4 rows on 4096x4096).
       2, 3 and 5-15 rows of 2:4 were not measured.
     """
+    check_rows(rows)
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
     if device.type != "cuda":

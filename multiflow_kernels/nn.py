@@ -193,11 +193,11 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     one user of a shared weight would untie it), not 2:4 for ``format="2:4"``. A layer
     registered under several names is replaced under all of them (by one SparseLinear). The
     sparse layers are all built before the first is swapped in, so an error while packing
-    also leaves the model as it was. Each new layer keeps the old one's train / eval mode
-    and its parameters' ``requires_grad``."""
+    also leaves the model as it was. Each new layer keeps the old one's train / eval mode,
+    its parameters' ``requires_grad``, its bias Parameter (the same object) and its forward /
+    backward hooks."""
     formats.check_format(format, allow_auto=True)
-    if int(rows) < 1:
-        raise ValueError(f"rows (the expected rows of x per call, for format='auto') must be >= 1, got {rows}")
+    formats.check_rows(rows)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of every module
     module_names: dict[int, list[str]] = {}
     for n, m in modules.items():
@@ -213,6 +213,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
         if name == "weight" and isinstance(model, nn.Linear):
             problems.append(f"{name} (the model itself is the nn.Linear: sparsify replaces submodules; "
                             "use SparseLinear.from_dense(model, mask))")
+            continue
+        if isinstance(lin, SparseLinear):
+            problems.append(f"{name} (the layer is already a SparseLinear, format {lin.format!r})")
             continue
         if not isinstance(lin, nn.Linear):
             kind = "not the weight of an nn.Linear" if any(name in n for n in param_names.values()) else "not in the model"
@@ -230,6 +233,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
                             "would change what the model computes)")
         elif not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             problems.append(f"{name} (mask is not a bool tensor)")
+        elif m.layout != torch.strided or m.device.type == "meta":
+            problems.append(f"{name} (mask is a {'meta' if m.device.type == 'meta' else str(m.layout)} tensor; "
+                            "give a dense bool tensor with values)")
         elif tuple(m.shape) != tuple(w.shape):
             problems.append(f"{name} (mask {tuple(m.shape)} vs weight {tuple(w.shape)})")
         elif w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -257,10 +263,30 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     # every layer built first: an error while packing leaves the model untouched
     built = {key: SparseLinear.from_dense(lin, m, format=fmt) for key, (_, lin, m, fmt) in chosen.items()}
     for key, layer in built.items():
+        _carry_over(chosen[key][1], layer)
         for mod_name in module_names[key]:
             parent_name, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
+
+
+# The hook tables of nn.Module (those this torch has): shared with the replacement, so the
+# hooks still run, and the handles that registered them still remove them.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_over(linear: nn.Linear, layer: SparseLinear) -> None:
+    """What of ``linear`` its SparseLinear keeps besides the weight: the bias Parameter itself
+    (so a bias shared with another module, or held by an optimizer, stays the same object) and
+    the module's forward / backward hooks."""
+    if linear.bias is not None and linear.bias.dtype == layer.bias.dtype and linear.bias.device == layer.bias.device:
+        layer.bias = linear.bias
+    for table in _HOOK_TABLES:
+        if hasattr(linear, table):
+            object.__setattr__(layer, table, getattr(linear, table))
+    if hasattr(linear, "_is_full_backward_hook"):
+        layer._is_full_backward_hook = linear._is_full_backward_hook
 
 
 def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -358,6 +384,8 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     from safetensors.torch import load_model
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"sparse model file {path} is a folder; give the .safetensors file save_sparse wrote")
     if not path.is_file():
         raise FileNotFoundError(f"sparse model file not found: {path}")
     try:
@@ -398,15 +426,17 @@ class MemoryReport(dict):
 
     def __str__(self) -> str:
         rows = self["layers"]
-        width = max([len(n) for n in rows] + [5])
-        lines = [f"{'layer':<{width}} {'format':<7} {'dense MiB':>10} {'sparse MiB':>11} {'ratio':>6}"]
-        for n, r in rows.items():
-            lines.append(f"{n:<{width}} {r['format']:<7} {r['dense_bytes'] / 2**20:>10.3f} "
-                         f"{r['sparse_bytes'] / 2**20:>11.3f} {r['ratio']:>6.3f}")
         t = self["total"]
-        lines.append(f"{'total (sparse layers)':<{width}} {'':<7} {t['dense_bytes'] / 2**20:>10.3f} "
-                     f"{t['sparse_bytes'] / 2**20:>11.3f} {t['ratio']:>6.3f}")
-        lines.append(f"model parameters and buffers: {t['model_bytes'] / 2**20:.3f} MiB")
+        # KiB for small models (a tiny test model's layers would all print 0.000 MiB), else MiB
+        unit, scale = ("KiB", 2**10) if t["dense_bytes"] < 16 * 2**20 else ("MiB", 2**20)
+        width = max([len(n) for n in rows] + [len("total (sparse layers)")])
+        lines = [f"{'layer':<{width}} {'format':<7} {'dense ' + unit:>11} {'sparse ' + unit:>11} {'ratio':>6}"]
+        for n, r in rows.items():
+            lines.append(f"{n:<{width}} {r['format']:<7} {r['dense_bytes'] / scale:>11.3f} "
+                         f"{r['sparse_bytes'] / scale:>11.3f} {r['ratio']:>6.3f}")
+        lines.append(f"{'total (sparse layers)':<{width}} {'':<7} {t['dense_bytes'] / scale:>11.3f} "
+                     f"{t['sparse_bytes'] / scale:>11.3f} {t['ratio']:>6.3f}")
+        lines.append(f"model parameters and buffers: {t['model_bytes'] / scale:.3f} {unit}")
         return "\n".join(lines)
 
 

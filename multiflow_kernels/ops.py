@@ -372,7 +372,11 @@ def flow_masks(
     """Per layer, the keep-mask ``flow score > thresholds[l]`` (ties at the threshold pruned).
 
     Same score as :func:`flow_kth_each`, computed on the fly; with its thresholds this
-    is MULTIFLOW's mask. ``thresholds`` is float32 (L,); ``-inf`` keeps every weight.
+    is MULTIFLOW's mask. ``thresholds`` is float32 (L,); ``-inf`` keeps every weight whose
+    score is not NaN. A NaN score is never kept (NaN > t is false), and a NaN threshold keeps
+    nothing: the selection ops order NaN above +inf, so a threshold taken at the last rank of
+    a layer with a NaN score prunes the whole layer (``masks_from_stats`` refuses non-finite
+    weights before it gets here).
 
     Returns:
         One contiguous bool tensor per layer, of the weight's shape.

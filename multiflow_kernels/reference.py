@@ -98,7 +98,8 @@ def kth_smallest_group(values: list[Tensor], k: int, absolute: bool = False) -> 
     flat = torch.cat([_as_float(v, absolute) for v in values])
     if not 1 <= k <= flat.numel():
         raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
-    return torch.kthvalue(flat, k).values
+    out = torch.kthvalue(flat, k).values
+    return out + 0.0  # an answer of zero is +0.0, as the op documents (-0.0 + 0.0 == +0.0)
 
 
 def kth_smallest_each(values: list[Tensor], ks: list[int], absolute: bool = False) -> Tensor:

@@ -158,3 +158,35 @@ def test_offsets_that_disagree_with_the_bits_are_refused_on_load(tmp_path, tampe
     with pytest.raises(ValueError, match=r"bitmap rows \[\d"):
         other[0].load_state_dict({k[2:]: v for k, v in tensors.items()})
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_state_dict_loads_are_checked_before_anything_changes():
+    """SparseLinear.load_state_dict checks the state the layer would have: index tensors in
+    their own dtype (an int64 block_ptr is not converted, which would let its check be
+    skipped), 1-D bitmap values, a partial load (strict=False) against the layer's own
+    tensors; a tensor that cannot be read fails before the layer changes."""
+    torch.manual_seed(0)
+    layer = mk.SparseLinear.from_dense(nn.Linear(1100, 4), torch.rand(4, 1100) > 0.5)
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    fresh = mk.SparseLinear(1100, 4)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    def unchanged():
+        return all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+    sd = dict(good, block_ptr=good["block_ptr"].long() + 100000)
+    with pytest.raises(ValueError, match="block_ptr \\(dtype torch.int64, the layer's is torch.int32"):
+        fresh.load_state_dict(sd)
+    assert unchanged()
+    with pytest.raises(ValueError, match="values \\(shape \\(1, \\d+\\): a bitmap's values are 1-D"):
+        fresh.load_state_dict(dict(good, values=good["values"].view(1, -1)))
+    assert unchanged()
+    with pytest.raises(ValueError, match="bitmap rows"):  # new bits against the layer's own (empty) offsets
+        fresh.load_state_dict({"bits": good["bits"]}, strict=False)
+    assert unchanged()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        fresh.load_state_dict(dict(good, values=good["values"].to("meta")))
+    assert unchanged()
+    fresh.load_state_dict(good)
+    x = torch.randn(3, 1100)
+    assert torch.equal(fresh(x), layer(x))

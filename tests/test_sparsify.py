@@ -360,3 +360,49 @@ def test_load_takes_buffers_of_any_safetensors_dtype(tmp_path):
     other.register_buffer("count", torch.zeros(4, dtype=torch.uint16))
     mk.load_sparse(other, path)
     assert torch.equal(other.count, model.count) and torch.equal(other.scale8.float(), model.scale8.float())
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "masked"])
+def test_sparsify_keeps_hooks_and_the_bias_parameter(fmt):
+    """The replaced layer's forward hooks still run (a pre-hook that changes the input changes
+    the output as before), their handles still remove them, and the bias stays the same
+    Parameter (shared with another module, or held by an optimizer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6))
+    model[1].bias = model[0].bias  # a bias shared by two layers
+    pre = model[0].register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+    seen = []
+    post = model[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    x = torch.randn(3, 8)
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    want = model(x)
+    bias = model[0].bias
+    mk.sparsify(model, {"0.weight": keep}, format=fmt)
+    assert isinstance(model[0], mk.SparseLinear)
+    torch.testing.assert_close(model(x), want)
+    assert len(seen) == 2 and model[0].bias is bias and model[1].bias is bias
+    pre.remove()
+    post.remove()
+    assert not torch.allclose(model(x), want) and len(seen) == 2
+
+
+def test_sparsify_names_masks_it_cannot_use():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"0.weight \(mask is a meta tensor"):
+        mk.sparsify(model, {"0.weight": torch.ones(4, 8, dtype=torch.bool, device="meta")})
+    with pytest.raises(ValueError, match=r"0.weight \(mask is a torch.sparse_coo tensor"):
+        mk.sparsify(model, {"0.weight": torch.ones(4, 8, dtype=torch.bool).to_sparse()})
+    for rows in ("8", 2.5, True, 0):
+        with pytest.raises(ValueError, match="rows .* must be an int >= 1"):
+            mk.sparsify(model, {"0.weight": torch.ones(4, 8, dtype=torch.bool)}, format="auto", rows=rows)
+    mk.sparsify(model, {"0.weight": torch.ones(4, 8, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"0.weight \(the layer is already a SparseLinear, format 'bitmap'\)"):
+        mk.sparsify(model, {"0.weight": torch.ones(4, 8, dtype=torch.bool)})
+
+
+def test_small_reports_and_folder_paths(tmp_path):
+    model = mk.sparsify(nn.Sequential(nn.Linear(16, 8)), {"0.weight": torch.rand(8, 16) > 0.5})
+    text = str(mk.memory_report(model))
+    assert "dense KiB" in text and " 0.500 " in text  # 8 x 16 float32 = 0.5 KiB, not 0.000 MiB
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        mk.load_sparse(model, tmp_path)
