@@ -168,7 +168,7 @@ class Sparse24LinearFunction : public torch::autograd::Function<Sparse24LinearFu
     TORCH_CHECK(!ctx->needs_input_grad(1),
                 "multiflow::sparse24_linear is not differentiable with respect to values: a 2:4 group keeping fewer "
                 "than 2 weights stores zeros at unused positions, indistinguishable from kept zeros. Fine-tune with "
-                "format=\"masked\" (or \"bitmap\") and pack to 2:4 afterwards.");
+                "format=\"masked\" and convert the layer with SparseLinear.to_format(\"2:4\") afterwards.");
     const LinearGrads g = linear_grads(ctx, grad_outputs[0], x, values.size(0), 3, [&] {
       static const auto unpack = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("multiflow::sparse24_unpack", "")

@@ -97,6 +97,24 @@ class SparseLinear(nn.Module):
             out.bias.requires_grad_(linear.bias.requires_grad)
         return out.train(linear.training)
 
+    def to_format(self, format: str) -> "SparseLinear":
+        """A new layer holding this one's effective weight ``W * M`` and bias in another
+        ``format``: e.g. a ``masked`` layer after sparse fine-tuning, packed to ``bitmap`` or
+        ``2:4`` for inference (``2:4`` needs a 2:4 mask: ValueError naming the rows). Keeps
+        the train / eval mode and ``requires_grad``; this layer is left as it is."""
+        dtype = self.weight.dtype if self.format == "masked" else self.values.dtype
+        device = (self.weight if self.format == "masked" else self.values).device
+        dense = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
+                                   device=device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+                dense.bias.requires_grad_(self.bias.requires_grad)
+        if self.format == "masked":
+            dense.weight.requires_grad_(self.weight.requires_grad)
+        return SparseLinear.from_dense(dense.train(self.training), self.mask, format=format)
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in formats.buffers(self.format)}
 
@@ -412,6 +430,11 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if saved != ours:
         diff = sorted(set(saved) ^ set(ours)) or [n for n in saved if saved[n] != ours.get(n)]
         raise ValueError(f"{path} was saved from a model sparsified differently; layers that differ: {diff[:20]}")
+    on_meta = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"cannot load {path} into {type(model).__name__}: {len(on_meta)} of its tensors are on the "
+                         f"meta device (e.g. {on_meta[0]}), which holds no data to copy into; model.to_empty(device=...) "
+                         "first")
     with safe_open(str(path), framework="pt") as f:
         _check_file_tensors(model, path, f)
     try:

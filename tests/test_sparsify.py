@@ -406,3 +406,32 @@ def test_small_reports_and_folder_paths(tmp_path):
     assert "dense KiB" in text and " 0.500 " in text  # 8 x 16 float32 = 0.5 KiB, not 0.000 MiB
     with pytest.raises(IsADirectoryError, match="is a folder"):
         mk.load_sparse(model, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["bitmap", "2:4", "masked"])
+def test_to_format_after_sparse_fine_tuning(target):
+    """A masked layer fine-tuned, then converted for inference: the same outputs; 2:4 needs a
+    2:4 mask."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 6)
+    mask = mk.ops.nm_mask(lin.weight.detach().abs(), 2, 4)
+    layer = mk.SparseLinear.from_dense(lin, mask, format="masked")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(5, 32)
+    layer(x).square().sum().backward()
+    opt.step()
+    out = layer.to_format(target)
+    assert out.format == target and out is not layer and layer.format == "masked"
+    torch.testing.assert_close(out(x), layer(x), rtol=1e-5, atol=1e-5)
+    unstructured = mk.SparseLinear.from_dense(lin, torch.rand(6, 32) > 0.3, format="masked")
+    if target == "2:4":
+        with pytest.raises(ValueError, match="not 2:4"):
+            unstructured.to_format("2:4")
+
+
+def test_load_sparse_refuses_a_model_on_meta(tmp_path):
+    masks = {"0.weight": torch.rand(4, 8) > 0.5}
+    path = mk.save_sparse(mk.sparsify(nn.Sequential(nn.Linear(8, 4)), masks), tmp_path / "m.safetensors")
+    on_meta = mk.sparsify(nn.Sequential(nn.Linear(8, 4)), masks).to("meta")
+    with pytest.raises(ValueError, match="on the meta device.*to_empty"):
+        mk.load_sparse(on_meta, path)
