@@ -90,8 +90,9 @@ def flow_importance(
 
     Per layer ``l`` with weight ``W`` (out x in) and activation statistic ``a`` (in,):
     ``w = |W| * w_scale[l]`` and ``r = sqrt(max(a, 0)) * r_scale`` (power-of-two scales
-    that bring each maximum into [0.5, 1), so tiny layers do not underflow; ``r = 1``
-    when ``a`` is all zero), ``A = w * r[None, :]`` in float32, ``imp_out = mean_j A``
+    that bring each maximum into [0.5, 1), so tiny layers do not underflow; an all-zero
+    ``a`` gives all-zero importances: every score of the layer is 0 and the tie rule prunes
+    it all, as the contract's formulas say), ``A = w * r[None, :]`` in float32, ``imp_out = mean_j A``
     and ``imp_in = mean_i A`` summed in float64 and rounded once to float32. Equal
     (torch.equal) to :func:`multiflow_kernels.reference.flow_importance` on every input
     tested, with one exception both sides share: the float64 sums run in different

@@ -50,8 +50,8 @@ def flow_importance(weights: list[Tensor], act_sq_norms: list[Tensor]) -> tuple[
     """MULTIFLOW node importances of each layer, scale-robust.
 
     ``w = |W| * w_scale`` and ``r = sqrt(max(a, 0)) * r_scale`` (power-of-two scales, exact;
-    ``r = 1`` everywhere when ``a`` is all zero, so such a layer is ranked by magnitude
-    alone), ``A = w * r[None, :]`` in float32, ``imp_out_i = mean_j A_ij`` and
+    an all-zero ``a`` gives all-zero importances, so every score of that layer is 0 and the
+    tie rule prunes the whole layer, as the contract's formulas say), ``A = w * r[None, :]`` in float32, ``imp_out_i = mean_j A_ij`` and
     ``imp_in_j = mean_i A_ij`` summed in float64 and rounded once to float32.
     Returns (imp_out list, imp_in list, w_scale float32 (L,)).
     """
@@ -62,8 +62,6 @@ def flow_importance(weights: list[Tensor], act_sq_norms: list[Tensor]) -> tuple[
         w_abs = w_abs * s
         r = a.detach().float().clamp_min(0).sqrt()
         r = r * pow2_scale(r)
-        if not bool(r.any()):
-            r = torch.ones_like(r)
         A = w_abs * r[None, :]
         imp_out.append((A.sum(dim=1, dtype=torch.float64) / max(A.shape[1], 1)).float())
         imp_in.append((A.sum(dim=0, dtype=torch.float64) / max(A.shape[0], 1)).float())

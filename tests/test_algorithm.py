@@ -131,11 +131,15 @@ def test_denormal_weights_do_not_collapse(backend):
     assert 1 - masks["w"].float().mean().item() <= allocated["w"] + 1e-9
 
 
-def test_all_zero_statistic_prunes_to_the_prior_only(backend):
+def test_all_zero_statistic_prunes_the_whole_layer(backend):
+    """S = 0 everywhere: every weight ties at t = 0 and ties are pruned (the contract's rule),
+    even past the prior's count; with k_l = 0 nothing is pruned."""
     g = torch.Generator().manual_seed(4)
     w = torch.randn(8, 8, generator=g)
     masks, allocated = _cm(backend)({"w": w}, {"w": torch.zeros(8)}, {"w": "v"}, 0.5)
-    assert int((~masks["w"]).sum()) == int(allocated["w"] * 64) == 32
+    assert int(allocated["w"] * 64) == 32 and not masks["w"].any()
+    masks, _ = _cm(backend)({"w": w}, {"w": torch.zeros(8)}, {"w": "v"}, 0.01)
+    assert masks["w"].all()
 
 
 def test_zero_activation_columns_are_pruned_first(backend):
@@ -362,3 +366,20 @@ def test_missing_statistic_and_unknown_method(backend):
         _mfs(backend)(weights, None, mods, 0.5, "nope")
     with pytest.raises(ValueError, match="no prunable layers"):
         _mfs(backend)({}, {}, {}, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+def test_a_layer_whose_inputs_are_all_zero_is_pruned_whole(backend):
+    """a = 0 gives A = |W| sqrt(a) = 0, so every flow score of the layer is 0: all tie at the
+    threshold t = kthvalue(S, k_l) = 0 and ties are pruned (DESIGN.md's mask rule)."""
+    g = torch.Generator().manual_seed(3)
+    weights = {"z": torch.randn(8, 16, generator=g), "o": torch.randn(8, 16, generator=g)}
+    acts = {"z": torch.zeros(16), "o": torch.rand(16, generator=g) + 0.1}
+    masks = multiflow.masks_from_stats(weights, acts, {"z": "x", "o": "x"}, 0.5, backend=backend)
+    assert not masks["z"].any()
+    # layer o: its prior count (|W| pooled over the modality, threshold at k = 128) of its
+    # lowest flow scores, as usual
+    pooled = torch.cat([weights["z"].abs().flatten(), weights["o"].abs().flatten()])
+    t = torch.kthvalue(pooled, 128).values
+    k_o = int((weights["o"].abs() <= t).sum())
+    assert int((~masks["o"]).sum()) == k_o and 0 < k_o < 128

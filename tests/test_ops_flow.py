@@ -105,8 +105,8 @@ def test_zero_and_negative_statistics_and_zero_weights():
     gen = torch.Generator().manual_seed(15)
     weights = [torch.randn(20, 30, generator=gen) for _ in range(4)] + [torch.zeros(6, 7)]
     acts = [
-        torch.zeros(30),  # no activation reached the layer: ranked by |W| alone (r = 1)
-        -torch.rand(30, generator=gen),  # negative statistics clamp to 0: also r = 1
+        torch.zeros(30),  # all-zero inputs: all-zero importances (the contract's formulas)
+        -torch.rand(30, generator=gen),  # negative statistics clamp to 0: the same
         torch.where(torch.rand(30, generator=gen) < 0.5, torch.rand(30, generator=gen), torch.zeros(30)),
         torch.full((30,), -0.0),
         torch.rand(7, generator=gen),
@@ -114,8 +114,9 @@ def test_zero_and_negative_statistics_and_zero_weights():
     check_against_reference(weights, acts)
     imp_out, imp_in, w_scale = ops.flow_importance(weights, acts)
     assert w_scale[-1] == 1.0 and not imp_out[-1].any() and not imp_in[-1].any()
-    w_abs = weights[0].abs() * w_scale[0]  # r = 1: the means of |W| alone
-    assert torch.equal(imp_out[0], (w_abs.sum(1, dtype=torch.float64) / 30).float())
+    for l in (0, 1):  # A = |W| sqrt(a) = 0: every importance, so every flow score, is 0
+        assert not imp_out[l].any() and not imp_in[l].any()
+        assert not ops.flow_scores([weights[l]], [acts[l]])[0].any()
 
 
 def test_empty_weights_give_zero_importances_and_unit_scale():

@@ -78,8 +78,8 @@ def test_flow_extreme_scales_zero_statistics_and_layouts():
         torch.rand(30, generator=gen),
         torch.rand(30, generator=gen),
         torch.rand(30, generator=gen) * 1e-40,
-        torch.zeros(30),  # r = 1
-        -torch.rand(30, generator=gen),  # clamps to zero: r = 1
+        torch.zeros(30),  # all-zero importances (the contract: the layer scores 0)
+        -torch.rand(30, generator=gen),  # clamps to zero: the same
         torch.rand(7, generator=gen),
         torch.rand(30, generator=gen),
         torch.rand(30, generator=gen)[::1],

@@ -6,8 +6,9 @@
 // layer, ~kTileElements elements; see flow_tile.h):
 //   1. per tile: max |w|                                  -> tile_max
 //   2. per layer: w_scale from its tile maxima (in tile order) and the scaled
-//      r = sqrt(max(a, 0)) * pow2_scale(r) (all ones when r is all zero; the
-//      sqrt is torch's own, see there)
+//      r = sqrt(max(a, 0)) * pow2_scale(r) (all zero stays all zero: then every
+//      score of the layer is 0, and the tie rule prunes the whole layer, as the
+//      contract's formulas say; the sqrt is torch's own, see there)
 //   3. per tile: A = (|w| * w_scale) * r; float64 row sums and column sums of
 //      the tile                                           -> row / column partials
 //   4. per output element: its partials added in tile order, divided by the
@@ -203,7 +204,7 @@ void importance(
       }
       scale[l] = pow2_scale_of_max(m);
 
-      // r scaled by a power of two (exact); all zero -> all ones.
+      // r scaled by a power of two (exact; an all-zero r stays zero).
       const float* root = root_a[l].const_data_ptr<float>();
       float* r = r_all + p.r_off;
       float r_max = 0.0f;
@@ -212,7 +213,7 @@ void importance(
       }
       const float r_scale = pow2_scale_of_max(r_max);
       for (int64_t j = 0; j < p.cols; ++j) {
-        r[j] = r_max == 0.0f ? 1.0f : root[j] * r_scale;
+        r[j] = root[j] * r_scale;
       }
     }
   });

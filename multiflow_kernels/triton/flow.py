@@ -12,7 +12,7 @@ columns of one layer; ``tile_layer[t]`` names the layer of global tile t.
 
     1. _abs_max_kernel     per tile: max |w| (as int bits: exact, NaN wins) -> tile_max
     2. _prep_kernel        per layer: w_scale from its tile maxima; r = root_a * r_scale
-                           (ones when all zero)
+                           (all zero stays all zero)
     3. _importance_kernel  per tile: A = (|w| * w_scale) * r, float64 row and column
                            sums of the tile -> row / column partials
     4. _means_kernel       per (layer, chunk of outputs): partials summed in tile order,
@@ -146,7 +146,7 @@ def _prep_kernel(meta, tile_max, root_a, r_buf, w_scale, BLOCK: tl.constexpr):
         acc = tl.maximum(acc, tl.load(tile_max + tile_begin + t0 + idx, mask=t0 + idx < n_tiles, other=0))
     tl.store(w_scale + l, _pow2_scale(tl.max(acc, axis=0)))
 
-    # r = root_a * pow2_scale(root_a), or all ones when root_a is all zero.
+    # r = root_a * pow2_scale(root_a) (an all-zero root_a stays zero: scale 1).
     n_cols = tl.load(m + _COLS)
     r_off = tl.load(m + _R_OFF)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
@@ -158,7 +158,7 @@ def _prep_kernel(meta, tile_max, root_a, r_buf, w_scale, BLOCK: tl.constexpr):
     for c0 in range(0, n_cols, BLOCK):
         ok = c0 + idx < n_cols
         v = tl.load(root_a + r_off + c0 + idx, mask=ok, other=0.0)
-        tl.store(r_buf + r_off + c0 + idx, tl.where(r_bits == 0, 1.0, v * r_scale), mask=ok)
+        tl.store(r_buf + r_off + c0 + idx, v * r_scale, mask=ok)
 
 
 @triton.jit
