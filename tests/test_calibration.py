@@ -273,3 +273,16 @@ def test_nonfinite_activations_name_the_layer_whose_weight_caused_them():
     with pytest.raises(ValueError, match=r"^NaN/Inf in the activations of layers: \['0.weight', '1.weight'\]"):
         multiflow.Pruner(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))).calibrate(
             [torch.full((2, 6), float("nan"))], progress=False)
+
+
+def test_masks_of_another_method_refuse_statistics_from_snip_loss_passes(blip_factory, calib_batches):
+    """SNIP's calibration runs loss passes (each sample twice, with shifted negatives): its
+    activation sums are not MULTIFLOW's / Wanda's statistic, so asking those masks of that
+    Pruner is refused instead of silently mixing calibrations; magnitude methods still work."""
+    model = blip_factory()
+    pruner = multiflow.Pruner(model, "snip")
+    pruner.calibrate(calib_batches[:1], progress=False)
+    for method in ("multiflow", "wanda"):
+        with pytest.raises(ValueError, match="calibrated with 'snip'.s loss passes"):
+            pruner.masks(0.5, method=method)
+    assert pruner.masks(0.5, method="omp").metadata["method"] == "omp"

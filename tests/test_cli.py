@@ -299,3 +299,17 @@ def test_a_bad_out_folder_fails_before_calibrating(tmp_path, capsys, bad):
     rc = main(["prune", "--no-progress", "--out", str(tmp_path / bad)])
     err = capsys.readouterr().err
     assert rc == 1 and "--out" in err and "calibrating" not in err
+
+
+def test_sparsities_that_round_alike_get_their_own_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", "--no-progress", "--sparsity", "0.631", "0.634", "0.5", "--batches", "1",
+                 "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.glob("masks_*"))
+    assert names == ["masks_multiflow_s0.50.safetensors", "masks_multiflow_s0.631.safetensors",
+                     "masks_multiflow_s0.634.safetensors"]
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["results"]) == ["s=0.50", "s=0.631", "s=0.634"]
+    capsys.readouterr()
+    assert main(["prune", "--no-progress", "--sparsity", "0.5", "0.50", "--out", str(tmp_path / "b")]) != 0
+    assert "same sparsity twice" in capsys.readouterr().err

@@ -126,6 +126,9 @@ class Pruner:
         self.samples: dict[str, int] = {n: 0 for n in self.layers}
         self.tokens: dict[str, int] = {n: 0 for n in self.layers}
         self.grads: dict[str, torch.Tensor] = {}
+        # whether the activation statistics came from the loss passes of a gradient method
+        # (snip: every sample twice, with shifted negatives): not MULTIFLOW's / Wanda's statistic
+        self._stats_from_loss = False
         self.calibration_samples = 0
         self.calibration_seconds = 0.0
 
@@ -250,6 +253,7 @@ class Pruner:
             self.grads[n] = self.grads[n] + g if n in self.grads else g
         self.calibration_samples += n_samples
         self.calibration_seconds += time.perf_counter() - t0
+        self._stats_from_loss = self._stats_from_loss or gradients
         if get_method(self.method).needs_activations:
             self._check_all_layers_seen()
         return self
@@ -282,6 +286,11 @@ class Pruner:
         if m.needs_activations:
             if self.calibration_samples == 0:
                 raise ValueError(f"method {m.name!r} needs calibration: call calibrate(batches) first")
+            if self._stats_from_loss:
+                raise ValueError(
+                    f"method {m.name!r} needs the activation statistic of plain forward passes, but this Pruner "
+                    f"calibrated with {self.method!r}'s loss passes (each sample twice, with shifted negatives): "
+                    f"calibrate a Pruner(model, {m.name!r}) for it")
             self._check_all_layers_seen()
             act = self.act_sq_norms
         if m.needs_gradients:

@@ -146,10 +146,17 @@ class _Tracked:
             yield b
 
 
+def _sparsity_text(sparsity: float) -> str:
+    """Two decimals (0.75), more only when the sparsity has them (0.631): distinct sparsities
+    never share a file name or a report entry."""
+    two = f"{sparsity:.2f}"
+    return two if float(two) == sparsity else f"{sparsity:.6g}"
+
+
 def _mask_filename(method: str, sparsity: Optional[float], nm) -> str:
     if nm is not None:
         return f"masks_{method}_{nm[0]}of{nm[1]}.safetensors"
-    return f"masks_{method}_s{sparsity:.2f}.safetensors"
+    return f"masks_{method}_s{_sparsity_text(sparsity)}.safetensors"
 
 
 def plot_layer_sparsity(results: dict, path: Path) -> None:
@@ -302,6 +309,11 @@ def _prune(args, rank: int, world: int) -> int:
 
     out = Path(args.out)
     _check_out_folder(out)  # before the work, not after it
+    if args.nm is None:
+        names = [_mask_filename(args.method, s, None) for s in args.sparsity]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"--sparsity lists the same sparsity twice ({', '.join(twice)})")
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     _Stage.now = f"building the model {args.model}"
@@ -322,7 +334,7 @@ def _prune(args, rank: int, world: int) -> int:
     mask_seconds = {}
     for s in targets:
         t0 = time.perf_counter()
-        label = f"{args.nm[0]}:{args.nm[1]}" if args.nm is not None else f"s={s:.2f}"
+        label = f"{args.nm[0]}:{args.nm[1]}" if args.nm is not None else f"s={_sparsity_text(s)}"
         _Stage.now = f"computing the masks at {label}"
         results[label] = pruner.masks(s, nm=args.nm)
         mask_seconds[label] = time.perf_counter() - t0
