@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="calibrate a model and write masks at one or more sparsities")
-    pr.add_argument("--model", default="blip-tiny", help="'blip-tiny' or 'xvlm-tiny' (built in), a local transformers BLIP folder, "
+    pr.add_argument("--model", default="blip-tiny", help="'blip-tiny', 'xvlm-tiny' or 'clip-tiny' (built in), a local transformers BLIP folder, "
                          "or xvlm:PATH (X-VLM base from an original X-VLM checkpoint file)")
     pr.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None,
                     help="BLIP class to build (default: retrieval for blip-tiny, the checkpoint's own class for a folder); "
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sparsify", help="replace the masked nn.Linear layers of a model by sparse ones, "
                                           "save it and print the memory report")
-    sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', a local BLIP folder or xvlm:PATH")
+    sp.add_argument("model", help="'blip-tiny', 'xvlm-tiny', 'clip-tiny', a local BLIP folder or xvlm:PATH")
     sp.add_argument("maskfile", help="a mask file written by multiflow prune")
     sp.add_argument("--task", choices=["retrieval", "caption", "vqa"], default=None,
                     help="the model's task (default: the one the mask file records, else retrieval)")

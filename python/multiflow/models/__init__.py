@@ -141,7 +141,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def build_model(spec: str, *, task: Optional[str] = None, seed: int = 0) -> nn.Module:
-    """Build a model from a name (``blip-tiny``, ``xvlm-tiny``), ``xvlm:PATH`` (X-VLM base with
+    """Build a model from a name (``blip-tiny``, ``xvlm-tiny``, ``clip-tiny``), ``xvlm:PATH`` (X-VLM base with
     an original X-VLM checkpoint file) or a local transformers BLIP checkpoint folder."""
     if spec in MODEL_BUILDERS:
         return MODEL_BUILDERS[spec](task=task, seed=seed)
@@ -164,3 +164,4 @@ def build_model(spec: str, *, task: Optional[str] = None, seed: int = 0) -> nn.M
 
 from . import blip  # noqa: E402,F401  (registers the BLIP adapter and blip-tiny)
 from . import xvlm  # noqa: E402,F401  (registers the X-VLM adapter and xvlm-tiny)
+from . import clip  # noqa: E402,F401  (registers the CLIP adapter and clip-tiny)
