@@ -19,6 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _bitmap_inputs import assert_linear_earned  # noqa: E402  (the tests' earned bound)
 
 
+def _check_24_linear(values, meta, bias, xs, env=None) -> int:
+    """sparse24_linear against its twin on each x of ``xs``, under the environment setting
+    ``env`` (name, value) if given; the number of calls."""
+    if env:
+        os.environ[env[0]] = env[1]
+    try:
+        for xx in xs:
+            torch.testing.assert_close(ops.sparse24_linear(xx, values, meta, bias).float(),
+                                       R.sparse24_linear(xx, values, meta, bias).float(), rtol=2e-2, atol=2e-2)
+    finally:
+        if env:
+            os.environ.pop(env[0])
+    return len(xs)
+
+
 def main() -> int:
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -82,34 +97,19 @@ def main() -> int:
             assert torch.equal(values, rv) and torch.equal(meta, rm)
             assert torch.equal(ops.sparse24_unpack(values, meta), R.sparse24_unpack(rv, rm))
             bias = torch.randn(out_f, generator=g).to(dev, dtype)
-            for rows in (1, 5, 16, 17, 130):
-                xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
-                got = ops.sparse24_linear(xx, values, meta, bias)
-                want = R.sparse24_linear(xx, values, meta, bias)
-                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-                calls += 1
+
+            def xs(*rows_list):
+                return [torch.randn(rows, in_f, generator=g).to(dev, dtype) for rows in rows_list]
+
+            calls += _check_24_linear(values, meta, bias, xs(1, 5, 16, 17, 130))
             # the few-row kernel with a half-warp per row (MULTIFLOW_SPARSE24_GEMV=half); odd
             # out_f: the last warp's second half has no row
-            os.environ["MULTIFLOW_SPARSE24_GEMV"] = "half"
-            for rows in (1, 3):
-                xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
-                got = ops.sparse24_linear(xx, values, meta, bias)
-                torch.testing.assert_close(got.float(), R.sparse24_linear(xx, values, meta, bias).float(),
-                                           rtol=2e-2, atol=2e-2)
-                calls += 1
-            os.environ.pop("MULTIFLOW_SPARSE24_GEMV")
+            calls += _check_24_linear(values, meta, bias, xs(1, 3), ("MULTIFLOW_SPARSE24_GEMV", "half"))
             # the 128 x 128 tile mma.sp kernel (MULTIFLOW_SPARSE24_GEMM=tile128) on 70 x 48 (the
             # 33 x 100 layer has in % 16 != 0: no tensor cores): 130 rows of x are two token
             # tiles, the second almost empty; 70 outputs, a partial feature tile
             if dtype != torch.float32 and in_f % 16 == 0:
-                os.environ["MULTIFLOW_SPARSE24_GEMM"] = "tile128"
-                for rows in (5, 130):
-                    xx = torch.randn(rows, in_f, generator=g).to(dev, dtype)
-                    got = ops.sparse24_linear(xx, values, meta, bias)
-                    torch.testing.assert_close(got.float(), R.sparse24_linear(xx, values, meta, bias).float(),
-                                               rtol=2e-2, atol=2e-2)
-                    calls += 1
-                os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
+                calls += _check_24_linear(values, meta, bias, xs(5, 130), ("MULTIFLOW_SPARSE24_GEMM", "tile128"))
             calls += 2
     # the 128 x 128 tile kernels (tile128; wgmma on sm_90) over many stages (1040 columns:
     # 17 stages, the last 16 columns) and two feature tiles, the second partial (136 = 128 + 8:
@@ -121,13 +121,8 @@ def main() -> int:
     packed2 = ops.sparse24_pack(w2, ops.nm_mask(torch.rand(70, 48, generator=g).to(dev), 2, 4))
     x2 = torch.randn(5, 48, generator=g).to(dev, torch.bfloat16)
     for kind in ("tile128", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("tile128",):
-        os.environ["MULTIFLOW_SPARSE24_GEMM"] = kind
-        torch.testing.assert_close(ops.sparse24_linear(xx, values, meta, None).float(),
-                                   R.sparse24_linear(xx, values, meta, None).float(), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(ops.sparse24_linear(x2, *packed2, None).float(),
-                                   R.sparse24_linear(x2, *packed2, None).float(), rtol=2e-2, atol=2e-2)
-        calls += 2
-    os.environ.pop("MULTIFLOW_SPARSE24_GEMM")
+        calls += _check_24_linear(values, meta, None, [xx], ("MULTIFLOW_SPARSE24_GEMM", kind))
+        calls += _check_24_linear(*packed2, None, [x2], ("MULTIFLOW_SPARSE24_GEMM", kind))
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under
     # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; tc2: gemv_tc's lean decode; 2100 columns: five

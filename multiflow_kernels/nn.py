@@ -102,10 +102,9 @@ class SparseLinear(nn.Module):
         ``format``: e.g. a ``masked`` layer after sparse fine-tuning, packed to ``bitmap`` or
         ``2:4`` for inference (``2:4`` needs a 2:4 mask: ValueError naming the rows). Keeps
         the train / eval mode and ``requires_grad``; this layer is left as it is."""
-        dtype = self.weight.dtype if self.format == "masked" else self.values.dtype
-        device = (self.weight if self.format == "masked" else self.values).device
+        stored = self._stored()
         dense = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
-                                   device=device, dtype=dtype)
+                                   device=stored.device, dtype=stored.dtype)
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -114,6 +113,10 @@ class SparseLinear(nn.Module):
         if self.format == "masked":
             dense.weight.requires_grad_(self.weight.requires_grad)
         return SparseLinear.from_dense(dense.train(self.training), self.mask, format=format)
+
+    def _stored(self) -> torch.Tensor:
+        """The tensor that holds the weight's values: its dtype and device are the layer's."""
+        return self.weight if self.format == "masked" else self.values
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in formats.buffers(self.format)}
@@ -138,8 +141,7 @@ class SparseLinear(nn.Module):
 
     def dense_bytes(self) -> int:
         """Bytes the dense weight would take in this layer's dtype."""
-        dtype = self.weight.dtype if self.format == "masked" else self.values.dtype
-        return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
+        return self.out_features * self.in_features * self._stored().element_size()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # What the kernels trust is checked on the state the layer would have after the load

@@ -202,14 +202,6 @@ def test_big_gemm_kernels_are_the_ones_that_run(big_gemm):
     assert want in names and "linear_mma_kernel" not in names, names[:500]
 
 
-def test_gemm_switch_rejects_unknown_values(monkeypatch):
-    w, mask = _problem(8, 16, torch.float16)
-    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
-    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile256")
-    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMM must be one of tile64, tile128, wgmma"):
-        ops.sparse24_linear(torch.randn(1, 16).half().cuda(), values, meta, None)
-
-
 def test_wgmma_switch_off_hopper_names_the_requirement(monkeypatch):
     if torch.cuda.get_device_capability() == (9, 0):
         pytest.skip("this GPU runs the wgmma kernel")
@@ -223,11 +215,14 @@ def test_wgmma_switch_off_hopper_names_the_requirement(monkeypatch):
     ops.sparse24_linear(torch.randn(2, 64).half().cuda(), values, meta, None)  # the few-row kernel: any GPU
 
 
-def test_gemv_lanes_switch_rejects_unknown_values(monkeypatch):
+@pytest.mark.parametrize("var, bad, choices", [("MULTIFLOW_SPARSE24_GEMV", "quarter", "warp, half"),
+                                               ("MULTIFLOW_SPARSE24_GEMM", "tile256", "tile64, tile128, wgmma")])
+def test_switches_reject_unknown_values(monkeypatch, var, bad, choices):
+    """Each switch is read at every call, whatever the path (here the few-row kernel)."""
     w, mask = _problem(8, 16, torch.float16)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
-    monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMV", "quarter")
-    with pytest.raises(ValueError, match="MULTIFLOW_SPARSE24_GEMV must be one of warp, half"):
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=f"{var} must be one of {choices}"):
         ops.sparse24_linear(torch.randn(1, 16).half().cuda(), values, meta, None)
 
 

@@ -578,6 +578,83 @@ struct StageMeta {
   }
 };
 
+// The kept values of the 128 x 128 tile kernels' stages: 128 rows x 32 values (64
+// columns), rows kAPitch values apart in shared memory. Thread tid (of 256) copies the
+// 16-byte pieces (8 values) of rows row + 64 p, values 8 part .. of each stage, from a
+// per-thread pointer with 32-bit offsets (the host sends only cols < 2^24); rows past the
+// matrix and columns past cols are zero-filled.
+template <typename scalar_t>
+struct StageValues {
+  static constexpr int kRows = 128;
+  static constexpr int kVals = 32;
+  static constexpr int kAPitch = kVals + 8;  // 80-byte rows: the 8 rows an ldmatrix reads hit distinct banks
+  static constexpr int kThreads = 256;
+  static constexpr int kPieces = (kRows * kVals / 8) / kThreads;
+  static constexpr int kRowStep = kThreads / (kVals / 8);
+  int row;                // the thread's first row in the tile
+  int part;               // its piece in a row
+  int rows_here;          // rows of the tile inside the matrix
+  int stride;             // values between the thread's rows
+  const scalar_t* base;   // values: the address a zero-filled piece names
+  const scalar_t* src;    // its first row (row 0 of the tile when it does not exist)
+  unsigned dst;           // its first piece's byte offset in a stage's values tile
+
+  __device__ StageValues(const scalar_t* values, int64_t o0, int rows_in_tile, int half, int tid)
+      : row(tid / (kVals / 8)),
+        part(tid % (kVals / 8)),
+        rows_here(rows_in_tile),
+        stride(kRowStep * half),
+        base(values),
+        src(values + (o0 + (row < rows_in_tile ? row : 0)) * static_cast<int64_t>(half) + 8 * part),
+        dst(static_cast<unsigned>((row * kAPitch + 8 * part) * sizeof(scalar_t))) {}
+
+  // The copies of the stage of columns k0 .. (cols_left = cols - k0) into the values tile at
+  // shared address tile.
+  __device__ void copy(unsigned tile, int k0, int cols_left) const {
+#pragma unroll
+    for (int p = 0; p < kPieces; ++p) {
+      const bool ok = 16 * part < cols_left && row + kRowStep * p < rows_here;
+      cp_async16_at(tile + dst + static_cast<unsigned>(kRowStep * p * kAPitch * sizeof(scalar_t)),
+                    ok ? src + (p * stride + k0 / 2) : base, ok);
+    }
+  }
+};
+
+// The 128 x 128 tile kernels' output: the tile of y^T staged in shared memory as
+// ys[token][kPitch] (features contiguous) written to y (m x rows, row-major) by the block's
+// 256 threads: 16-byte pieces of 8 features when vec_out (rows % 8 == 0: a piece is all
+// inside or all outside), else one element each; nothing past m or rows.
+template <typename scalar_t, int kPitch>
+__device__ __forceinline__ void write_tile(const scalar_t* ys, scalar_t* __restrict__ y, int64_t m, int64_t rows,
+                                           int64_t t0, int64_t o0, int tid, bool vec_out) {
+  constexpr int kTile = 128;
+  constexpr int kThreads = 256;
+  if (vec_out) {
+#pragma unroll
+    for (int p = 0; p < (kTile * kTile / 8) / kThreads; ++p) {
+      const int piece = tid + p * kThreads;
+      const int tl = piece >> 4;
+      const int part = piece & 15;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + 8 * part;
+      if (tok < m && o < rows) {
+        *reinterpret_cast<int4*>(y + tok * rows + o) = *reinterpret_cast<const int4*>(ys + tl * kPitch + 8 * part);
+      }
+    }
+  } else {
+    for (int p = 0; p < (kTile * kTile) / kThreads; ++p) {
+      const int piece = tid + p * kThreads;
+      const int tl = piece / kTile;
+      const int ol = piece % kTile;
+      const int64_t tok = t0 + tl;
+      const int64_t o = o0 + ol;
+      if (tok < m && o < rows) {
+        y[tok * rows + o] = ys[tl * kPitch + ol];
+      }
+    }
+  }
+}
+
 // Preconditions: cols % 16 == 0, values and x 16-byte aligned (checked on the host); y
 // 16-byte aligned (a fresh at::empty); cols < 2^24; gridDim.x = feature_tiles * token tiles,
 // feature tiles first.
@@ -615,38 +692,30 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
     return reinterpret_cast<uint16_t*>(smem + stage * L::kStageBytes + L::kABytes + L::kXBytes);
   };
 
-  // The thread's copies, the same at every step: values pieces (8 kept values) of rows
-  // v_row + 64 p, part v_part; x pieces (8 columns) of tokens x_row + 32 p, part x_part.
-  // 32-bit offsets from per-thread pointers (the host sends only cols < 2^24).
-  constexpr int kVPieces = (kOut * kVals / 8) / kBlockThreads;
+  // The thread's copies, the same at every step: the values (StageValues); x pieces (8
+  // columns) of tokens x_row + 32 p, part x_part, from a per-thread pointer with 32-bit
+  // offsets (the host sends only cols < 2^24).
+  static_assert(kVals == StageValues<scalar_t>::kVals && kAPitch == StageValues<scalar_t>::kAPitch &&
+                kOut == StageValues<scalar_t>::kRows && kBlockThreads == StageValues<scalar_t>::kThreads,
+                "StageValues' tile");
   constexpr int kXPieces = (kTok * kK / 8) / kBlockThreads;
-  constexpr int kVRowStep = kBlockThreads / (kVals / 8);
   constexpr int kXRowStep = kBlockThreads / (kK / 8);
-  const int v_row = tid / (kVals / 8);
-  const int v_part = tid % (kVals / 8);
   const int x_row = tid / (kK / 8);
   const int x_part = tid % (kK / 8);
   const int rows_here = static_cast<int>(rows - o0 < kOut ? rows - o0 : kOut);  // >= 1
   const int toks_here = static_cast<int>(m - t0 < kTok ? m - t0 : kTok);      // >= 1
-  const int v_stride = kVRowStep * half;
+  const StageValues<scalar_t> vals(values, o0, rows_here, half, tid);
   const int x_stride = kXRowStep * static_cast<int>(cols);
-  // Row v_row / token x_row of the tile, clamped into the matrix (used only when it exists).
-  const scalar_t* v_src = values + (o0 + (v_row < rows_here ? v_row : 0)) * static_cast<int64_t>(half) + 8 * v_part;
+  // Token x_row of the tile, clamped into the matrix (used only when it exists).
   const scalar_t* x_src = x + (t0 + (x_row < toks_here ? x_row : 0)) * cols + 8 * x_part;
   const unsigned smem0 = smem_addr(smem);
-  const unsigned v_dst = smem0 + static_cast<unsigned>((v_row * kAPitch + 8 * v_part) * sizeof(scalar_t));
   const unsigned x_dst = smem0 + L::kABytes + static_cast<unsigned>((x_row * kXPitch + 8 * x_part) * sizeof(scalar_t));
 
   auto copy_tiles = [&](int stage, int step) {
     const int k0 = step * kK;
     const int cols_left = static_cast<int>(cols) - k0;
     const unsigned at = static_cast<unsigned>(stage * L::kStageBytes);
-#pragma unroll
-    for (int p = 0; p < kVPieces; ++p) {
-      const bool ok = 16 * v_part < cols_left && v_row + kVRowStep * p < rows_here;
-      cp_async16_at(v_dst + at + static_cast<unsigned>(kVRowStep * p * kAPitch * sizeof(scalar_t)),
-                    ok ? v_src + (p * v_stride + k0 / 2) : values, ok);
-    }
+    vals.copy(smem0 + at, k0, cols_left);
 #pragma unroll
     for (int p = 0; p < kXPieces; ++p) {
       const bool ok = 8 * x_part < cols_left && x_row + kXRowStep * p < toks_here;
@@ -749,30 +818,7 @@ __global__ void __launch_bounds__(tile128::kBlockThreads, 2) linear_mma128_kerne
     }
   }
   __syncthreads();
-  if (vec_out) {  // 128 tokens x 16 pieces of 8 features
-#pragma unroll
-    for (int p = 0; p < (kTok * kOut / 8) / kBlockThreads; ++p) {
-      const int piece = tid + p * kBlockThreads;
-      const int tl = piece >> 4;
-      const int part = piece & 15;
-      const int64_t tok = t0 + tl;
-      const int64_t o = o0 + 8 * part;
-      if (tok < m && o < rows) {  // rows % 8 == 0: o < rows means all 8 are
-        *reinterpret_cast<int4*>(y + tok * rows + o) = *reinterpret_cast<const int4*>(ys + tl * kYPitch + 8 * part);
-      }
-    }
-  } else {
-    for (int p = 0; p < (kTok * kOut) / kBlockThreads; ++p) {
-      const int piece = tid + p * kBlockThreads;
-      const int tl = piece / kOut;
-      const int ol = piece % kOut;
-      const int64_t tok = t0 + tl;
-      const int64_t o = o0 + ol;
-      if (tok < m && o < rows) {
-        y[tok * rows + o] = ys[tl * kYPitch + ol];
-      }
-    }
-  }
+  write_tile<scalar_t, kYPitch>(ys, y, m, rows, t0, o0, tid, vec_out);
 }
 
 // ---- the warpgroup GEMM (MULTIFLOW_SPARSE24_GEMM=wgmma; sm_90a only, opt-in, compiled
@@ -942,29 +988,21 @@ __global__ void __launch_bounds__(wg::kBlockThreads, 2) linear_wgmma_kernel(
   // Copies, the same at every step. Values: as linear_mma128_kernel. x: token x_row + 32 p,
   // columns 8 x_part ..; lanes 0-7 take the 8 tokens of a core matrix, so a warp writes 512
   // contiguous bytes.
-  constexpr int kVPieces = (kOut * kVals / 8) / kBlockThreads;
+  static_assert(kVals == StageValues<scalar_t>::kVals && kAPitch == StageValues<scalar_t>::kAPitch &&
+                kOut == StageValues<scalar_t>::kRows && kBlockThreads == StageValues<scalar_t>::kThreads,
+                "StageValues' tile");
   constexpr int kXPieces = (kTok * kK / 8) / kBlockThreads;
-  constexpr int kVRowStep = kBlockThreads / (kVals / 8);
   constexpr int kXRowStep = 32;
-  const int v_row = tid / (kVals / 8);
-  const int v_part = tid % (kVals / 8);
   const int x_row = 8 * (tid >> 6) + (tid & 7);
   const int x_part = (tid >> 3) & 7;
-  const int v_stride = kVRowStep * half;
+  const StageValues<scalar_t> vals(values, o0, rows_here, half, tid);
   const int x_stride = kXRowStep * static_cast<int>(cols);
-  const scalar_t* v_src = values + (o0 + (v_row < rows_here ? v_row : 0)) * static_cast<int64_t>(half) + 8 * v_part;
   const scalar_t* x_src = x + (t0 + (x_row < toks_here ? x_row : 0)) * cols + 8 * x_part;
-  const unsigned v_dst = static_cast<unsigned>((v_row * kAPitch + 8 * v_part) * sizeof(scalar_t));
   const unsigned x_dst = static_cast<unsigned>((x_row >> 3) * kStrideBytes + x_part * kLeadBytes + (x_row & 7) * 16);
   auto copy_tiles = [&](int stage, int step) {
     const int k0 = step * kK;
     const int cols_left = static_cast<int>(cols) - k0;
-#pragma unroll
-    for (int p = 0; p < kVPieces; ++p) {
-      const bool ok = 16 * v_part < cols_left && v_row + kVRowStep * p < rows_here;
-      cp_async16_at(a_at(stage) + v_dst + static_cast<unsigned>(kVRowStep * p * kAPitch * sizeof(scalar_t)),
-                    ok ? v_src + (p * v_stride + k0 / 2) : values, ok);
-    }
+    vals.copy(a_at(stage), k0, cols_left);
 #pragma unroll
     for (int p = 0; p < kXPieces; ++p) {
       const bool ok = 8 * x_part < cols_left && x_row + kXRowStep * p < toks_here;
@@ -1045,30 +1083,7 @@ __global__ void __launch_bounds__(wg::kBlockThreads, 2) linear_wgmma_kernel(
     }
   }
   __syncthreads();
-  if (vec_out) {
-#pragma unroll
-    for (int p = 0; p < (kTok * kOut / 8) / kBlockThreads; ++p) {
-      const int piece = tid + p * kBlockThreads;
-      const int tl = piece >> 4;
-      const int part = piece & 15;
-      const int64_t tok = t0 + tl;
-      const int64_t o = o0 + 8 * part;
-      if (tok < m && o < rows) {
-        *reinterpret_cast<int4*>(y + tok * rows + o) = *reinterpret_cast<const int4*>(ys + tl * kYPitch + 8 * part);
-      }
-    }
-  } else {
-    for (int p = 0; p < (kTok * kOut) / kBlockThreads; ++p) {
-      const int piece = tid + p * kBlockThreads;
-      const int tl = piece / kOut;
-      const int ol = piece % kOut;
-      const int64_t tok = t0 + tl;
-      const int64_t o = o0 + ol;
-      if (tok < m && o < rows) {
-        y[tok * rows + o] = ys[tl * kYPitch + ol];
-      }
-    }
-  }
+  write_tile<scalar_t, kYPitch>(ys, y, m, rows, t0, o0, tid, vec_out);
 #else
   __trap();
 #endif
@@ -1076,24 +1091,36 @@ __global__ void __launch_bounds__(wg::kBlockThreads, 2) linear_wgmma_kernel(
 
 // ---- host side
 
+// A per-device answer computed once: `known` holds 0 (not asked yet), 1 (false) or 2
+// (true) per device; devices past kMaxDevices ask each time. Two threads may both compute
+// it the first time; the answer is the same.
+constexpr int kMaxDevices = 64;
+using PerDevice = std::atomic<int8_t>[kMaxDevices];
+
+template <typename F>
+bool once_per_device(PerDevice& known, F&& compute) {
+  const int dev = c10::cuda::current_device();
+  if (dev < kMaxDevices && known[dev].load() != 0) {
+    return known[dev].load() == 2;
+  }
+  const bool yes = compute();
+  if (dev < kMaxDevices) {
+    known[dev].store(yes ? 2 : 1);
+  }
+  return yes;
+}
+
 // Whether the mma.sp kernel was compiled for sm_80+ code (and is not the __trap()
 // stub), as the device will load it: a build for older architectures only, run
 // through PTX JIT on a newer GPU, must not take the tensor-core path.
 // Asked once per device (the answer depends only on the device's architecture).
 bool mma_compiled() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const int dev = c10::cuda::current_device();
-  if (dev < kMaxDevices && known[dev].load() != 0) {
-    return known[dev].load() == 2;
-  }
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, linear_mma_kernel<c10::Half, false>));
-  const bool yes = attr.ptxVersion >= 80;
-  if (dev < kMaxDevices) {
-    known[dev].store(yes ? 2 : 1);
-  }
-  return yes;
+  static PerDevice known = {};
+  return once_per_device(known, [] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, linear_mma_kernel<c10::Half, false>));
+    return attr.ptxVersion >= 80;
+  });
 }
 
 // MULTIFLOW_SPARSE24_GEMV: lanes per output row of the few-row kernel, "warp" (32, unset
@@ -1165,29 +1192,22 @@ Gemm sparse24_gemm() {
 // Asked once per device, with a one-thread probe kernel and one sync (so the first wgmma
 // call on a device must not be inside CUDA graph capture: warm it up eagerly).
 bool wgmma_available() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const int dev = c10::cuda::current_device();
-  if (dev < kMaxDevices && known[dev].load() != 0) {
-    return known[dev].load() == 2;
-  }
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  bool yes = false;
-  if (props->major == 9 && props->minor == 0) {
+  static PerDevice known = {};
+  return once_per_device(known, [] {
+    const auto* props = at::cuda::getCurrentDeviceProperties();
+    if (props->major != 9 || props->minor != 0) {
+      return false;
+    }
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
     TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
                 "multiflow::sparse24_linear: the first MULTIFLOW_SPARSE24_GEMM=wgmma call on a device probes it (one "
                 "sync), which CUDA graph capture does not allow: call the op once before capturing");
-    auto flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, dev).dtype(at::kInt));
+    auto flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, c10::cuda::current_device()).dtype(at::kInt));
     sm90a_probe_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(flag.mutable_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    yes = flag.item<int>() == 1;
-  }
-  if (dev < kMaxDevices) {
-    known[dev].store(yes ? 2 : 1);
-  }
-  return yes;
+    return flag.item<int>() == 1;
+  });
 }
 
 // Launches a 128 x 128 tile kernel (linear_mma128_kernel or linear_wgmma_kernel: kKernel,
@@ -1205,19 +1225,15 @@ bool launch_tiles(const Sparse24Problem& p, const at::Tensor& y) {
   }
   // The dynamic shared memory limit is a per-device attribute of the kernel: set once per
   // device and kernel (setting it twice from two threads is harmless).
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> opted_in[kMaxDevices] = {};
-  const int dev = c10::cuda::current_device();
-  if (dev >= kMaxDevices || !opted_in[dev].load()) {
+  static PerDevice opted_in = {};
+  once_per_device(opted_in, [] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
     // Prefer shared memory over L1 so that two blocks' worth fits on an sm_90 SM (sm_80 / 86 /
     // 89 hold one block of these kernels whatever the carveout).
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-    if (dev < kMaxDevices) {
-      opted_in[dev].store(true);
-    }
-  }
+    return true;
+  });
   kKernel<<<static_cast<unsigned>(blocks), kBlock, kBytes, at::cuda::getCurrentCUDAStream()>>>(
       p.x.const_data_ptr<scalar_t>(), p.values.const_data_ptr<scalar_t>(), p.metadata.const_data_ptr<int16_t>(),
       p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), p.m, p.rows,

@@ -534,50 +534,59 @@ class Block:
                         self.write(addr, encode(val, bf16)[:, None], (T_Y + tl * kOut + ol)[:, None], tid,
                                    "epilogue ys store", shadow=val[:, None])
         self.syncthreads()
-        yflat, y64, yc = self.y_out, self.y64_out, self.ycount
-        ysz = m * rows
-        if P.vec_out:
-            for p in range((kTok * kOut // 8) // kBlockThreads):
-                piece = tid + p * kBlockThreads
-                tl = piece >> 4
-                part = piece & 15
-                tok = t0 + tl
-                o = o0 + 8 * part
-                live = (tok < m) & (o < rows)
-                saddr = ys + (tl * kYPitch + 8 * part) * ES
-                F.flag("epilogue int4 smem read not 16-byte aligned", (saddr % 16 != 0).sum())
-                gidx = tok * rows + o
-                F.flag("epilogue int4 global store not 16-byte aligned", (live & ((gidx * ES) % 16 != 0)).sum())
-                self.banks.add("epilogue ys int4 reads (8-lane phases)", saddr.reshape(32, 8), 16)
-                d, tg, el = self.read(saddr[live], 8, tid[live], "epilogue int4 read")
-                exp = T_Y + tl[live, None] * kOut + 8 * part[live, None] + np.arange(8)
-                F.flag("epilogue read the wrong ys element", (tg != exp).sum())
-                gi = gidx[live, None] + np.arange(8)
-                F.flag("y store out of bounds", ((gi < 0) | (gi >= ysz)).sum())
-                F.flag("y store to a feature >= rows", ((o[live, None] + np.arange(8)) >= rows).sum())
-                gi = np.clip(gi, 0, ysz - 1)
-                np.add.at(yc, gi.reshape(-1), 1)
-                yflat[gi] = d
-                y64[gi] = self.shadow[el]
-        else:
-            for p in range((kTok * kOut) // kBlockThreads):
-                piece = tid + p * kBlockThreads
-                tl = piece // kOut
-                ol = piece % kOut
-                tok = t0 + tl
-                o = o0 + ol
-                live = (tok < m) & (o < rows)
-                saddr = ys + (tl * kYPitch + ol) * ES
-                self.banks.add("epilogue ys scalar reads", saddr.reshape(8, 32), 2)
-                d, tg, el = self.read(saddr[live], 1, tid[live], "epilogue scalar read")
-                F.flag("epilogue read the wrong ys element", (tg[:, 0] != T_Y + tl[live] * kOut + ol[live]).sum())
-                gi = tok[live] * rows + o[live]
-                F.flag("y store out of bounds", ((gi < 0) | (gi >= ysz)).sum())
-                gi = np.clip(gi, 0, ysz - 1)
-                np.add.at(yc, gi, 1)
-                yflat[gi] = d[:, 0]
-                y64[gi] = self.shadow[el[:, 0]]
+        write_out_tile(self, ys, tid, t0, o0)
         self.check_races()
+
+
+def write_out_tile(blk, ys, tid, t0, o0):
+    """The epilogue's second half (both 128 x 128 tile kernels, write_tile in sparse24.cu):
+    block ``blk``'s staged tile at shared byte address ``ys`` written to y, every store checked
+    (alignment, bounds, the ys element it reads) and counted."""
+    P, F = blk.P, blk.F
+    m, rows = P.m, P.rows
+    yflat, y64, yc = blk.y_out, blk.y64_out, blk.ycount
+    ysz = m * rows
+    if P.vec_out:
+        for p in range((kTok * kOut // 8) // kBlockThreads):
+            piece = tid + p * kBlockThreads
+            tl = piece >> 4
+            part = piece & 15
+            tok = t0 + tl
+            o = o0 + 8 * part
+            live = (tok < m) & (o < rows)
+            saddr = ys + (tl * kYPitch + 8 * part) * ES
+            F.flag("epilogue int4 smem read not 16-byte aligned", (saddr % 16 != 0).sum())
+            gidx = tok * rows + o
+            F.flag("epilogue int4 global store not 16-byte aligned", (live & ((gidx * ES) % 16 != 0)).sum())
+            blk.banks.add("epilogue ys int4 reads (8-lane phases)", saddr.reshape(32, 8), 16)
+            d, tg, el = blk.read(saddr[live], 8, tid[live], "epilogue int4 read")
+            exp = T_Y + tl[live, None] * kOut + 8 * part[live, None] + np.arange(8)
+            F.flag("epilogue read the wrong ys element", (tg != exp).sum())
+            gi = gidx[live, None] + np.arange(8)
+            F.flag("y store out of bounds", ((gi < 0) | (gi >= ysz)).sum())
+            F.flag("y store to a feature >= rows", ((o[live, None] + np.arange(8)) >= rows).sum())
+            gi = np.clip(gi, 0, ysz - 1)
+            np.add.at(yc, gi.reshape(-1), 1)
+            yflat[gi] = d
+            y64[gi] = blk.shadow[el]
+    else:
+        for p in range((kTok * kOut) // kBlockThreads):
+            piece = tid + p * kBlockThreads
+            tl = piece // kOut
+            ol = piece % kOut
+            tok = t0 + tl
+            o = o0 + ol
+            live = (tok < m) & (o < rows)
+            saddr = ys + (tl * kYPitch + ol) * ES
+            blk.banks.add("epilogue ys scalar reads", saddr.reshape(8, 32), 2)
+            d, tg, el = blk.read(saddr[live], 1, tid[live], "epilogue scalar read")
+            F.flag("epilogue read the wrong ys element", (tg[:, 0] != T_Y + tl[live] * kOut + ol[live]).sum())
+            gi = tok[live] * rows + o[live]
+            F.flag("y store out of bounds", ((gi < 0) | (gi >= ysz)).sum())
+            gi = np.clip(gi, 0, ysz - 1)
+            np.add.at(yc, gi, 1)
+            yflat[gi] = d[:, 0]
+            y64[gi] = blk.shadow[el[:, 0]]
 
 
 def emulate_64(P: Problem, F: Findings):
