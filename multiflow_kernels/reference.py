@@ -101,13 +101,14 @@ def kth_smallest_group(values: list[Tensor], k: int, absolute: bool = False) -> 
 
 
 def kth_smallest_each(values: list[Tensor], ks: list[int], absolute: bool = False) -> Tensor:
-    """``out[l]`` = k-th smallest of ``values[l]`` (``-inf`` when ``ks[l] == 0``), float32 (L,)."""
+    """``out[l]`` = k-th smallest of ``values[l]`` (``-inf`` when ``ks[l] == 0``; an answer
+    of zero is +0.0, as for :func:`kth_smallest_group`), float32 (L,)."""
     out = []
     for v, k in zip(values, ks):
         flat = _as_float(v, absolute)
         if not 0 <= k <= flat.numel():
             raise ValueError(f"ks entries must be in [0, numel], got {k} for a tensor of {flat.numel()}")
-        out.append(torch.kthvalue(flat, k).values if k >= 1 else torch.tensor(-math.inf, device=flat.device))
+        out.append(torch.kthvalue(flat, k).values + 0.0 if k >= 1 else torch.tensor(-math.inf, device=flat.device))
     device = values[0].device if values else torch.device("cpu")
     return torch.stack(out) if out else torch.empty(0, dtype=torch.float32, device=device)
 

@@ -73,6 +73,8 @@ def test_flow_extreme_scales_zero_statistics_and_layouts():
         torch.zeros(6, 7),
         torch.randn(30, 20, generator=gen).t(),  # transposed
         torch.randn(40, 50, generator=gen)[::2, 5:35],  # padded rows
+        (torch.randn(20, 30, generator=gen) * 1e-39).bfloat16(),  # bfloat16 subnormals (and a few zeros)
+        (torch.randn(20, 30, generator=gen) * 1e-6).half(),  # float16 subnormals
     ]
     acts = [
         torch.rand(30, generator=gen),
@@ -83,6 +85,8 @@ def test_flow_extreme_scales_zero_statistics_and_layouts():
         torch.rand(7, generator=gen),
         torch.rand(30, generator=gen),
         torch.rand(30, generator=gen)[::1],
+        torch.rand(30, generator=gen),
+        torch.rand(30, generator=gen),
     ]
     check_triton_flow([w.to(DEVICE) for w in weights], [a.to(DEVICE) for a in acts])
 

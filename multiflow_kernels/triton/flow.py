@@ -86,7 +86,11 @@ def _load_abs_rows(addr, dtype, stride, r0, row_end, cols, col_ok, BLOCK_R: tl.c
     elif dtype == 1:
         x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        # bfloat16 is float32's upper half: |w|'s float32 bits from the raw 16 bits, exact for
+        # every value (Triton 3.8's interpreter converts bfloat16 subnormals wrongly with .to:
+        # 1.01e-39 became 4.41e-39, 9.2e-41 became 0)
+        raw = tl.load(addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
+        x = ((raw.to(tl.int32) & 0x7FFF) << 16).to(tl.float32, bitcast=True)
     return rr, row_ok, mask, tl.abs(x)
 
 
