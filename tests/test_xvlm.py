@@ -196,6 +196,12 @@ def test_build_model_xvlm_prefix(tmp_path, monkeypatch):
     torch.save({"model": sd}, path)
     with pytest.raises(ValueError, match="vision_proj.bias"):
         build_model(f"xvlm:{path}")
+    sd = _synthetic_checkpoint(cfg)
+    sd["itm_head.extra.weight"] = torch.zeros(2)
+    torch.save({"model": sd}, path)
+    with pytest.warns(UserWarning, match=r"1 key\(s\) the model lacks were not loaded: itm_head.extra.weight"):
+        model = build_model(f"xvlm:{path}")
+    assert model.checkpoint_report.unexpected == ["itm_head.extra.weight"]
     with pytest.raises(ValueError, match="--task"):
         build_model("xvlm-tiny", task="vqa")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -493,12 +494,18 @@ def build_xvlm_tiny(task: Optional[str] = None, seed: int = 0) -> XVLM:
 def load_xvlm(path: str | Path, config: Optional[XVLMConfig] = None, *, task: Optional[str] = None) -> XVLM:
     """X-VLM base (or ``config``) with the weights of an original checkpoint file. Raises
     ValueError when model keys are missing or mis-shaped; unexpected keys are tolerated
-    (they are listed in ``model.checkpoint_report``)."""
+    (they are listed in ``model.checkpoint_report`` and named in a ``UserWarning``, which the
+    CLI prints)."""
     _no_task(task)
     model = XVLM(config or XVLMConfig.base())
     report = model.load_checkpoint(path)
     if report.missing or report.mis_shaped:
         raise ValueError(f"X-VLM checkpoint does not fit the {'given' if config else 'base'} config:\n{report}")
+    if report.unexpected:
+        shown = ", ".join(report.unexpected[:10]) + (f", ... ({len(report.unexpected)} in all)"
+                                                    if len(report.unexpected) > 10 else "")
+        warnings.warn(f"X-VLM checkpoint {path}: {len(report.unexpected)} key(s) the model lacks were not "
+                      f"loaded: {shown}", stacklevel=2)
     model.checkpoint_report = report
     return model.eval()
 
