@@ -293,6 +293,60 @@ def test_a_failed_write_leaves_the_previous_outputs(tmp_path, monkeypatch, capsy
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_failed_rename_puts_back_the_previous_outputs(tmp_path, monkeypatch, capsys):
+    """A rename that fails after others have succeeded (here the third of four) puts the
+    replaced files back: the previous run's outputs stay whole, no new file and no temporary or
+    backup link is left. An output path that is a folder is refused before any rename."""
+    import os
+
+    out = tmp_path / "out"
+    args = ["prune", "--no-progress", "--batches", "1", "--batch-size", "2", "--sparsity", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        if str(src).endswith(".tmp"):
+            calls.append(dst)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    assert main(args + ["--seed", "7"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert len(calls) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
+    assert main(args + ["--seed", "7"]) == 1
+    assert "output path is a folder, not a file" in capsys.readouterr().err
+    del before["report.md"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "report.md"])
+
+
+def test_a_corrupt_blip_checkpoint_is_one_line(tmp_path, capsys):
+    from multiflow.models.blip import build_blip_tiny
+
+    folder = tmp_path / "ck"
+    build_blip_tiny("retrieval").save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(folder), "--no-progress", "--batches", "1", "--batch-size", "2",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("multiflow: error: cannot load the BLIP checkpoint in") and "SafetensorError" in err
+    assert not out.exists()
+    (folder / "config.json").write_text("[1, 2]")
+    assert main(["prune", "--model", str(folder), "--no-progress", "--out", str(out)]) == 1
+    assert "a JSON object expected, got list" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["file", "file/sub"])
 def test_a_bad_out_folder_fails_before_calibrating(tmp_path, capsys, bad):
     (tmp_path / "file").write_text("not a folder")

@@ -187,9 +187,14 @@ def load_blip(path: str, task: Optional[str] = None) -> nn.Module:
         raise FileNotFoundError(f"no config.json in model folder {folder}")
     if task is None:
         try:
-            archs = json.loads(cfg_file.read_text()).get("architectures") or []
-        except json.JSONDecodeError as e:
+            cfg = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read {cfg_file}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"cannot read {cfg_file}: a JSON object expected, got {type(cfg).__name__}")
+        archs = cfg.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = [archs]
         known = [a for a in archs if a in _CLASS_TO_TASK]
         if not known:
             raise ValueError(
@@ -199,7 +204,12 @@ def load_blip(path: str, task: Optional[str] = None) -> nn.Module:
         cls = getattr(transformers, known[0])
     else:
         cls = _blip_class(task)
-    return cls.from_pretrained(str(folder), local_files_only=True).eval()
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers' and safetensors' own errors (a truncated file, a bad config, ...)
+        raise ValueError(f"cannot load the BLIP checkpoint in {folder} as {cls.__name__}: "
+                         f"{type(e).__name__}: {e}") from e
+    return model.eval()
 
 
 MODEL_BUILDERS["blip-tiny"] = build_blip_tiny
