@@ -117,6 +117,29 @@ def test_sigint_leaves_no_partial_output(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_sigint_while_importing_torch(tmp_path):
+    """Ctrl-C that arrives while the command line imports torch (its first second) is held back
+    until the import is done, then ends the run like any other interrupt: exit 130, one line,
+    no traceback, nothing written. `import multiflow.cli` itself does not import torch."""
+    out = tmp_path / "run"
+    code = f"""
+import builtins, os, signal, sys
+import multiflow.cli as cli
+assert "torch" not in sys.modules, "import multiflow.cli imported torch"
+real_import = builtins.__import__
+def sending(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch is being imported
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = sending
+sys.exit(cli.main(["prune", "--no-progress", "--out", {str(out)!r}]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "multiflow: interrupted while starting (importing torch); nothing was written"
+    assert not out.exists()
+
+
 def _json_dataset(tmp_path, n, bad):
     from multiflow.data import procedural_sample
 

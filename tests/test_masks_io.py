@@ -1,4 +1,5 @@
 """Masks: save / load / apply / summary / reference import, and bad files."""
+import json
 import os
 
 import pytest
@@ -75,6 +76,20 @@ def test_missing_and_corrupt_files(tmp_path):
                   metadata={"multiflow": meta})
         with pytest.raises(ValueError, match=f"m{i}.safetensors has corrupt metadata"):
             Masks.load(tmp_path / f"m{i}.safetensors")
+    # valid JSON objects whose fields have the wrong types: refused naming the field (inspect and
+    # summary used to raise AttributeError / TypeError, or a format error naming neither)
+    for i, (meta, field) in enumerate((({"modalities": [1, 2]}, "modalities"), ({"nm": 5}, "nm"),
+                                       ({"nm": [2, True]}, "nm"), ({"allocated_sparsity": [0.5]}, "allocated_sparsity"),
+                                       ({"layer_sparsity": {"w": "x"}}, "layer_sparsity"), ({"sparsity": "x"}, "sparsity"),
+                                       ({"seed": 1.5}, "seed"), ({"method": 3}, "method"))):
+        f = tmp_path / f"t{i}.safetensors"
+        save_file({"w": torch.ones(2, 2, dtype=torch.bool)}, str(f), metadata={"multiflow": json.dumps(meta)})
+        with pytest.raises(ValueError, match=f"t{i}.safetensors has corrupt metadata: '{field}' must be"):
+            Masks.load(f)
+    f = tmp_path / "ok.safetensors"
+    save_file({"w": torch.ones(2, 2, dtype=torch.bool)}, str(f),
+              metadata={"multiflow": json.dumps({"nm": None, "sparsity": 0.5, "seed": 3, "modalities": {"w": "text"}})})
+    assert Masks.load(f).metadata["modalities"] == {"w": "text"}
 
 
 def test_failed_save_leaves_existing_file(tmp_path, monkeypatch, blip_masks):
@@ -124,6 +139,14 @@ def test_from_reference_maps_original_blip_names(tmp_path, blip_factory):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pth"):
         Masks.from_reference(tmp_path / "junk.pth", model)
+    name = "visual_encoder.blocks.0.mlp.fc1.weight"
+    shape = expected["vision_model.encoder.layers.0.mlp.fc1.weight"].shape
+    for t in (torch.full(shape, 0.5), torch.full(shape, 0.5 + 0.5j), torch.full(shape, 2, dtype=torch.int8)):
+        torch.save({name + "_pruning_mask": t}, path)
+        with pytest.raises(ValueError, match="not boolean"):
+            Masks.from_reference(path, model)
+    torch.save({name + "_pruning_mask": torch.ones(shape, dtype=torch.complex64)}, path)  # 0/1 of any dtype: a mask
+    assert Masks.from_reference(path, model)["vision_model.encoder.layers.0.mlp.fc1.weight"].all()
 
 
 def test_non_boolean_masks_rejected():

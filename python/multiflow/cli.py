@@ -470,7 +470,38 @@ def _one_line(message: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 40].rstrip() + " ... (cut; --debug shows all)"
 
 
+def _import_deferring_sigint() -> None:
+    """Import torch and the package's modules with Ctrl-C held back until they are imported (an
+    interrupt inside torch's import can leave half-imported modules that fail later, and used to
+    print a traceback), then raise KeyboardInterrupt if one came. From the main thread only
+    (elsewhere: a plain import)."""
+    import signal
+    import threading
+
+    def load() -> None:
+        import torch  # noqa: F401
+
+        from . import calibrate, masks, models, pruners  # noqa: F401
+
+    if threading.current_thread() is not threading.main_thread():
+        load()
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        load()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        _import_deferring_sigint()
+    except KeyboardInterrupt:
+        print("multiflow: interrupted while starting (importing torch); nothing was written", file=sys.stderr)
+        return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)

@@ -57,6 +57,43 @@ def check_fit(masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, what
         raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
 
 
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The metadata fields Masks and the CLI read, with the type each must have when present (None
+# is allowed for each): a file whose JSON is valid but holds other types is refused by name.
+_METADATA_TYPES = {
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "model_class": (lambda v: isinstance(v, str), "a string"),
+    "task": (lambda v: isinstance(v, str), "a string"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "sparsity": (_is_number, "a number"),
+    "calibration_samples": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "nm": (lambda v: isinstance(v, list) and len(v) == 2
+           and all(isinstance(x, int) and not isinstance(x, bool) for x in v), "a list of two integers [n, m]"),
+    "modalities": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                   "an object of layer name -> modality name"),
+    "layer_sparsity": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+                       "an object of layer name -> number"),
+    "allocated_sparsity": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+                           "an object of layer name -> number"),
+    "modality_sparsity": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+                          "an object of modality name -> number"),
+}
+
+
+def _check_metadata_types(path: Path, meta: dict) -> None:
+    """ValueError naming the first metadata field whose value has the wrong type."""
+    for key, (ok, want) in _METADATA_TYPES.items():
+        v = meta.get(key)
+        if v is not None and not ok(v):
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise ValueError(f"mask file {path} has corrupt metadata: '{key}' must be {want}, "
+                             f"got {type(v).__name__} {shown}")
+
 class Masks(Mapping):
     """Parameter name -> boolean keep-mask, plus ``metadata``.
 
@@ -189,6 +226,7 @@ class Masks(Mapping):
         bad = [k for k, t in tensors.items() if t.dtype != torch.bool]
         if bad:
             raise ValueError(f"mask file {path} holds non-boolean tensors: {bad[:20]}")
+        _check_metadata_types(path, meta)
         meta.pop("format_version", None)
         order = meta.pop("names", None)
         if isinstance(order, list) and sorted(order) == sorted(tensors):
@@ -266,9 +304,8 @@ class Masks(Mapping):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{path}: entry {orig}_pruning_mask is not a tensor")
             if t.dtype != torch.bool:
-                if t.is_floating_point() or not t.dtype.is_complex:
-                    if not bool(((t == 0) | (t == 1)).all()):
-                        raise ValueError(f"{path}: entry {orig}_pruning_mask is not boolean (values other than 0/1)")
+                if not bool(((t == 0) | (t == 1)).all()):  # complex too: 0.5+0.5j is not a mask value
+                    raise ValueError(f"{path}: entry {orig}_pruning_mask is not boolean (values other than 0/1)")
                 t = t != 0
             masks[adapter.from_reference_name(orig.removeprefix("module."))] = t
         params = dict(model.named_parameters())
