@@ -163,6 +163,17 @@ class SparseLinear(nn.Module):
             elif t.dtype != mine.dtype:
                 problems.append(f"{prefix}{n} (dtype {t.dtype}, the layer's is {mine.dtype}: index tensors are "
                                 "not converted)")
+        # shapes too (torch reports a size mismatch only after copying the tensors that fit,
+        # which would leave the format's tensors from two layers: a bitmap's values would already
+        # have the checkpoint's length)
+        shaped = dict(incoming)
+        if self.bias is not None and isinstance(state_dict.get(prefix + "bias"), torch.Tensor):
+            shaped["bias"] = state_dict[prefix + "bias"]
+        for n, t in shaped.items():
+            mine = getattr(self, n)
+            if not (n == "values" and self.format == "bitmap") and tuple(t.shape) != tuple(mine.shape):
+                problems.append(f"{prefix}{n} (shape {tuple(t.shape)} in the state dict, {tuple(mine.shape)} in the "
+                                "layer)")
         if problems:
             raise ValueError(_problems("SparseLinear.load_state_dict: nothing was loaded", problems))
         after = {n: incoming.get(n, getattr(self, n)) for n in formats.buffers(self.format)}
@@ -172,8 +183,7 @@ class SparseLinear(nn.Module):
             if bad:
                 raise ValueError(f"{prefix}metadata: rows {bad[:8]}{' ...' if len(bad) > 8 else ''} are not 2:4 "
                                  "metadata sparse24_pack writes (two increasing positions per 4 columns)")
-        if readable and self.format == "bitmap" and all(
-                after[n].shape == getattr(self, n).shape for n in ("bits", "row_ptr", "block_ptr")):
+        if readable and self.format == "bitmap":
             bad = formats.bad_bitmap_rows(after["values"].numel(), after["bits"], after["row_ptr"],
                                           after["block_ptr"], self.in_features)
             if bad:
@@ -251,6 +261,10 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
                    else "nn.MultiheadAttention uses through .weight directly")
             problems.append(f"{name} (weight of a {type(lin).__name__} that {why}: a SparseLinear in its place "
                             "would change what the model computes)")
+        elif lin._parameters.get("weight") is None and not nn.utils.parametrize.is_parametrized(lin, "weight"):
+            problems.append(f"{name} (not a Parameter: a forward pre-hook recomputes it, as torch.nn.utils.prune, "
+                            "weight_norm and spectral_norm do; make it a plain weight first, e.g. "
+                            "torch.nn.utils.prune.remove(module, 'weight'))")
         elif not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             problems.append(f"{name} (mask is not a bool tensor)")
         elif m.layout != torch.strided or m.device.type == "meta":
@@ -344,29 +358,45 @@ def _file_dtypes() -> dict:
         return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
 
 
-def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
+def _check_file_tensors(model: nn.Module, path: Path, f) -> dict[str, str]:
     """Every tensor of the open file ``f`` against the model's state (names, shapes, dtypes),
     before anything is copied: ``load_state_dict`` copies tensor by tensor and reports
     mismatches only at the end, which would leave the model half loaded. A bitmap layer's
-    ``values`` may have any length (its number of kept weights is data); tensors of the model
-    that share storage are saved once (safetensors), so a missing name is fine when its
-    storage is loaded under another."""
-    state = model.state_dict()
+    ``values`` may have any length (its number of kept weights is data). Tensors of the model
+    that share storage are saved once (safetensors), so a name missing from the file is fine
+    when another name of the same module attribute (a module registered under several names),
+    or the same tensor (same storage, offset, shape and strides), is in it. Returns those
+    missing names -> the file's name that holds their tensor."""
+    state = model.state_dict(keep_vars=True)
     file_dtypes = _file_dtypes()
+    named = list(model.named_modules(remove_duplicate=False))
     # every name of every sparse layer: a layer registered under several names is saved once,
     # under whichever name safetensors kept
-    sparse = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SparseLinear)]
+    sparse = [(n, m) for n, m in named if isinstance(m, SparseLinear)]
     bitmap_values = {f"{n}.values" for n, m in sparse if m.format == "bitmap"}
     metadata_24 = {f"{n}.metadata": m.in_features for n, m in sparse if m.format == "2:4"}
+    names_of: dict[int, list[str]] = {}
+    module_of: dict[str, nn.Module] = {}
+    for n, m in named:
+        names_of.setdefault(id(m), []).append(n)
+        module_of[n] = m
 
-    def storage(t):  # None for tensors that cannot be shared (no bytes)
-        return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.untyped_storage().nbytes() else None
+    def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (a.device.type != "meta" and b.device.type != "meta" and a.untyped_storage().nbytes() > 0
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
 
     saved = set(f.keys())
     problems = [f"{k} (in the file, not in the model)" for k in sorted(saved - set(state))]
-    loaded = {storage(state[k]) for k in saved & set(state)} - {None}
-    problems += [f"{k} (in the model, not in the file)" for k in sorted(set(state) - saved)
-                 if storage(state[k]) is None or storage(state[k]) not in loaded]
+    alias: dict[str, str] = {}
+    for k in sorted(set(state) - saved):
+        prefix, _, attr = k.rpartition(".")
+        held = [f"{a}.{attr}" if a else attr for a in names_of.get(id(module_of.get(prefix)), [])]
+        held = [a for a in held if a in saved] or [a for a in sorted(saved & set(state)) if same_tensor(state[a], state[k])]
+        if held:
+            alias[k] = held[0]
+        else:
+            problems.append(f"{k} (in the model, not in the file)")
     for k in sorted(saved & set(state)):
         entry, want = f.get_slice(k), state[k]
         shape = tuple(entry.get_shape())
@@ -392,6 +422,7 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> None:
                             "with the bits, or padding bits set)")
     if problems:
         raise ValueError(_problems(f"cannot load {path} into {type(model).__name__}; nothing was loaded", problems))
+    return alias
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -401,7 +432,6 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     dtype is checked against the model before the first is copied: a file that does not fit
     raises ValueError (listing what differs) and leaves the model as it was."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
 
     path = Path(path)
     if path.is_dir():
@@ -438,9 +468,12 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"meta device (e.g. {on_meta[0]}), which holds no data to copy into; model.to_empty(device=...) "
                          "first")
     with safe_open(str(path), framework="pt") as f:
-        _check_file_tensors(model, path, f)
+        alias = _check_file_tensors(model, path, f)
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for k, held in alias.items():  # the names safetensors saved once
+        state[k] = state[held]
     try:
-        load_model(model, str(path), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"cannot load {path} into {type(model).__name__}: {e}") from None
     return model

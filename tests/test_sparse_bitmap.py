@@ -187,6 +187,11 @@ def test_state_dict_loads_are_checked_before_anything_changes():
     with pytest.raises((NotImplementedError, RuntimeError)):
         fresh.load_state_dict(dict(good, values=good["values"].to("meta")))
     assert unchanged()
+    wider = mk.SparseLinear.from_dense(nn.Linear(1100, 6), torch.rand(6, 1100) > 0.5).state_dict()
+    with pytest.raises(ValueError, match=r"bits \(shape \(6, 35\) in the state dict, \(4, 35\) in the layer\)"):
+        fresh.load_state_dict(wider)  # another layer's: refused whole (values took its length before)
+    assert unchanged()
+    fresh(torch.randn(2, 1100))  # still computes
     fresh.load_state_dict(good)
     x = torch.randn(3, 1100)
     assert torch.equal(fresh(x), layer(x))

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 from torch import nn
 
 import multiflow
@@ -252,6 +253,29 @@ def test_sparsify_rejects_linear_subclasses_and_tied_weights():
     mk.sparsify(mixed, {"1.weight": torch.rand(6, 6) > 0.5})
     assert type(mixed[0]) is Scaled and isinstance(mixed[1], mk.SparseLinear)
 
+    # a weight that a forward pre-hook recomputes (torch.nn.utils.prune, weight_norm, spectral_norm):
+    # the replacement would keep the hook and fail; a parametrization's weight is baked in
+    for reparam in (lambda m: nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+                    lambda m: nn.utils.weight_norm(m), lambda m: nn.utils.spectral_norm(m)):
+        model = nn.Sequential(nn.Linear(6, 6))
+        reparam(model[0])
+        with pytest.raises(ValueError, match=r"0\.weight \(not a Parameter: a forward pre-hook recomputes it"):
+            mk.sparsify(model, {"0.weight": torch.rand(6, 6) > 0.5})
+        assert type(model[0]) is nn.Linear
+    model = nn.Sequential(nn.Linear(6, 6))
+    nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    mask = model[0].weight_mask.bool()
+    nn.utils.prune.remove(model[0], "weight")
+    x = torch.randn(2, 6)
+    want = model(x)
+    mk.sparsify(model, {"0.weight": mask})
+    torch.testing.assert_close(model(x), want)
+    model = nn.Sequential(nn.Linear(6, 6))
+    nn.utils.parametrizations.weight_norm(model[0])
+    want = model(x)
+    mk.sparsify(model, {"0.weight": torch.ones(6, 6, dtype=torch.bool)}, format="masked")
+    torch.testing.assert_close(model(x), want)
+
     tied = Tied()
     with pytest.raises(ValueError, match=r"enc\.weight \(tied: the same Parameter is also dec\.weight"):
         mk.sparsify(tied, {"enc.weight": torch.rand(6, 6) > 0.5})
@@ -348,6 +372,12 @@ def test_save_load_a_layer_registered_under_two_names(tmp_path, fmt):
     mk.load_sparse(other, path)
     x = torch.randn(3, 64)
     assert torch.equal(other(x), model(x)) and other.enc is other.dec
+    # a skeleton of empty layers (SparseLinear(in, out)): its bitmap values have no bytes, so
+    # the second name is matched by module, not by storage
+    skeleton = nn.Module()
+    skeleton.enc = skeleton.dec = mk.SparseLinear(64, 16, format=fmt)
+    mk.load_sparse(skeleton, path)
+    assert torch.equal(skeleton.dec(x), model(x))
 
 
 def test_load_takes_buffers_of_any_safetensors_dtype(tmp_path):
