@@ -219,7 +219,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
     the weight of an ``nn.Linear`` that computes ``nn.Linear.forward`` (a subclass with its
     own forward, or ``nn.MultiheadAttention``'s ``out_proj``, whose weight its parent reads
     directly), unknown name, wrong shape
-    or dtype, a weight on the meta device, a weight tied to another parameter (sparsifying
+    or dtype, a weight on the meta device, a weight a forward pre-hook recomputes
+    (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``; a parametrization's
+    current weight is taken as it is), a weight tied to another parameter (sparsifying
     one user of a shared weight would untie it), not 2:4 for ``format="2:4"``. A layer
     registered under several names is replaced under all of them (by one SparseLinear). The
     sparse layers are all built before the first is swapped in, so an error while packing
