@@ -32,10 +32,12 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
 def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], object]]]) -> list[Path]:
     """:func:`atomic_write` for a set of files that belong together (a run's outputs): every
     file is written to its temporary first, and only when all are written are they renamed
-    into place, each existing file kept under a hard link until every rename has succeeded, so
-    a failure or an interrupt (an exception, Ctrl-C) at any point leaves every existing file as
-    it was and no new one. Only a hard kill of the process during the short loop of renames
-    could leave some files new and some old (and a ``.NAME.*.old`` link beside them)."""
+    into place, each existing file kept under a backup name (a hard link, or the file moved
+    aside where the file system has none) until every rename has succeeded; if one fails, or an
+    exception or Ctrl-C comes in between, the backups are put back and the new files removed,
+    so every existing file is as it was and no new one is left. A backup that cannot be put
+    back is kept and named in the error. Only a hard kill of the process during the short
+    loop of renames could leave some files new and some old (and ``.NAME.*.old`` backups)."""
     paths = [Path(p) for p, _ in writes]
     for path in paths:
         parent = path.parent
@@ -46,8 +48,8 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], o
         if path.is_dir():
             raise IsADirectoryError(f"output path is a folder, not a file: {path}")
     temps: list[str] = []
-    backups: list[str] = []
-    done: list[tuple[Path, str | None]] = []  # renamed into place, with the old file's link
+    # (path, its temporary, its backup or None), appended before the path is touched
+    started: list[tuple[Path, str, str | None]] = []
     try:
         for path, (_, write_fn) in zip(paths, writes):
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,35 +60,45 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], o
             os.chmod(tmp, 0o666 & ~_umask())
         for tmp, path in zip(temps, paths):
             backup = None
-            if path.exists():
+            if os.path.lexists(path):
                 backup = tempfile.mktemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+            started.append((path, tmp, backup))
+            if backup is not None:
                 try:
+                    if path.is_symlink():
+                        raise OSError("a link is moved aside, not hard-linked")
                     os.link(path, backup)
                 except FileExistsError:
                     raise
-                except OSError:  # a file system without hard links: move it aside instead
+                except OSError:  # no hard links here (or a symbolic link): move it aside
                     os.replace(path, backup)
-                backups.append(backup)
             os.replace(tmp, path)
-            done.append((path, backup))
-    except BaseException:
-        for path, backup in reversed(done):  # put back what the renames replaced
+    except BaseException as e:
+        kept = []
+        for path, tmp, backup in reversed(started):  # put back what the renames replaced
             try:
-                if backup is None:
+                if backup is not None and os.path.lexists(backup):
+                    if os.path.lexists(path) and os.path.samestat(os.lstat(path), os.lstat(backup)):
+                        os.unlink(backup)  # not renamed over yet: path is the old file (rename would do nothing)
+                    else:
+                        os.replace(backup, path)
+                elif backup is None and not os.path.lexists(tmp):  # renamed in, and new
                     os.unlink(path)
-                else:
-                    os.replace(backup, path)
             except OSError:
-                pass
-        for tmp in temps + backups:
+                if backup is not None and os.path.lexists(backup):
+                    kept.append(f"{backup} (the previous {path})")
+        for tmp in temps:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+        if kept:
+            e.add_note("previous files that could not be put back are kept as: " + ", ".join(kept))
         raise
-    for backup in backups:
-        try:
-            os.unlink(backup)
-        except FileNotFoundError:
-            pass
+    for _, _, backup in started:
+        if backup is not None:
+            try:
+                os.unlink(backup)
+            except FileNotFoundError:
+                pass
     return paths

@@ -263,7 +263,8 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], format: str = 
                    else "nn.MultiheadAttention uses through .weight directly")
             problems.append(f"{name} (weight of a {type(lin).__name__} that {why}: a SparseLinear in its place "
                             "would change what the model computes)")
-        elif lin._parameters.get("weight") is None and not nn.utils.parametrize.is_parametrized(lin, "weight"):
+        elif (lin._parameters.get("weight") is None and lin._buffers.get("weight") is None
+              and not nn.utils.parametrize.is_parametrized(lin, "weight")):
             problems.append(f"{name} (not a Parameter: a forward pre-hook recomputes it, as torch.nn.utils.prune, "
                             "weight_norm and spectral_norm do; make it a plain weight first, e.g. "
                             "torch.nn.utils.prune.remove(module, 'weight'))")
@@ -360,15 +361,16 @@ def _file_dtypes() -> dict:
         return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
 
 
-def _check_file_tensors(model: nn.Module, path: Path, f) -> dict[str, str]:
+def _check_file_tensors(model: nn.Module, path: Path, f) -> tuple[dict[str, str], set[str]]:
     """Every tensor of the open file ``f`` against the model's state (names, shapes, dtypes),
     before anything is copied: ``load_state_dict`` copies tensor by tensor and reports
     mismatches only at the end, which would leave the model half loaded. A bitmap layer's
     ``values`` may have any length (its number of kept weights is data). Tensors of the model
     that share storage are saved once (safetensors), so a name missing from the file is fine
     when another name of the same module attribute (a module registered under several names),
-    or the same tensor (same storage, offset, shape and strides), is in it. Returns those
-    missing names -> the file's name that holds their tensor."""
+    or the same tensor (same storage, offset, shape and strides), is in it, or when it is
+    another view of a saved tensor's storage (loaded with it). Returns (those missing names ->
+    the file's name that holds their tensor, the missing views)."""
     state = model.state_dict(keep_vars=True)
     file_dtypes = _file_dtypes()
     named = list(model.named_modules(remove_duplicate=False))
@@ -383,20 +385,26 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> dict[str, str]:
         names_of.setdefault(id(m), []).append(n)
         module_of[n] = m
 
+    def storage(t: torch.Tensor):  # None for tensors that cannot be shared (no bytes)
+        return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.untyped_storage().nbytes() else None
+
     def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return (a.device.type != "meta" and b.device.type != "meta" and a.untyped_storage().nbytes() > 0
-                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+        return (storage(a) is not None and storage(a) == storage(b) and a.storage_offset() == b.storage_offset()
+                and a.shape == b.shape and a.stride() == b.stride())
 
     saved = set(f.keys())
     problems = [f"{k} (in the file, not in the model)" for k in sorted(saved - set(state))]
     alias: dict[str, str] = {}
+    views: set[str] = set()
+    loaded = {storage(state[k]) for k in saved & set(state)} - {None}
     for k in sorted(set(state) - saved):
         prefix, _, attr = k.rpartition(".")
         held = [f"{a}.{attr}" if a else attr for a in names_of.get(id(module_of.get(prefix)), [])]
         held = [a for a in held if a in saved] or [a for a in sorted(saved & set(state)) if same_tensor(state[a], state[k])]
         if held:
             alias[k] = held[0]
+        elif storage(state[k]) is not None and storage(state[k]) in loaded:
+            views.add(k)
         else:
             problems.append(f"{k} (in the model, not in the file)")
     for k in sorted(saved & set(state)):
@@ -424,7 +432,7 @@ def _check_file_tensors(model: nn.Module, path: Path, f) -> dict[str, str]:
                             "with the bits, or padding bits set)")
     if problems:
         raise ValueError(_problems(f"cannot load {path} into {type(model).__name__}; nothing was loaded", problems))
-    return alias
+    return alias, views
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -470,14 +478,17 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"meta device (e.g. {on_meta[0]}), which holds no data to copy into; model.to_empty(device=...) "
                          "first")
     with safe_open(str(path), framework="pt") as f:
-        alias = _check_file_tensors(model, path, f)
+        alias, views = _check_file_tensors(model, path, f)
         state = {k: f.get_tensor(k) for k in f.keys()}
     for k, held in alias.items():  # the names safetensors saved once
         state[k] = state[held]
-    try:
-        model.load_state_dict(state, strict=True)
+    try:  # the views come with the tensor whose storage they share
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ValueError(f"cannot load {path} into {type(model).__name__}: {e}") from None
+    if set(missing) - views or unexpected:  # _check_file_tensors rules this out
+        raise ValueError(f"cannot load {path} into {type(model).__name__}: missing {sorted(set(missing) - views)}, "
+                         f"unexpected {sorted(unexpected)}")
     return model
 
 

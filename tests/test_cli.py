@@ -140,6 +140,34 @@ sys.exit(cli.main(["prune", "--no-progress", "--out", {str(out)!r}]))
     assert not out.exists()
 
 
+def test_submodules_after_a_plain_import():
+    """The public names load on first use; the submodules are attributes after `import
+    multiflow`, as they were when __init__ imported them."""
+    code = ("import sys, multiflow; assert 'torch' not in sys.modules; "
+            "print(multiflow.models.build_model.__name__, multiflow.masks.Masks is multiflow.Masks, "
+            "sorted(set(multiflow.__all__) - set(dir(multiflow))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["build_model", "True", "[]"], r.stderr
+
+
+def test_sigint_ignored_stays_ignored(tmp_path):
+    """Started with Ctrl-C ignored (nohup, a background job), the command line leaves it so."""
+    code = f"""
+import builtins, os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+import multiflow.cli as cli
+real_import = builtins.__import__
+def sending(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch is being imported
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = sending
+sys.exit(cli.main(["inspect", {str(tmp_path / "missing.safetensors")!r}]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "mask file not found" in r.stderr, r.stderr
+
+
 def _json_dataset(tmp_path, n, bad):
     from multiflow.data import procedural_sample
 
@@ -350,6 +378,43 @@ def test_a_failed_rename_puts_back_the_previous_outputs(tmp_path, monkeypatch, c
     del before["report.md"]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "report.md"])
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_write_all_puts_everything_back(tmp_path, monkeypatch, links):
+    """The renames fail at the third file: the two replaced before it, the third (hard-linked
+    or moved aside, where the file system has no hard links) and a symbolic link among them are
+    as they were, the new file is gone, and no temporary or backup is left."""
+    import os
+
+    from multiflow_kernels._io import atomic_write_all
+
+    (tmp_path / "target").write_text("linked")
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "b").symlink_to("target")
+    (tmp_path / "d").write_text("old d")
+    before = {p.name: (p.is_symlink(), p.read_text()) for p in tmp_path.iterdir()}
+    names = ["a", "b", "new", "d"]
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(95, "no hard links")))
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        if str(src).endswith(".tmp"):
+            calls.append(dst)
+            if len(calls) == 4:
+                raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_write_all([(tmp_path / n, lambda tmp, n=n: Path(tmp).write_text(f"new {n}")) for n in names])
+    assert {p.name: (p.is_symlink(), p.read_text()) for p in tmp_path.iterdir()} == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    atomic_write_all([(tmp_path / n, lambda tmp, n=n: Path(tmp).write_text(f"new {n}")) for n in names])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "d", "new", "target"]
+    assert all((tmp_path / n).read_text() == f"new {n}" for n in names) and not (tmp_path / "b").is_symlink()
+    assert (tmp_path / "target").read_text() == "linked"
 
 
 def test_a_corrupt_blip_checkpoint_is_one_line(tmp_path, capsys):

@@ -86,6 +86,9 @@ def test_missing_and_corrupt_files(tmp_path):
         save_file({"w": torch.ones(2, 2, dtype=torch.bool)}, str(f), metadata={"multiflow": json.dumps(meta)})
         with pytest.raises(ValueError, match=f"t{i}.safetensors has corrupt metadata: '{field}' must be"):
             Masks.load(f)
+    with pytest.raises(ValueError, match=r"cannot save mask file .*metadata 'model' must be a string"):
+        Masks({"w": torch.ones(2, 2, dtype=torch.bool)}, {"model": {"name": "x"}}).save(tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
     f = tmp_path / "ok.safetensors"
     save_file({"w": torch.ones(2, 2, dtype=torch.bool)}, str(f),
               metadata={"multiflow": json.dumps({"nm": None, "sparsity": 0.5, "seed": 3, "modalities": {"w": "text"}})})

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 from torch import nn
+from torch.nn import functional as F
 
 import multiflow
 import multiflow_kernels as mk
@@ -270,6 +271,14 @@ def test_sparsify_rejects_linear_subclasses_and_tied_weights():
     want = model(x)
     mk.sparsify(model, {"0.weight": mask})
     torch.testing.assert_close(model(x), want)
+    model = nn.Sequential(nn.Linear(6, 6))  # a frozen weight registered as a buffer: no hook, replaced
+    w = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].register_buffer("weight", w)
+    mask = torch.rand(6, 6) > 0.5
+    want = F.linear(x, w * mask, model[0].bias)
+    mk.sparsify(model, {"0.weight": mask})
+    torch.testing.assert_close(model(x), want)
     model = nn.Sequential(nn.Linear(6, 6))
     nn.utils.parametrizations.weight_norm(model[0])
     want = model(x)
@@ -378,6 +387,28 @@ def test_save_load_a_layer_registered_under_two_names(tmp_path, fmt):
     skeleton.enc = skeleton.dec = mk.SparseLinear(64, 16, format=fmt)
     mk.load_sparse(skeleton, path)
     assert torch.equal(skeleton.dec(x), model(x))
+
+
+def test_save_load_a_buffer_that_views_a_parameter(tmp_path):
+    """safetensors saves a tensor once and drops a persistent buffer that is a view of part of
+    it: load_sparse loads the tensor, and the view follows."""
+
+    class WithView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.table = nn.Parameter(torch.randn(4, 8))
+            self.register_buffer("first_row", self.table.data[0])
+
+    torch.manual_seed(0)
+    mask = torch.rand(8, 8) > 0.5
+    src = mk.sparsify(WithView(), {"lin.weight": mask})
+    path = mk.save_sparse(src, tmp_path / "v.safetensors")
+    dst = mk.sparsify(WithView(), {"lin.weight": mask})
+    mk.load_sparse(dst, path)
+    assert torch.equal(dst.table, src.table) and torch.equal(dst.first_row, src.table[0])
+    x = torch.randn(2, 8)
+    assert torch.equal(dst.lin(x), src.lin(x))
 
 
 def test_load_takes_buffers_of_any_safetensors_dtype(tmp_path):

@@ -36,7 +36,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pruners import METHODS, compute_masks, masks_from_stats, register_method
 
 
+# the submodules, as attributes after a plain `import multiflow` (as when this file imported them)
+_SUBMODULES = ("calibrate", "cli", "data", "masks", "models", "prior", "pruners", "scores", "selection")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'multiflow' has no attribute {name!r}")
@@ -46,4 +52,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -309,7 +309,7 @@ class Pruner:
             "method": m.name,
             # N:M masks prune exactly 1 - N / M whatever `sparsity` says (it is ignored then)
             "sparsity": 1.0 - nm[0] / nm[1] if nm is not None else None if sparsity is None else float(sparsity),
-            "nm": list(nm) if nm is not None else None,
+            "nm": [int(v) for v in nm] if nm is not None else None,
             "modalities": dict(self.modalities),
             "allocated_sparsity": allocated,
             "calibration_samples": self.calibration_samples,

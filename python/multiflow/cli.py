@@ -473,8 +473,8 @@ def _one_line(message: str, limit: int = 600) -> str:
 def _import_deferring_sigint() -> None:
     """Import torch and the package's modules with Ctrl-C held back until they are imported (an
     interrupt inside torch's import can leave half-imported modules that fail later, and used to
-    print a traceback), then raise KeyboardInterrupt if one came. From the main thread only
-    (elsewhere: a plain import)."""
+    print a traceback), then raise KeyboardInterrupt if one came. Only from the main thread with
+    Python's default SIGINT handler (otherwise: a plain import, the caller's handling kept)."""
     import signal
     import threading
 
@@ -483,8 +483,9 @@ def _import_deferring_sigint() -> None:
 
         from . import calibrate, masks, models, pruners  # noqa: F401
 
-    if threading.current_thread() is not threading.main_thread():
-        load()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        load()  # Ctrl-C ignored (nohup, a background job) or handled by the caller: left as it is
         return
     pending = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))

@@ -73,7 +73,7 @@ _METADATA_TYPES = {
     "sparsity": (_is_number, "a number"),
     "calibration_samples": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "nm": (lambda v: isinstance(v, list) and len(v) == 2
-           and all(isinstance(x, int) and not isinstance(x, bool) for x in v), "a list of two integers [n, m]"),
+           and all(_is_number(x) and float(x).is_integer() for x in v), "a list of two integers [n, m]"),
     "modalities": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
                    "an object of layer name -> modality name"),
     "layer_sparsity": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
@@ -85,14 +85,15 @@ _METADATA_TYPES = {
 }
 
 
-def _check_metadata_types(path: Path, meta: dict) -> None:
-    """ValueError naming the first metadata field whose value has the wrong type."""
+def _check_metadata_types(path: Path, meta: dict, what: str = "") -> None:
+    """ValueError naming the first metadata field whose value has the wrong type (``what``:
+    "cannot save" when saving, so that no file is written that load would refuse)."""
     for key, (ok, want) in _METADATA_TYPES.items():
         v = meta.get(key)
         if v is not None and not ok(v):
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
-            raise ValueError(f"mask file {path} has corrupt metadata: '{key}' must be {want}, "
-                             f"got {type(v).__name__} {shown}")
+            head = f"{what} mask file {path}: metadata" if what else f"mask file {path} has corrupt metadata:"
+            raise ValueError(f"{head} '{key}' must be {want}, got {type(v).__name__} {shown}")
 
 class Masks(Mapping):
     """Parameter name -> boolean keep-mask, plus ``metadata``.
@@ -192,6 +193,7 @@ class Masks(Mapping):
         from safetensors.torch import save_file
 
         meta = dict(self.metadata)
+        _check_metadata_types(Path(path), meta, "cannot save")
         meta["format_version"] = FORMAT_VERSION
         meta["names"] = list(self._masks)  # safetensors sorts keys; keep the model order
         tensors = {n: m.detach().to("cpu").contiguous() for n, m in self._masks.items()}

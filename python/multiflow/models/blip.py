@@ -193,8 +193,7 @@ def load_blip(path: str, task: Optional[str] = None) -> nn.Module:
         if not isinstance(cfg, dict):
             raise ValueError(f"cannot read {cfg_file}: a JSON object expected, got {type(cfg).__name__}")
         archs = cfg.get("architectures") or []
-        if not isinstance(archs, list):
-            archs = [archs]
+        archs = [a for a in (archs if isinstance(archs, list) else [archs]) if isinstance(a, str)]
         known = [a for a in archs if a in _CLASS_TO_TASK]
         if not known:
             raise ValueError(
@@ -206,6 +205,8 @@ def load_blip(path: str, task: Optional[str] = None) -> nn.Module:
         cls = _blip_class(task)
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True)
+    except (MemoryError, ImportError):
+        raise
     except Exception as e:  # transformers' and safetensors' own errors (a truncated file, a bad config, ...)
         raise ValueError(f"cannot load the BLIP checkpoint in {folder} as {cls.__name__}: "
                          f"{type(e).__name__}: {e}") from e
