@@ -344,6 +344,23 @@ def test_a_failed_write_leaves_the_previous_outputs(tmp_path, monkeypatch, capsy
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def _rename_failing_at(n, error, calls=None):
+    """An os.replace whose n-th rename of a temporary file (an output put in place) raises
+    ``error``; the others, and the renames of backups, are done."""
+    import os
+
+    real_replace, calls = os.replace, [] if calls is None else calls
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):
+            calls.append(dst)
+            if len(calls) == n:
+                raise error
+        return real_replace(src, dst)
+
+    return replace
+
+
 def test_a_failed_rename_puts_back_the_previous_outputs(tmp_path, monkeypatch, capsys):
     """A rename that fails after others have succeeded (here the third of four) puts the
     replaced files back: the previous run's outputs stay whole, no new file and no temporary or
@@ -356,15 +373,7 @@ def test_a_failed_rename_puts_back_the_previous_outputs(tmp_path, monkeypatch, c
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     real_replace, calls = os.replace, []
-
-    def flaky(src, dst):
-        if str(src).endswith(".tmp"):
-            calls.append(dst)
-            if len(calls) == 3:
-                raise OSError(28, "No space left on device")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.setattr(os, "replace", _rename_failing_at(3, OSError(28, "No space left on device"), calls))
     assert main(args + ["--seed", "7"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert len(calls) == 3
@@ -397,16 +406,8 @@ def test_atomic_write_all_puts_everything_back(tmp_path, monkeypatch, links):
     names = ["a", "b", "new", "d"]
     if not links:
         monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(95, "no hard links")))
-    real_replace, calls = os.replace, []
-
-    def flaky(src, dst):
-        if str(src).endswith(".tmp"):
-            calls.append(dst)
-            if len(calls) == 4:
-                raise OSError(5, "I/O error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", _rename_failing_at(4, OSError(5, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         atomic_write_all([(tmp_path / n, lambda tmp, n=n: Path(tmp).write_text(f"new {n}")) for n in names])
     assert {p.name: (p.is_symlink(), p.read_text()) for p in tmp_path.iterdir()} == before
