@@ -21,6 +21,7 @@ TFLOP/s. Prints a table, writes JSON (machine, versions, date, commit) and a PNG
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -47,6 +48,41 @@ FORMAT_ENV = {"sparse24_half": ("MULTIFLOW_SPARSE24_GEMV", "half"),
               "sparse24_wgmma": ("MULTIFLOW_SPARSE24_GEMM", "wgmma")}
 HALF_MAX_ROWS = 4
 T128_MIN_ROWS = 16
+
+# A child process runs each opt-in kernel once before any is timed here: a kernel that has not
+# run on a GPU before could leave a sticky CUDA error (an illegal address) that would fail every
+# later call of this process, the default kernels' timings included.
+_PROBE = """
+import os, sys, torch, multiflow_kernels
+from multiflow_kernels import ops
+os.environ[sys.argv[1]] = sys.argv[2]
+g = torch.Generator(device="cuda").manual_seed(0)
+w = torch.randn(136, 1040, generator=g, device="cuda").half()
+values, meta = ops.sparse24_pack(w, ops.nm_mask(w.abs().float(), 2, 4))
+x = torch.randn(130, 1040, generator=g, device="cuda").half()
+y = ops.sparse24_linear(x, values, meta, None)
+torch.cuda.synchronize()
+print("ok" if torch.isfinite(y).all() else "non-finite output")
+"""
+_PROBED: dict = {}
+
+
+def _probe(fmt: str, device) -> str | None:
+    """None if the opt-in format ``fmt`` ran in a child process, else why not (cached)."""
+    if fmt not in _PROBED:
+        import subprocess
+
+        env_name, env_value = FORMAT_ENV[fmt]
+        try:
+            r = subprocess.run([sys.executable, "-c", _PROBE, env_name, env_value], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(device.index or 0)))
+            ok = r.returncode == 0 and r.stdout.strip().endswith("ok")
+            lines = r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["no output"]
+            tail = ([ln for ln in lines if re.match(r"[\w.]*(Error|Exception)\b", ln)] or lines)[-1]  # the exception
+            _PROBED[fmt] = None if ok else f"its probe in a child process failed (rc {r.returncode}): {tail[:200]}"
+        except subprocess.TimeoutExpired:
+            _PROBED[fmt] = "its probe in a child process timed out (120 s)"
+    return _PROBED[fmt]
 
 
 def _nbytes(*tensors) -> int:
@@ -105,6 +141,17 @@ def _format_fns(bufs, x):
     return fns
 
 
+def _unprobed(fns, device, unavailable) -> dict:
+    """``fns`` without the opt-in formats whose child-process probe failed (recorded in
+    ``unavailable``)."""
+    for fmt in [f for f in fns if f in ("sparse24_t128", "sparse24_wgmma")]:
+        why = _probe(fmt, device)
+        if why is not None:
+            unavailable[fmt] = why
+            del fns[fmt]
+    return fns
+
+
 def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     out_f, in_f = shape
     n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
@@ -119,7 +166,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
         x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
         r = {"rows": rows, "time_s": {}, "best_s": {}, "of_roofline": {}, "tflops": {}}
-        for fmt, fn in _format_fns(bufs, x).items():
+        for fmt, fn in _unprobed(_format_fns(bufs, x), x.device, unavailable).items():
             if fmt in unavailable:
                 continue
             env_name, env_value = FORMAT_ENV.get(fmt, (None, None))

@@ -38,6 +38,7 @@ def main() -> int:
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
     calls = 0
+    tiles128 = []  # (values, metadata, bias, xs) for the 128 x 128 tile kernels, checked last
 
     x = torch.randn(3, 37, 129, generator=g).to(dev, torch.bfloat16)
     mask = (torch.rand(3, 37, generator=g) > 0.3).to(dev)
@@ -105,24 +106,12 @@ def main() -> int:
             # the few-row kernel with a half-warp per row (MULTIFLOW_SPARSE24_GEMV=half); odd
             # out_f: the last warp's second half has no row
             calls += _check_24_linear(values, meta, bias, xs(1, 3), ("MULTIFLOW_SPARSE24_GEMV", "half"))
-            # the 128 x 128 tile mma.sp kernel (MULTIFLOW_SPARSE24_GEMM=tile128) on 70 x 48 (the
-            # 33 x 100 layer has in % 16 != 0: no tensor cores): 130 rows of x are two token
-            # tiles, the second almost empty; 70 outputs, a partial feature tile
+            # for the 128 x 128 tile kernels, at the end: 70 x 48 (the 33 x 100 layer has
+            # in % 16 != 0: no tensor cores): 130 rows of x are two token tiles, the second almost
+            # empty; 70 outputs, a partial feature tile
             if dtype != torch.float32 and in_f % 16 == 0:
-                calls += _check_24_linear(values, meta, bias, xs(5, 130), ("MULTIFLOW_SPARSE24_GEMM", "tile128"))
+                tiles128.append((values, meta, bias, xs(5, 130)))
             calls += 2
-    # the 128 x 128 tile kernels (tile128; wgmma on sm_90) over many stages (1040 columns:
-    # 17 stages, the last 16 columns) and two feature tiles, the second partial (136 = 128 + 8:
-    # 16-byte output pieces); 70 x 48 / 5 rows: one partial stage and tile
-    w = torch.randn(136, 1040, generator=g).to(dev, torch.float16)
-    values, meta = ops.sparse24_pack(w, ops.nm_mask(torch.rand(136, 1040, generator=g).to(dev), 2, 4))
-    xx = torch.randn(200, 1040, generator=g).to(dev, torch.float16)
-    w2 = torch.randn(70, 48, generator=g).to(dev, torch.bfloat16)
-    packed2 = ops.sparse24_pack(w2, ops.nm_mask(torch.rand(70, 48, generator=g).to(dev), 2, 4))
-    x2 = torch.randn(5, 48, generator=g).to(dev, torch.bfloat16)
-    for kind in ("tile128", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("tile128",):
-        calls += _check_24_linear(values, meta, None, [xx], ("MULTIFLOW_SPARSE24_GEMM", kind))
-        calls += _check_24_linear(*packed2, None, [x2], ("MULTIFLOW_SPARSE24_GEMM", kind))
     # bitmap_linear in CUDA C++ (csrc/cuda/bitmap.cu, the private op): the few-row kernels
     # (gemv_tc, the default for 16-bit types, 1-16 rows of x; gemv for float32 and under
     # MULTIFLOW_BITMAP_GEMV=v1, 1-8 rows; tc2: gemv_tc's lean decode; 2100 columns: five
@@ -176,6 +165,19 @@ def main() -> int:
         assert ops._bitmap_linear_cuda(x4, *wide, 4096, None).shape == (rows, 19)
         calls += 1
     os.environ.pop("MULTIFLOW_BITMAP_GEMV")
+    # last (new, never run on a GPU before: a sticky CUDA error here must not cost the other
+    # kernels' checks): the 128 x 128 tile kernels (tile128; wgmma on sm_90) over many stages (1040 columns:
+    # 17 stages, the last 16 columns) and two feature tiles, the second partial (136 = 128 + 8:
+    # 16-byte output pieces); 70 x 48 / 5 rows: one partial stage and tile
+    w = torch.randn(136, 1040, generator=g).to(dev, torch.float16)
+    values, meta = ops.sparse24_pack(w, ops.nm_mask(torch.rand(136, 1040, generator=g).to(dev), 2, 4))
+    xx = torch.randn(200, 1040, generator=g).to(dev, torch.float16)
+    w2 = torch.randn(70, 48, generator=g).to(dev, torch.bfloat16)
+    packed2 = ops.sparse24_pack(w2, ops.nm_mask(torch.rand(70, 48, generator=g).to(dev), 2, 4))
+    x2 = torch.randn(5, 48, generator=g).to(dev, torch.bfloat16)
+    for kind in ("tile128", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("tile128",):
+        for args in [(values, meta, None, [xx]), (*packed2, None, [x2]), *tiles128]:
+            calls += _check_24_linear(*args, ("MULTIFLOW_SPARSE24_GEMM", kind))
     torch.cuda.synchronize()
     print(f"{calls} calls checked")
     return 0
