@@ -56,10 +56,12 @@ _PROBE = """
 import os, sys, torch, multiflow_kernels
 from multiflow_kernels import ops
 os.environ[sys.argv[1]] = sys.argv[2]
-g = torch.Generator(device="cuda").manual_seed(0)
-w = torch.randn(136, 1040, generator=g, device="cuda").half()
+dev = torch.device("cuda", int(sys.argv[3]))
+torch.cuda.set_device(dev)
+g = torch.Generator(device=dev).manual_seed(0)
+w = torch.randn(136, 1040, generator=g, device=dev).half()
 values, meta = ops.sparse24_pack(w, ops.nm_mask(w.abs().float(), 2, 4))
-x = torch.randn(130, 1040, generator=g, device="cuda").half()
+x = torch.randn(130, 1040, generator=g, device=dev).half()
 y = ops.sparse24_linear(x, values, meta, None)
 torch.cuda.synchronize()
 print("ok" if torch.isfinite(y).all() else "non-finite output")
@@ -74,8 +76,8 @@ def _probe(fmt: str, device) -> str | None:
 
         env_name, env_value = FORMAT_ENV[fmt]
         try:
-            r = subprocess.run([sys.executable, "-c", _PROBE, env_name, env_value], capture_output=True, text=True,
-                               timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(device.index or 0)))
+            r = subprocess.run([sys.executable, "-c", _PROBE, env_name, env_value, str(device.index or 0)],
+                               capture_output=True, text=True, timeout=120)
             ok = r.returncode == 0 and r.stdout.strip().endswith("ok")
             lines = r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["no output"]
             tail = ([ln for ln in lines if re.match(r"[\w.]*(Error|Exception)\b", ln)] or lines)[-1]  # the exception
