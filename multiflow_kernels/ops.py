@@ -759,7 +759,11 @@ def _bitmap_pack_fake(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Ten
 
 def bitmap_unpack(values: Tensor, bits: Tensor, row_ptr: Tensor, block_ptr: Tensor, in_features: int) -> Tensor:
     """The dense weight (out_features, in_features) of the bitmap format: values at the
-    kept places, zeros elsewhere; ``bitmap_unpack(*bitmap_pack(W, M), in) == W * M`` exactly."""
+    kept places, zeros elsewhere; ``bitmap_unpack(*bitmap_pack(W, M), in) == W * M`` exactly.
+
+    On CPU a format whose ``row_ptr`` counts or ``block_ptr`` offsets disagree with ``bits``,
+    or whose ``bits`` set a padding bit, raises ``RuntimeError`` naming the row before
+    anything is written."""
     return torch.ops.multiflow.bitmap_unpack.default(values, bits, row_ptr, block_ptr, in_features)
 
 
@@ -850,8 +854,11 @@ def bitmap_linear(
 
     On CPU a format whose ``row_ptr`` counts disagree with ``bits``, or whose ``bits`` set a
     padding bit past ``in_features`` (``pack_mask`` leaves them 0), raises ``RuntimeError``
-    naming the row; on CUDA they are not checked (no device sync per call: every load stays
-    inside ``values``, but the result is then undefined), so pass what ``bitmap_pack`` made.
+    naming the row; ``block_ptr`` is not read on CPU (the CUDA kernels read it to start a
+    512-column chunk) and not checked there (``bitmap_unpack`` and the load paths,
+    ``formats.bad_bitmap_rows``, check it); on CUDA nothing is checked (no device sync per
+    call: every load stays inside ``values``, but the result is then undefined), so pass what
+    ``bitmap_pack`` made.
     """
     return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 

@@ -194,8 +194,9 @@ def masked_linear_backward(
     """(grad_x, grad_weight, grad_bias) of :func:`masked_linear`, in float32 rounded to x's
     dtype; grad_weight is exactly 0 where the mask is False. Outputs that ``output_mask``
     leaves out are (0,)-shaped tensors, as the op returns them."""
-    g = grad_out.reshape(-1, weight.shape[0]).float()
-    xs = x.reshape(-1, weight.shape[1]).float()
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, n): that fails for n = 0
+    g = grad_out.reshape(rows, weight.shape[0]).float()
+    xs = x.reshape(rows, weight.shape[1]).float()
     skipped = x.new_empty(0)
     grad_x = (g @ masked_weight(weight, mask_bits).float()).reshape(x.shape).to(x.dtype) if output_mask[0] else skipped
     if output_mask[1]:

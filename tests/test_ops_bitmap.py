@@ -364,6 +364,24 @@ def test_kernels_reject_counts_that_do_not_match_bits(rows_bad, density, m):
             ops.bitmap_linear(x, vals, bits, bad, block_ptr, 1300)
 
 
+@pytest.mark.parametrize("shift", [1, -1])
+def test_unpack_rejects_block_ptr_that_does_not_match_bits(shift):
+    """block_ptr (what the CUDA kernels read to start a 512-column chunk) is checked by the CPU
+    unpack against the bits, naming the row and block; the CPU bitmap_linear does not read it
+    (documented), so its result stays right."""
+    mask = rows_of_density(6, 1600, [0.3], seed=4)
+    w = torch.randn(6, 1600)
+    values, bits, row_ptr, block_ptr = pack(w, mask)
+    bad = block_ptr.clone()
+    bad[4, 2] += shift  # row 4, the block starting at column 1536
+    with pytest.raises(RuntimeError, match=r"block_ptr does not match bits: row 4 keeps \d+ weights before column "
+                                           r"1536 but block_ptr\[4, 2\] = "):
+        ops.bitmap_unpack(values, bits, row_ptr, bad, 1600)
+    assert torch.equal(ops.bitmap_unpack(values, bits, row_ptr, block_ptr, 1600), w * mask)
+    x = torch.randn(3, 1600)
+    torch.testing.assert_close(ops.bitmap_linear(x, values, bits, row_ptr, bad, 1600), x @ (w * mask).T)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_one_row_non_finite_x_like_f_linear(value, dtype):

@@ -8,6 +8,8 @@ of rounding of the output dtype relative to sum |x| |w|.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,7 @@ def test_empty_shapes():
         y = ops.masked_linear(x, w, ops.pack_mask(mask), b)
         assert y.shape == (*leading, n_out)
         assert torch.equal(y, dense_forward(x, w, mask, b))
+        check_backward(x, w, mask, b)  # the op's gradients and the twin's, at zero size too
 
 
 # ----------------------------------------------------------------------------- backward
@@ -129,9 +132,10 @@ def assert_grads_earned(grads, x, w, mask, b, g):
     exact = dense_grads(torch.float64)
     plain = dense_grads(x.dtype)
     g64, x64, w64 = g.double().abs(), x.double().abs(), (w.double() * mask).abs()
-    scale_x = g64.reshape(-1, w.shape[0]) @ w64
-    scale_w = g64.reshape(-1, w.shape[0]).T @ x64.reshape(-1, w.shape[1])
-    scale_b = g64.reshape(-1, w.shape[0]).sum(0)
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, n): that fails for n = 0
+    scale_x = g64.reshape(rows, w.shape[0]) @ w64
+    scale_w = g64.reshape(rows, w.shape[0]).T @ x64.reshape(rows, w.shape[1])
+    scale_b = g64.reshape(rows, w.shape[0]).sum(0)
     assert gx.shape == x.shape and gw.shape == w.shape
     assert_earned(gx, exact[0], plain[0], scale_x, x.dtype, "grad_x")
     assert_earned(gw, exact[1], plain[1], scale_w, x.dtype, "grad_weight")

@@ -130,16 +130,37 @@ void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
       " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
 }
 
+// The first block b >= 1 of a row whose block_ptr entry [b - 1] differs from the row's
+// kept count before column 512 b (its first 16 b words), or 0. The CPU kernels do not read
+// block_ptr (the CUDA kernels do, to start a chunk without scanning the row).
+int64_t bad_block(const int32_t* row_words, int64_t words, const int32_t* bp_row, int64_t bp_cols) {
+  constexpr int64_t kBlockWords = kBitmapBlockCols / 32;
+  int64_t n = 0, w = 0;
+  for (int64_t b = 1; b <= bp_cols; ++b) {
+    for (; w < b * kBlockWords && w < words; ++w) {
+      n += popcount32(static_cast<uint32_t>(row_words[w]));
+    }
+    if (bp_row[b - 1] != n) {
+      return b;
+    }
+  }
+  return 0;
+}
+
 // Every row's kept count in bits must match row_ptr (the kernels trust it to
-// stay inside values) and no padding bit may be set: one pass over the words,
-// before unpack writes anything (bitmap_linear checks each row just before it
-// reads it instead).
+// stay inside values), no padding bit may be set, and block_ptr must match the bits (the
+// CPU kernels do not read it, but a format unpack accepts must also be right on CUDA):
+// one pass over the words, before unpack writes anything (bitmap_linear checks each row
+// just before it reads it instead, and not block_ptr, which it does not read).
 void check_row_counts(const char* op, const BitmapProblem& p) {
   const int32_t* bits = p.bits.const_data_ptr<int32_t>();
   const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
+  const int32_t* bp = p.block_ptr.const_data_ptr<int32_t>();
   const int64_t words = p.bits.size(1);
+  const int64_t bp_cols = p.block_ptr.size(1);
   const uint32_t padding = padding_bits(p.cols);
   std::atomic<int64_t> bad{-1};
+  std::atomic<int64_t> bad_bp{-1};
   at::parallel_for(0, p.rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (bad_row(bits + r * words, words, padding, rp[r + 1] - rp[r])) {
@@ -147,9 +168,24 @@ void check_row_counts(const char* op, const BitmapProblem& p) {
         bad.compare_exchange_strong(expect, r);
         return;
       }
+      if (bad_block(bits + r * words, words, bp + r * bp_cols, bp_cols) != 0) {
+        int64_t expect = -1;
+        bad_bp.compare_exchange_strong(expect, r);
+        return;
+      }
     }
   });
   report_bad_row(op, p, bad.load());
+  const int64_t r = bad_bp.load();
+  if (r >= 0) {
+    const int64_t b = bad_block(bits + r * words, words, bp + r * bp_cols, bp_cols);
+    int64_t n = 0;
+    for (int64_t w = 0; w < std::min(words, b * (kBitmapBlockCols / 32)); ++w) {
+      n += popcount32(static_cast<uint32_t>(bits[r * words + w]));
+    }
+    TORCH_CHECK(false, op, ": block_ptr does not match bits: row ", r, " keeps ", n, " weights before column ",
+                b * kBitmapBlockCols, " but block_ptr[", r, ", ", b - 1, "] = ", bp[r * bp_cols + b - 1]);
+  }
 }
 
 at::Tensor pack_mask_op(const at::Tensor& mask) {
