@@ -39,30 +39,30 @@ def sq_sum_accumulate_(acc: Tensor, x: Tensor, token_mask: Tensor | None = None)
 
 @torch.library.register_fake("multiflow::sq_sum_accumulate_")
 def _sq_sum_accumulate_fake(acc: Tensor, x: Tensor, token_mask: Tensor | None = None) -> None:
-    torch._check(x.dim() >= 1, lambda: "x must have shape (..., F), got a 0-d tensor")
-    torch._check(x.dtype in _ACTIVATION_DTYPES, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    torch._check(acc.dtype == torch.float32, lambda: f"acc must be float32, got {acc.dtype}")
-    torch._check(acc.dim() == 1, lambda: f"acc must have shape (F,), got {tuple(acc.shape)}")
+    torch._check(x.dim() >= 1, lambda: "multiflow::sq_sum_accumulate_: x must have shape (..., F), got a 0-d tensor")
+    torch._check(x.dtype in _ACTIVATION_DTYPES, lambda: f"multiflow::sq_sum_accumulate_: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(acc.dtype == torch.float32, lambda: f"multiflow::sq_sum_accumulate_: acc must be float32, got {acc.dtype}")
+    torch._check(acc.dim() == 1, lambda: f"multiflow::sq_sum_accumulate_: acc must have shape (F,), got {tuple(acc.shape)}")
     torch._check(
         acc.shape[0] == x.shape[-1],
-        lambda: f"acc must have shape (F,) with F = x.shape[-1] = {x.shape[-1]}, got {tuple(acc.shape)}",
+        lambda: f"multiflow::sq_sum_accumulate_: acc must have shape (F,) with F = x.shape[-1] = {x.shape[-1]}, got {tuple(acc.shape)}",
     )
-    torch._check(acc.is_contiguous(), lambda: "acc must be contiguous")
-    torch._check(acc.device == x.device, lambda: f"acc is on {acc.device} but x is on {x.device}")
+    torch._check(acc.is_contiguous(), lambda: "multiflow::sq_sum_accumulate_: acc must be contiguous")
+    torch._check(acc.device == x.device, lambda: f"multiflow::sq_sum_accumulate_: acc is on {acc.device} but x is on {x.device}")
     if token_mask is not None:
-        torch._check(token_mask.dtype == torch.bool, lambda: f"token_mask must be bool, got {token_mask.dtype}")
+        torch._check(token_mask.dtype == torch.bool, lambda: f"multiflow::sq_sum_accumulate_: token_mask must be bool, got {token_mask.dtype}")
         torch._check(
             token_mask.dim() == x.dim() - 1,
-            lambda: f"token_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}",
+            lambda: f"multiflow::sq_sum_accumulate_: token_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}",
         )
         for i in range(x.dim() - 1):
             torch._check(
                 token_mask.shape[i] == x.shape[i],
-                lambda: f"token_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
+                lambda: f"multiflow::sq_sum_accumulate_: token_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
                 f"got {tuple(token_mask.shape)}",
             )
         torch._check(
-            token_mask.device == x.device, lambda: f"token_mask is on {token_mask.device} but x is on {x.device}"
+            token_mask.device == x.device, lambda: f"multiflow::sq_sum_accumulate_: token_mask is on {token_mask.device} but x is on {x.device}"
         )
     return None
 
@@ -456,8 +456,8 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 @torch.library.register_fake("multiflow::pack_mask")
 def _pack_mask_fake(mask: Tensor) -> Tensor:
-    torch._check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor, got {mask.dtype}")
-    torch._check(mask.dim() == 2, lambda: f"mask must have shape (R, C), got {tuple(mask.shape)}")
+    torch._check(mask.dtype == torch.bool, lambda: f"multiflow::pack_mask: mask must be a bool tensor, got {mask.dtype}")
+    torch._check(mask.dim() == 2, lambda: f"multiflow::pack_mask: mask must have shape (R, C), got {tuple(mask.shape)}")
     rows, cols = mask.shape
     return mask.new_empty((rows, (cols + 31) // 32), dtype=torch.int32)
 
@@ -476,12 +476,12 @@ def unpack_mask(bits: Tensor, cols: int) -> Tensor:
 
 @torch.library.register_fake("multiflow::unpack_mask")
 def _unpack_mask_fake(bits: Tensor, cols: int) -> Tensor:
-    torch._check(bits.dtype == torch.int32, lambda: f"bits must be an int32 tensor, got {bits.dtype}")
-    torch._check(bits.dim() == 2, lambda: f"bits must have shape (R, W), got {tuple(bits.shape)}")
-    torch._check(cols >= 0, lambda: f"cols must be >= 0, got {cols}")
+    torch._check(bits.dtype == torch.int32, lambda: f"multiflow::unpack_mask: bits must be an int32 tensor, got {bits.dtype}")
+    torch._check(bits.dim() == 2, lambda: f"multiflow::unpack_mask: bits must have shape (R, W), got {tuple(bits.shape)}")
+    torch._check(cols >= 0, lambda: f"multiflow::unpack_mask: cols must be >= 0, got {cols}")
     torch._check(
         bits.shape[1] == (cols + 31) // 32,
-        lambda: f"bits must have W = ceil(cols / 32) = {(cols + 31) // 32} words per row, got {tuple(bits.shape)}",
+        lambda: f"multiflow::unpack_mask: bits must have W = ceil(cols / 32) = {(cols + 31) // 32} words per row, got {tuple(bits.shape)}",
     )
     return bits.new_empty((bits.shape[0], cols), dtype=torch.bool)
 

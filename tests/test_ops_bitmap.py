@@ -560,3 +560,21 @@ def test_values_beyond_int32_offsets_are_refused():
     x = torch.empty(3, 20, device="meta", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="at most 2\\^31 - 1 elements"):
         torch.ops.multiflow.bitmap_linear(x, values, bits, row_ptr, block_ptr, 20, None)
+
+
+def test_pack_linear_unpack_compile_with_torch_compile():
+    """bitmap_pack (its values' length is data: an unbacked size in the fake kernel), then
+    bitmap_linear and bitmap_unpack on its output, in one graph (aot_eager, fullgraph)."""
+
+    def layer(x, w, mask, b):
+        fmt = ops.bitmap_pack(w, mask)
+        return ops.bitmap_linear(x, *fmt, w.shape[1], b), ops.bitmap_unpack(*fmt, w.shape[1])
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 600, generator=gen)
+    w = torch.randn(11, 600, generator=gen)
+    mask = torch.rand(11, 600, generator=gen) > 0.7
+    b = torch.randn(11, generator=gen)
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, w, mask, b)
+    want = layer(x, w, mask, b)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(want[1], w * mask)
