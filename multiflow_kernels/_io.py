@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -93,7 +94,11 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], o
             except FileNotFoundError:
                 pass
         if kept:
-            e.add_note("previous files that could not be put back are kept as: " + ", ".join(kept))
+            note = "previous files that could not be put back are kept as: " + ", ".join(kept)
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(note)
+            else:
+                warnings.warn(note, stacklevel=2)
         raise
     for _, _, backup in started:
         if backup is not None:

@@ -418,6 +418,30 @@ def test_atomic_write_all_puts_everything_back(tmp_path, monkeypatch, links):
     assert (tmp_path / "target").read_text() == "linked"
 
 
+def test_atomic_write_all_keeps_a_backup_it_cannot_put_back(tmp_path, monkeypatch):
+    """If putting a replaced file back fails too, its backup stays and the error names it."""
+    import os
+
+    from multiflow_kernels._io import atomic_write_all
+
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "b").write_text("old b")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and str(dst).endswith("b") or str(src).endswith(".old"):
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="I/O error") as e:
+        atomic_write_all([(tmp_path / n, lambda tmp, n=n: Path(tmp).write_text(f"new {n}")) for n in "ab"])
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert len(kept) == 1 and kept[0].read_text() == "old a" and (tmp_path / "b").read_text() == "old b"
+    notes = " ".join(getattr(e.value, "__notes__", []))
+    assert str(kept[0]) in notes and "the previous" in notes
+
+
 def test_a_corrupt_blip_checkpoint_is_one_line(tmp_path, capsys):
     from multiflow.models.blip import build_blip_tiny
 

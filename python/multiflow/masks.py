@@ -57,7 +57,6 @@ def check_fit(masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, what
         raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
 
 
-
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -94,6 +93,7 @@ def _check_metadata_types(path: Path, meta: dict, what: str = "") -> None:
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
             head = f"{what} mask file {path}: metadata" if what else f"mask file {path} has corrupt metadata:"
             raise ValueError(f"{head} '{key}' must be {want}, got {type(v).__name__} {shown}")
+
 
 class Masks(Mapping):
     """Parameter name -> boolean keep-mask, plus ``metadata``.
