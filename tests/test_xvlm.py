@@ -202,6 +202,11 @@ def test_build_model_xvlm_prefix(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"1 key\(s\) the model lacks were not loaded: itm_head.extra.weight"):
         model = build_model(f"xvlm:{path}")
     assert model.checkpoint_report.unexpected == ["itm_head.extra.weight"]
+    sd = _synthetic_checkpoint(cfg)  # an MLM decoder weight untied from the word embeddings
+    sd["text_encoder.cls.predictions.decoder.weight"] = sd["text_encoder.cls.predictions.decoder.weight"] + 1
+    torch.save({"model": sd}, path)
+    with pytest.warns(UserWarning, match=r"decoder\.weight \(differs from .*word_embeddings\.weight, tied to it here"):
+        build_model(f"xvlm:{path}")
     with pytest.raises(ValueError, match="--task"):
         build_model("xvlm-tiny", task="vqa")
 

@@ -402,6 +402,9 @@ class XVLM(nn.Module):
             if alias_of != k:
                 if k in report.missing and alias_of in to_load:
                     report.missing.remove(k)
+                if k in to_load and alias_of in to_load and not torch.equal(to_load[k], to_load[alias_of]):
+                    # untied in the checkpoint: this model ties them, so only alias_of's values load
+                    report.unexpected.append(f"{k} (differs from {alias_of}, tied to it here: not loaded)")
                 to_load.pop(k, None)
         report.loaded = list(to_load)
         if strict and not report.ok:
