@@ -117,13 +117,12 @@ def test_sigint_leaves_no_partial_output(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_sigint_while_importing_torch(tmp_path):
-    """Ctrl-C that arrives while the command line imports torch (its first second) is held back
-    until the import is done, then ends the run like any other interrupt: exit 130, one line,
-    no traceback, nothing written. `import multiflow.cli` itself does not import torch."""
-    out = tmp_path / "run"
+def _main_with_sigint_while_importing_torch(argv, prelude=""):
+    """cli.main(argv) in a fresh Python that runs ``prelude`` first and sends itself SIGINT
+    while torch is being imported (after checking `import multiflow.cli` did not import it)."""
     code = f"""
 import builtins, os, signal, sys
+{prelude}
 import multiflow.cli as cli
 assert "torch" not in sys.modules, "import multiflow.cli imported torch"
 real_import = builtins.__import__
@@ -132,9 +131,17 @@ def sending(name, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch is being imported
     return real_import(name, *args, **kwargs)
 builtins.__import__ = sending
-sys.exit(cli.main(["prune", "--no-progress", "--out", {str(out)!r}]))
+sys.exit(cli.main({list(argv)!r}))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_sigint_while_importing_torch(tmp_path):
+    """Ctrl-C that arrives while the command line imports torch (its first second) is held back
+    until the import is done, then ends the run like any other interrupt: exit 130, one line,
+    no traceback, nothing written. `import multiflow.cli` itself does not import torch."""
+    out = tmp_path / "run"
+    r = _main_with_sigint_while_importing_torch(["prune", "--no-progress", "--out", str(out)])
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip() == "multiflow: interrupted while starting (importing torch); nothing was written"
     assert not out.exists()
@@ -152,19 +159,8 @@ def test_submodules_after_a_plain_import():
 
 def test_sigint_ignored_stays_ignored(tmp_path):
     """Started with Ctrl-C ignored (nohup, a background job), the command line leaves it so."""
-    code = f"""
-import builtins, os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-import multiflow.cli as cli
-real_import = builtins.__import__
-def sending(name, *args, **kwargs):
-    if name == "torch" and "torch" not in sys.modules:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch is being imported
-    return real_import(name, *args, **kwargs)
-builtins.__import__ = sending
-sys.exit(cli.main(["inspect", {str(tmp_path / "missing.safetensors")!r}]))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = _main_with_sigint_while_importing_torch(["inspect", str(tmp_path / "missing.safetensors")],
+                                                 "signal.signal(signal.SIGINT, signal.SIG_IGN)")
     assert r.returncode == 1 and "mask file not found" in r.stderr, r.stderr
 
 

@@ -101,8 +101,14 @@ _ROW_LANES = [(r, "warp") for r in (0, 1, 3, 4, 5, 16, 17, 64, 129)] + [(r, "hal
 @pytest.mark.parametrize("rows, lanes", _ROW_LANES, indirect=["lanes"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_reference(dtype, shape, rows, with_bias, lanes):
+    _check_linear(shape, rows, dtype, with_bias, seed=rows)
+
+
+def _check_linear(shape, rows, dtype, with_bias, seed):
+    """sparse24_linear on CUDA against the twin for a random (out, in) = shape problem;
+    returns (y, its arguments)."""
     out_f, in_f = shape
-    w, mask = _problem(out_f, in_f, dtype, seed=rows)
+    w, mask = _problem(out_f, in_f, dtype, seed=seed)
     values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
     x = torch.randn(rows, in_f).to(dtype).cuda()
     bias = torch.randn(out_f).to(dtype).cuda() if with_bias else None
@@ -111,6 +117,7 @@ def test_linear_matches_reference(dtype, shape, rows, with_bias, lanes):
     assert got.shape == (rows, out_f) and got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    return got, (x, values, meta, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -150,17 +157,9 @@ def big_gemm(request, monkeypatch):
 @pytest.mark.parametrize("rows", [5, 64, 129, 300])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_tile128_matches_reference(dtype, shape, rows, with_bias, big_gemm, monkeypatch):
-    out_f, in_f = shape
-    w, mask = _problem(out_f, in_f, dtype, seed=rows + out_f)
-    values, meta = (t.cuda() for t in ops.sparse24_pack(w, mask))
-    x = torch.randn(rows, in_f).to(dtype).cuda()
-    bias = torch.randn(out_f).to(dtype).cuda() if with_bias else None
-    got = ops.sparse24_linear(x, values, meta, bias)
-    want = R.sparse24_linear(x, values, meta, bias)
-    assert got.shape == (rows, out_f) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    got, args = _check_linear(shape, rows, dtype, with_bias, seed=rows + shape[0])
     monkeypatch.setenv("MULTIFLOW_SPARSE24_GEMM", "tile64")
-    torch.testing.assert_close(got.float(), ops.sparse24_linear(x, values, meta, bias).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), ops.sparse24_linear(*args).float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -217,10 +217,16 @@ class Problem:
 
 
 class Block:
+    # where smem[] starts in the addresses the kernel model uses, and its bytes (the wgmma
+    # model's Block, a subclass, uses absolute shared-window addresses and its own layout)
+    smem0 = 0
+    nbytes = kBytes
+    race_what = "write and another thread's access in one barrier epoch"
+
     def __init__(self, P: Problem, bid, F: Findings, banks: Banks, f64: Frag64, y_out, y64_out, ycount):
         self.P, self.bid, self.F, self.banks, self.f64 = P, bid, F, banks, f64
         self.y_out, self.y64_out, self.ycount = y_out, y64_out, ycount
-        n = kBytes // 2
+        n = self.nbytes // 2
         rng = np.random.default_rng(1000 + bid)
         self.data = rng.integers(0, 1 << 16, n).astype(np.uint16)  # garbage
         self.tag = np.full(n, UNINIT, dtype=np.int64)
@@ -234,26 +240,35 @@ class Block:
     # ---- shared memory primitives
     def _range(self, byte_addr, nbytes, what):
         ba = np.asarray(byte_addr)
-        bad = (ba < 0) | (ba + nbytes > kBytes)
-        self.F.flag(f"smem out of bounds: {what}", bad.sum(), example=(self.bid, ba[bad][:4].tolist()))
+        bad = (ba < self.smem0) | (ba + nbytes > self.smem0 + self.nbytes)
+        self.F.flag(f"smem out of bounds: {what}", bad.sum(), example=(self.bid, (ba[bad][:4] - self.smem0).tolist()))
         return not bad.any()
 
-    def _rec(self, elems, tids, write):
-        self.recs[self.epoch].append((np.asarray(elems).reshape(-1), np.asarray(tids).reshape(-1), write))
+    def _el(self, byte_addr, nelem):
+        """The 2-byte elements of smem[] from each address on: (..., nelem)."""
+        return (np.asarray(byte_addr) - self.smem0)[..., None] // 2 + np.arange(nelem)
 
-    def read(self, byte_addr, nelem, tids, what):
+    def _rec(self, elems, tids, write, ep=None):
+        self.recs[self.epoch if ep is None else ep].append(
+            (np.asarray(elems).reshape(-1), np.asarray(tids).reshape(-1), write))
+
+    def _written(self, el):
+        """Hook: elements el got new data (a store, or a cp.async completing)."""
+
+    def read(self, byte_addr, nelem, tids, what, record=True):
         """byte_addr (...,), reads nelem consecutive 2-byte elements each. Returns (data, tags) (..., nelem)."""
         byte_addr = np.asarray(byte_addr)
         assert (byte_addr % 2 == 0).all()
         if not self._range(byte_addr, 2 * nelem, what):
-            byte_addr = np.clip(byte_addr, 0, kBytes - 2 * nelem)
-        el = byte_addr[..., None] // 2 + np.arange(nelem)
+            byte_addr = np.clip(byte_addr, self.smem0, self.smem0 + self.nbytes - 2 * nelem)
+        el = self._el(byte_addr, nelem)
         tids_b = np.broadcast_to(np.asarray(tids)[..., None], el.shape)
         pend = self.pending[el] > 0
         self.F.flag(f"read of an element with a cp.async still pending: {what}", pend.sum(), example=(self.bid, self.epoch))
         unin = self.tag[el] == UNINIT
         self.F.flag(f"read of never-written smem: {what}", unin.sum(), example=(self.bid, self.epoch))
-        self._rec(el, tids_b, False)
+        if record:
+            self._rec(el, tids_b, False)
         return self.data[el], self.tag[el], el
 
     def write(self, byte_addr, data, tags, tids, what, shadow=None):
@@ -262,13 +277,14 @@ class Block:
         nelem = data.shape[-1]
         if not self._range(byte_addr, 2 * nelem, what):
             return
-        el = byte_addr[..., None] // 2 + np.arange(nelem)
+        el = self._el(byte_addr, nelem)
         tids_b = np.broadcast_to(np.asarray(tids)[..., None], el.shape)
         pend = self.pending[el] > 0
         self.F.flag(f"write over a pending cp.async: {what}", pend.sum())
         self._rec(el, tids_b, True)
         self.data[el] = data
         self.tag[el] = tags
+        self._written(el)
         if shadow is not None:
             self.shadow[el] = shadow
 
@@ -287,7 +303,7 @@ class Block:
         data = np.where(ok[:, None], src[sidx], 0).astype(np.uint16)
         base_tag = {"values": T_A, "x": T_X}[src_name]
         tags = np.where(ok[:, None], base_tag + sidx, ZERO)
-        el = dst[:, None] // 2 + np.arange(8)
+        el = self._el(dst, 8)
         np.add.at(self.pending, el.reshape(-1), 1)
         self.open.append((el, np.broadcast_to(np.asarray(tids)[:, None], el.shape), data, tags, self.epoch))
 
@@ -305,6 +321,7 @@ class Block:
                 np.add.at(self.pending, el.reshape(-1), -1)
                 self.data[el] = data
                 self.tag[el] = tags
+                self._written(el)
                 for ep in range(e0, self.epoch + 1):
                     self.recs[ep].append((el.reshape(-1), tids.reshape(-1), True))
             grp[1] = True
@@ -313,7 +330,7 @@ class Block:
         self.epoch += 1
 
     def check_races(self):
-        n = kBytes // 2
+        n = self.nbytes // 2
         for ep, lst in self.recs.items():
             if not lst:
                 continue
@@ -327,7 +344,7 @@ class Block:
             haswr = np.zeros(n, bool)
             haswr[el[wr]] = True
             race = haswr & (amax >= 0) & (amin != amax)
-            self.F.flag("shared-memory race (write and another thread's access in one barrier epoch)", race.sum(),
+            self.F.flag(f"shared-memory race ({self.race_what})", race.sum(),
                         example=(self.bid, ep, np.nonzero(race)[0][:4].tolist()))
 
     # ---- the kernel
@@ -397,37 +414,7 @@ class Block:
                 exp = (t0 + x_row + kXRowStep * p) * cols + k0 + 8 * x_part
                 F.flag("x source differs from (token, col) form", (ok & (x_src + off != exp)).sum())
 
-        meta_row = tid >> 1
-        meta_word = 2 * (tid & 1)
-        meta_ok = meta_row < rows_here
-        meta_src = np.where(meta_ok, (o0 + meta_row) * words, 0)
-
-        def read_meta(step):
-            wd = i32(step * kWords + meta_word, "wd")
-            lo = np.full(kBlockThreads, FILLER, dtype=np.uint32)
-            hi = np.full(kBlockThreads, FILLER, dtype=np.uint32)
-            lo_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
-            hi_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
-            for k, (arr, arr_t) in enumerate([(lo, lo_t), (hi, hi_t)]):
-                okk = meta_ok & (wd + k < words)
-                idx = meta_src + wd + k
-                F.flag("metadata global read out of bounds", (okk & ((idx < 0) | (idx >= P.metadata.size))).sum())
-                arr[okk] = P.metadata[idx[okk]]
-                arr_t[okk] = T_M + idx[okk]
-            # the kernel's unconditional __ldg loads (clamped word index) must be in bounds
-            for k in range(2):
-                idx = meta_src + np.where(wd + k < words, wd + k, 0)
-                F.flag("metadata __ldg out of bounds", ((idx < 0) | (idx >= P.metadata.size)).sum())
-            return (lo | (hi << 16)), np.stack([lo_t, hi_t], -1)
-
-        def store_meta(stage, pair):
-            val, tags = pair
-            meta_at = ((meta_row >> 4) * kWords + meta_word) * 16 + (meta_row & 7) * 2 + ((meta_row >> 3) & 1)
-            for k in range(2):
-                addr = m_tile(stage) + (meta_at + 16 * k) * 2
-                self.banks.add("store_meta (u16 store)", addr.reshape(8, 32), 2)
-                v = ((val >> (16 * k)) & 0xFFFF).astype(np.uint16)[:, None]
-                self.write(addr, v, tags[:, k:k + 1], tid, "store_meta")
+        read_meta, store_meta = stage_meta(self, o0, rows_here, words, m_tile, i32, "store_meta (u16 store)")
 
         acc = np.zeros((4, 4, 8, 32, 4))  # [i][j] x warps x lanes x 4
 
@@ -437,18 +424,7 @@ class Block:
         wwt = wt.reshape(8, 32)
 
         def ldmatrix_x4(addr, what):
-            """addr (8,32) byte addresses; returns regs (8,32,4) u32 and tags (8,32,4,2)."""
-            F.flag(f"ldmatrix row address not 16-byte aligned: {what}", (addr % 16 != 0).sum())
-            for q in range(4):
-                self.banks.add(f"ldmatrix {what}", addr[:, 8 * q:8 * q + 8], 16)
-            d, tg, _ = self.read(addr, 8, wtid, f"ldmatrix {what}")  # (8,32,8)
-            src = 8 * np.arange(4)[None, :] + (lane >> 2)[:, None]  # (32 lanes, 4 regs): supplying lane
-            e0 = 2 * (lane & 3)[:, None]
-            lo = d[:, src, e0].astype(np.uint32)
-            hi = d[:, src, e0 + 1].astype(np.uint32)
-            regs = lo | (hi << 16)
-            tags = np.stack([tg[:, src, e0], tg[:, src, e0 + 1]], -1)
-            return regs, tags
+            return ldmatrix_x4_of(self, addr, what, "ldmatrix {what}")
 
         # Prologue
         for s in range(kStages - 1):
@@ -538,6 +514,64 @@ class Block:
         self.check_races()
 
 
+def stage_meta(blk, o0, rows_here, words, m_tile, i32, bank_label):
+    """StageMeta of both 128 x 128 tile kernels: thread t loads metadata words 2 (t & 1) and
+    2 (t & 1) + 1 of row t >> 1 of a step into one register (read_meta, a stage ahead), then
+    stores them pre-paired to the stage's metadata tile (store_meta). Returns the two."""
+    P, F = blk.P, blk.F
+    tid = np.arange(kBlockThreads)
+    meta_row = tid >> 1
+    meta_word = 2 * (tid & 1)
+    meta_ok = meta_row < rows_here
+    meta_src = np.where(meta_ok, (o0 + meta_row) * words, 0)
+
+    def read_meta(step):
+        wd = i32(step * kWords + meta_word, "wd")
+        lo = np.full(kBlockThreads, FILLER, dtype=np.uint32)
+        hi = np.full(kBlockThreads, FILLER, dtype=np.uint32)
+        lo_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
+        hi_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
+        for k, (arr, arr_t) in enumerate([(lo, lo_t), (hi, hi_t)]):
+            okk = meta_ok & (wd + k < words)
+            idx = meta_src + wd + k
+            F.flag("metadata global read out of bounds", (okk & ((idx < 0) | (idx >= P.metadata.size))).sum())
+            arr[okk] = P.metadata[idx[okk]]
+            arr_t[okk] = T_M + idx[okk]
+        # the kernel's unconditional __ldg loads (clamped word index) must be in bounds
+        for k in range(2):
+            idx = meta_src + np.where(wd + k < words, wd + k, 0)
+            F.flag("metadata __ldg out of bounds", ((idx < 0) | (idx >= P.metadata.size)).sum())
+        return (lo | (hi << 16)), np.stack([lo_t, hi_t], -1)
+
+    def store_meta(stage, pair):
+        val, tags = pair
+        meta_at = ((meta_row >> 4) * kWords + meta_word) * 16 + (meta_row & 7) * 2 + ((meta_row >> 3) & 1)
+        for k in range(2):
+            addr = m_tile(stage) + (meta_at + 16 * k) * 2
+            blk.banks.add(bank_label, addr.reshape(8, 32), 2)
+            v = ((val >> (16 * k)) & 0xFFFF).astype(np.uint16)[:, None]
+            blk.write(addr, v, tags[:, k:k + 1], tid, "store_meta")
+
+    return read_meta, store_meta
+
+
+def ldmatrix_x4_of(blk, addr, what, bank_label):
+    """ldmatrix.x4 by the 8 warps: addr (8,32) byte addresses (lane l supplies row l & 7 of
+    matrix l >> 3); returns regs (8,32,4) u32 and tags (8,32,4,2). bank_label: a format
+    string of ``what`` for the bank statistics."""
+    blk.F.flag(f"ldmatrix row address not 16-byte aligned: {what}", (addr % 16 != 0).sum())
+    for q in range(4):
+        blk.banks.add(bank_label.format(what=what), addr[:, 8 * q:8 * q + 8], 16)
+    d, tg, _ = blk.read(addr, 8, np.arange(kBlockThreads).reshape(8, 32), f"ldmatrix {what}")  # (8,32,8)
+    src = 8 * np.arange(4)[None, :] + (lane >> 2)[:, None]  # (32 lanes, 4 regs): supplying lane
+    e0 = 2 * (lane & 3)[:, None]
+    lo = d[:, src, e0].astype(np.uint32)
+    hi = d[:, src, e0 + 1].astype(np.uint32)
+    regs = lo | (hi << 16)
+    tags = np.stack([tg[:, src, e0], tg[:, src, e0 + 1]], -1)
+    return regs, tags
+
+
 def write_out_tile(blk, ys, tid, t0, o0):
     """The epilogue's second half (both 128 x 128 tile kernels, write_tile in sparse24.cu):
     block ``blk``'s staged tile at shared byte address ``ys`` written to y, every store checked
@@ -623,7 +657,9 @@ def emulate_64(P: Problem, F: Findings):
     return y
 
 
-def run_case(rows, cols, m, bias, bf16, seed=0, check64=False):
+def emulate(block_cls, rows, cols, m, bias, bf16, seed=0):
+    """Every block of block_cls (this model's Block or the wgmma model's) on one random
+    problem; returns (results, findings, bank statistics, problem, error scale)."""
     P = Problem(rows, cols, m, bias, bf16, seed)
     F = Findings()
     banks = Banks()
@@ -632,17 +668,23 @@ def run_case(rows, cols, m, bias, bf16, seed=0, check64=False):
     y64 = np.full(m * rows, np.nan)
     yc = np.zeros(m * rows, dtype=np.int64)
     for bid in range(P.blocks):
-        Block(P, bid, F, banks, f64, yflat, y64, yc).run()
+        block_cls(P, bid, F, banks, f64, yflat, y64, yc).run()
     F.flag("y element written != 1 times", (yc != 1).sum(), example=np.nonzero(yc != 1)[0][:4].tolist())
     y64 = y64.reshape(m, rows)
     scale = np.maximum(np.abs(P.y_ref), 1e-3 * max(1e-30, np.abs(P.y_ref).max()))
     rel = float(np.nanmax(np.abs(y64 - P.y_ref) / scale)) if y64.size else 0.0
+    if np.isnan(y64).any():
+        rel = float("inf")
     yq = decode(yflat, bf16).reshape(m, rows)
     ref16 = P.y_ref16.double().numpy()
-    ulp_mismatch = int((yq != ref16).sum())
     res = dict(case=(rows, cols, m, "bias" if bias else "nobias", "bf16" if bf16 else "fp16"), blocks=P.blocks,
-               steps=P.steps, vec_out=P.vec_out, max_rel_f64=rel, rounded_mismatches=ulp_mismatch,
+               steps=P.steps, vec_out=P.vec_out, max_rel_f64=rel, rounded_mismatches=int((yq != ref16).sum()),
                max_abs_rounded=float(np.abs(yq - ref16).max()) if yq.size else 0.0)
+    return res, F, banks, P, scale
+
+
+def run_case(rows, cols, m, bias, bf16, seed=0, check64=False):
+    res, F, banks, P, scale = emulate(Block, rows, cols, m, bias, bf16, seed)
     if check64:
         y64k = emulate_64(P, F)
         res["max_rel_64x64_model"] = float(np.max(np.abs(y64k - P.y_ref) / scale))

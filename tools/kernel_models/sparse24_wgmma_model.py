@@ -9,15 +9,13 @@ Every thread of every block; vectorised over the 256 threads.
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
-
 import numpy as np
 
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse24_tile128_model as base  # noqa: E402
-from sparse24_tile128_model import (write_out_tile, ZERO, UNINIT, T_A, T_X, T_M, T_Y, T_FILL, FILLER, decode, encode, Findings, Banks,  # noqa
+from sparse24_tile128_model import (write_out_tile, ZERO, UNINIT, T_X, T_Y, decode, encode, Findings, Banks,  # noqa
                        Frag64, Problem, A_ROW, A_VC, M_LANE, M_SHIFT, G, T, lane)
 
 # ---- constants, as in namespace wg
@@ -73,105 +71,21 @@ D_COL = 8 * (_c[None, :] >> 2) + 2 * T[:, None] + (_c[None, :] & 1)
 _kk, _nn = np.meshgrid(np.arange(32), np.arange(128), indexing="ij")  # B (k, n)
 
 
-class Block:
+class Block(base.Block):
+    """base.Block (shared memory, cp.async, races) at absolute shared-window addresses, with
+    the async proxy's fences and wgmma's in-flight reads."""
+    smem0 = SMEM0
+    nbytes = kBytes
+    race_what = "write and another thread's / the tensor cores' access in one barrier epoch"
+
     def __init__(self, P: Problem, bid, F: Findings, banks: Banks, f64: Frag64, y_out, y64_out, ycount):
-        self.P, self.bid, self.F, self.banks, self.f64 = P, bid, F, banks, f64
-        self.y_out, self.y64_out, self.ycount = y_out, y64_out, ycount
-        n = kBytes // 2
-        rng = np.random.default_rng(1000 + bid)
-        self.data = rng.integers(0, 1 << 16, n).astype(np.uint16)
-        self.tag = np.full(n, UNINIT, dtype=np.int64)
-        self.shadow = np.full(n, np.nan)
-        self.pending = np.zeros(n, dtype=np.int32)
-        self.fence_ep = np.full(n, -1, dtype=np.int64)   # epoch of the proxy fence after the last write
-        self.epoch = 0
-        self.recs = defaultdict(list)
-        self.groups = []
-        self.open = []
+        super().__init__(P, bid, F, banks, f64, y_out, y64_out, ycount)
+        self.fence_ep = np.full(self.nbytes // 2, -1, dtype=np.int64)   # epoch of the proxy fence after the last write
         self.wg_inflight = [[], []]  # per warpgroup: (elements, issue epoch) of uncompleted wgmma reads
         self.wg_fenced = [False, False]  # wgmma.fence since the last register write of a / acc
 
-    # ---- shared memory primitives (absolute shared addresses; smem[] at SMEM0)
-    def _range(self, addr, nbytes, what):
-        ba = np.asarray(addr)
-        bad = (ba < SMEM0) | (ba + nbytes > SMEM0 + kBytes)
-        self.F.flag(f"smem out of bounds: {what}", bad.sum(), example=(self.bid, (ba[bad][:4] - SMEM0).tolist()))
-        return not bad.any()
-
-    def _el(self, addr, nelem):
-        return (np.asarray(addr) - SMEM0)[..., None] // 2 + np.arange(nelem)
-
-    def _rec(self, elems, tids, write, ep=None):
-        self.recs[self.epoch if ep is None else ep].append(
-            (np.asarray(elems).reshape(-1), np.asarray(tids).reshape(-1), write))
-
-    def read(self, addr, nelem, tids, what, record=True):
-        addr = np.asarray(addr)
-        assert (addr % 2 == 0).all()
-        if not self._range(addr, 2 * nelem, what):
-            addr = np.clip(addr, SMEM0, SMEM0 + kBytes - 2 * nelem)
-        el = self._el(addr, nelem)
-        tids_b = np.broadcast_to(np.asarray(tids)[..., None], el.shape)
-        self.F.flag(f"read of an element with a cp.async still pending: {what}", (self.pending[el] > 0).sum(),
-                    example=(self.bid, self.epoch))
-        self.F.flag(f"read of never-written smem: {what}", (self.tag[el] == UNINIT).sum(),
-                    example=(self.bid, self.epoch))
-        if record:
-            self._rec(el, tids_b, False)
-        return self.data[el], self.tag[el], el
-
-    def write(self, addr, data, tags, tids, what, shadow=None):
-        addr = np.asarray(addr)
-        data = np.asarray(data)
-        nelem = data.shape[-1]
-        if not self._range(addr, 2 * nelem, what):
-            return
-        el = self._el(addr, nelem)
-        tids_b = np.broadcast_to(np.asarray(tids)[..., None], el.shape)
-        self.F.flag(f"write over a pending cp.async: {what}", (self.pending[el] > 0).sum())
-        self._rec(el, tids_b, True)
-        self.data[el] = data
-        self.tag[el] = tags
-        self.fence_ep[el] = -1
-        if shadow is not None:
-            self.shadow[el] = shadow
-
-    def cp_async16(self, tids, dst, src_name, src_idx, ok, what):
-        P = self.P
-        src = getattr(P, src_name)
-        dst = np.asarray(dst)
-        self.F.flag(f"cp.async smem dst not 16-byte aligned: {what}", (dst % 16 != 0).sum())
-        if not self._range(dst, 16, what):
-            return
-        oob = ok & ((src_idx < 0) | (src_idx + 8 > src.size))
-        self.F.flag(f"cp.async global read out of bounds: {what}", oob.sum(), example=(self.bid, src_idx[oob][:4].tolist()))
-        self.F.flag(f"cp.async global src not 16-byte aligned: {what}", (ok & ((src_idx * 2) % 16 != 0)).sum())
-        sidx = np.where(ok, np.clip(src_idx, 0, src.size - 8), 0)[:, None] + np.arange(8)
-        data = np.where(ok[:, None], src[sidx], 0).astype(np.uint16)
-        base_tag = {"values": T_A, "x": T_X}[src_name]
-        tags = np.where(ok[:, None], base_tag + sidx, ZERO)
-        el = self._el(dst, 8)
-        np.add.at(self.pending, el.reshape(-1), 1)
-        self.open.append((el, np.broadcast_to(np.asarray(tids)[:, None], el.shape), data, tags, self.epoch))
-
-    def commit(self):
-        self.groups.append([self.open, False])
-        self.open = []
-
-    def wait_group(self, n):
-        upto = len(self.groups) - n
-        for gi in range(max(upto, 0)):
-            grp = self.groups[gi]
-            if grp[1]:
-                continue
-            for el, tids, data, tags, e0 in grp[0]:
-                np.add.at(self.pending, el.reshape(-1), -1)
-                self.data[el] = data
-                self.tag[el] = tags
-                self.fence_ep[el] = -1
-                for ep in range(e0, self.epoch + 1):
-                    self.recs[ep].append((el.reshape(-1), tids.reshape(-1), True))
-            grp[1] = True
+    def _written(self, el):
+        self.fence_ep[el] = -1  # a new generic-proxy write: not fenced for the async proxy yet
 
     def fence_proxy_async(self):
         # every thread executes it: covers its completed writes (all threads' completed writes here)
@@ -182,25 +96,7 @@ class Block:
         for w in range(2):
             if self.wg_inflight[w]:
                 self.F.flag("barrier with a wgmma still in flight (no wgmma.wait_group before it)", 1)
-        self.epoch += 1
-
-    def check_races(self):
-        n = kBytes // 2
-        for ep, lst in self.recs.items():
-            if not lst:
-                continue
-            el = np.concatenate([a for a, _, _ in lst])
-            td = np.concatenate([b for _, b, _ in lst])
-            wr = np.concatenate([np.full(a.size, w) for a, _, w in lst])
-            amin = np.full(n, 1 << 30)
-            amax = np.full(n, -1)
-            np.minimum.at(amin, el, td)
-            np.maximum.at(amax, el, td)
-            haswr = np.zeros(n, bool)
-            haswr[el[wr]] = True
-            race = haswr & (amax >= 0) & (amin != amax)
-            self.F.flag("shared-memory race (write and another thread's / the tensor cores' access in one barrier "
-                        "epoch)", race.sum(), example=(self.bid, ep, np.nonzero(race)[0][:4].tolist()))
+        super().syncthreads()
 
     # ---- wgmma
     def wgmma_issue(self, w, acc, a, e, desc, bf16, step, u):
@@ -322,52 +218,13 @@ class Block:
                 exp = (t0 + x_row + kXRowStep * p) * cols + k0 + 8 * x_part
                 F.flag("x source differs from (token, col) form", (ok & (x_src + off != exp)).sum())
 
-        meta_row = tid >> 1
-        meta_word = 2 * (tid & 1)
-        meta_ok = meta_row < rows_here
-        meta_src = np.where(meta_ok, (o0 + meta_row) * words, 0)
-
-        def read_meta(step):
-            wd = i32(step * kWords + meta_word, "wd")
-            lo = np.full(kBlockThreads, FILLER, dtype=np.uint32)
-            hi = np.full(kBlockThreads, FILLER, dtype=np.uint32)
-            lo_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
-            hi_t = np.full(kBlockThreads, T_FILL, dtype=np.int64)
-            for k, (arr, arr_t) in enumerate([(lo, lo_t), (hi, hi_t)]):
-                okk = meta_ok & (wd + k < words)
-                idx = meta_src + wd + k
-                arr[okk] = P.metadata[idx[okk]]
-                arr_t[okk] = T_M + idx[okk]
-            for k in range(2):
-                idx = meta_src + np.where(wd + k < words, wd + k, 0)
-                F.flag("metadata __ldg out of bounds", ((idx < 0) | (idx >= P.metadata.size)).sum())
-            return (lo | (hi << 16)), np.stack([lo_t, hi_t], -1)
-
-        def store_meta(stage, pair):
-            val, tags = pair
-            meta_at = ((meta_row >> 4) * kWords + meta_word) * 16 + (meta_row & 7) * 2 + ((meta_row >> 3) & 1)
-            for k in range(2):
-                addr = m_tile(stage) + (meta_at + 16 * k) * 2
-                self.banks.add("store_meta (u16 stores)", addr.reshape(8, 32), 2)
-                v = ((val >> (16 * k)) & 0xFFFF).astype(np.uint16)[:, None]
-                self.write(addr, v, tags[:, k:k + 1], tid, "store_meta")
+        read_meta, store_meta = base.stage_meta(self, o0, rows_here, words, m_tile, i32, "store_meta (u16 stores)")
 
         acc = np.zeros((kBlockThreads, 64))
-        wtid = tid.reshape(8, 32)
 
         def ldmatrix_x4(addr, what):
-            addr = addr.reshape(8, 32)
-            F.flag(f"ldmatrix row address not 16-byte aligned: {what}", (addr % 16 != 0).sum())
-            for q in range(4):
-                self.banks.add(f"ldmatrix.x4 {what} (8-lane phases)", addr[:, 8 * q:8 * q + 8], 16)
-            d, tg, _ = self.read(addr, 8, wtid, f"ldmatrix {what}")
-            src = 8 * np.arange(4)[None, :] + (lane >> 2)[:, None]
-            e0 = 2 * (lane & 3)[:, None]
-            lo = d[:, src, e0].astype(np.uint32)
-            hi = d[:, src, e0 + 1].astype(np.uint32)
-            regs = (lo | (hi << 16)).reshape(256, 4)
-            tags = np.stack([tg[:, src, e0], tg[:, src, e0 + 1]], -1)  # (8,32,4,2)
-            return regs, tags
+            regs, tags = base.ldmatrix_x4_of(self, addr.reshape(8, 32), what, "ldmatrix.x4 {what} (8-lane phases)")
+            return regs.reshape(256, 4), tags  # tags (8,32,4,2)
 
         def desc_of(addr):
             addr = np.asarray(addr, dtype=np.uint64)
@@ -482,26 +339,7 @@ class Block:
 
 
 def run_case(rows, cols, m, bias, bf16, seed=0):
-    P = Problem(rows, cols, m, bias, bf16, seed)
-    F = Findings()
-    banks = Banks()
-    f64 = Frag64(P)
-    yflat = np.zeros(m * rows, dtype=np.uint16)
-    y64 = np.full(m * rows, np.nan)
-    yc = np.zeros(m * rows, dtype=np.int64)
-    for bid in range(P.blocks):
-        Block(P, bid, F, banks, f64, yflat, y64, yc).run()
-    F.flag("y element written != 1 times", (yc != 1).sum(), example=np.nonzero(yc != 1)[0][:4].tolist())
-    y64 = y64.reshape(m, rows)
-    scale = np.maximum(np.abs(P.y_ref), 1e-3 * max(1e-30, np.abs(P.y_ref).max()))
-    rel = float(np.nanmax(np.abs(y64 - P.y_ref) / scale)) if y64.size else 0.0
-    if np.isnan(y64).any():
-        rel = float("inf")
-    yq = decode(yflat, bf16).reshape(m, rows)
-    ref16 = P.y_ref16.double().numpy()
-    res = dict(case=(rows, cols, m, "bias" if bias else "nobias", "bf16" if bf16 else "fp16"), blocks=P.blocks,
-               steps=P.steps, vec_out=P.vec_out, max_rel_f64=rel, rounded_mismatches=int((yq != ref16).sum()),
-               max_abs_rounded=float(np.abs(yq - ref16).max()) if yq.size else 0.0)
+    res, F, banks, _, _ = base.emulate(Block, rows, cols, m, bias, bf16, seed)
     return res, F, banks
 
 
