@@ -130,21 +130,21 @@ void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
       " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
 }
 
-// The first block b >= 1 of a row whose block_ptr entry [b - 1] differs from the row's
-// kept count before column 512 b (its first 16 b words), or 0. The CPU kernels do not read
-// block_ptr (the CUDA kernels do, to start a chunk without scanning the row).
-int64_t bad_block(const int32_t* row_words, int64_t words, const int32_t* bp_row, int64_t bp_cols) {
+// One pass over a row's words: its kept count (*kept), and the first block b >= 1 whose
+// block_ptr entry [b - 1] differs from the row's kept count before column 512 b (its first
+// 16 b words), or 0. The CPU kernels do not read block_ptr (the CUDA kernels do, to start a
+// chunk without scanning the row).
+int64_t count_row_blocks(const int32_t* row_words, int64_t words, const int32_t* bp_row, int64_t* kept) {
   constexpr int64_t kBlockWords = kBitmapBlockCols / 32;
-  int64_t n = 0, w = 0;
-  for (int64_t b = 1; b <= bp_cols; ++b) {
-    for (; w < b * kBlockWords && w < words; ++w) {
-      n += popcount32(static_cast<uint32_t>(row_words[w]));
+  int64_t n = 0, bad = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    if (w > 0 && w % kBlockWords == 0 && bad == 0 && bp_row[w / kBlockWords - 1] != n) {
+      bad = w / kBlockWords;  // every block start w < words has its entry: bp_cols = ceil(words / 16) - 1
     }
-    if (bp_row[b - 1] != n) {
-      return b;
-    }
+    n += popcount32(static_cast<uint32_t>(row_words[w]));
   }
-  return 0;
+  *kept = n;
+  return bad;
 }
 
 // Every row's kept count in bits must match row_ptr (the kernels trust it to
@@ -163,14 +163,14 @@ void check_row_counts(const char* op, const BitmapProblem& p) {
   std::atomic<int64_t> bad_bp{-1};
   at::parallel_for(0, p.rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (bad_row(bits + r * words, words, padding, rp[r + 1] - rp[r])) {
+      int64_t kept = 0;
+      const int64_t block = count_row_blocks(bits + r * words, words, bp + r * bp_cols, &kept);
+      std::atomic<int64_t>* first = has_padding_bits(bits + r * words, words, padding) || kept != rp[r + 1] - rp[r]
+                                        ? &bad
+                                        : block != 0 ? &bad_bp : nullptr;
+      if (first != nullptr) {
         int64_t expect = -1;
-        bad.compare_exchange_strong(expect, r);
-        return;
-      }
-      if (bad_block(bits + r * words, words, bp + r * bp_cols, bp_cols) != 0) {
-        int64_t expect = -1;
-        bad_bp.compare_exchange_strong(expect, r);
+        first->compare_exchange_strong(expect, r);
         return;
       }
     }
@@ -178,7 +178,8 @@ void check_row_counts(const char* op, const BitmapProblem& p) {
   report_bad_row(op, p, bad.load());
   const int64_t r = bad_bp.load();
   if (r >= 0) {
-    const int64_t b = bad_block(bits + r * words, words, bp + r * bp_cols, bp_cols);
+    int64_t kept = 0;
+    const int64_t b = count_row_blocks(bits + r * words, words, bp + r * bp_cols, &kept);
     int64_t n = 0;
     for (int64_t w = 0; w < std::min(words, b * (kBitmapBlockCols / 32)); ++w) {
       n += popcount32(static_cast<uint32_t>(bits[r * words + w]));
