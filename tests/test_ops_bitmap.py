@@ -261,6 +261,55 @@ def test_every_isa_path(isa, tmp_path):
             assert_linear_earned(y, xd[:m], wm, bd, f"{name} y, M = {m} ({isa})")
 
 
+CONVERT_SCRIPT = """
+import sys, torch
+import multiflow_kernels
+from multiflow_kernels import ops
+cases = torch.load(sys.argv[1])
+out = {"capability": torch.backends.cpu.get_cpu_capability(), "got": []}
+for w, mask in cases:
+    fmt = ops.bitmap_pack(w, mask)
+    out["got"].append((fmt, ops.bitmap_unpack(*fmt, w.shape[1])))
+torch.save(out, sys.argv[2])
+"""
+
+# Row lengths around the vector widths (8 / 16 columns per step, 32 per word) and a block (512).
+CONVERT_COLS = [1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 47, 48, 63, 64, 65, 100, 511, 513, 1100]
+
+
+def random_bits_weight(rows, cols, dtype, gen):
+    """Random element bits (NaN payloads, infinities, subnormals, -0.0 among them)."""
+    if dtype == torch.float32:
+        return torch.randint(-(2**31), 2**31 - 1, (rows, cols), generator=gen, dtype=torch.int32).view(dtype)
+    return torch.randint(-(2**15), 2**15 - 1, (rows, cols), generator=gen, dtype=torch.int16).view(dtype)
+
+
+def as_bits(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_pack_unpack_every_isa_path_bit_exact(isa, tmp_path):
+    """Every ISA's pack / unpack row kernels against the plain-torch twin, bit for bit, on
+    random element bits, row lengths around each vector width and densities from none to
+    all (a row's last vector is where the stores of one row could reach the next's)."""
+    gen = torch.Generator().manual_seed(31)
+    cases = []
+    for dtype in DTYPES:
+        for cols in CONVERT_COLS:
+            for density in (0.0, 0.1, 0.5, 0.97, 1.0):
+                rows = 1 + (cols % 5)
+                cases.append((random_bits_weight(rows, cols, dtype, gen), torch.rand(rows, cols, generator=gen) < density))
+    got = run_with_isa(isa, CONVERT_SCRIPT, cases, tmp_path)["got"]
+    for (w, mask), (fmt, dense) in zip(cases, got):
+        what = f"{w.dtype} {tuple(w.shape)} keeps {int(mask.sum())} ({isa})"
+        want = reference.bitmap_pack(w, mask)
+        assert torch.equal(as_bits(fmt[0]), as_bits(want[0])), "values " + what
+        for name, g, r in zip(("bits", "row_ptr", "block_ptr"), fmt[1:], want[1:]):
+            assert torch.equal(g, r), f"{name} {what}"
+        assert torch.equal(as_bits(dense), as_bits(torch.where(mask, w, torch.zeros((), dtype=w.dtype)))), "unpack " + what
+
+
 def test_row_ptr_non_contiguous_and_out_of_order():
     """A non-contiguous row_ptr is read correctly; a row_ptr whose rows leave values (each
     row's own count still matching its bits) is rejected before any row is read."""
@@ -511,7 +560,9 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for rows in (1, 5):
                 w = torch.randn(rows, n_in, generator=g).to(dtype)
                 mask = torch.rand(rows, n_in, generator=g) < density
-                values, bits, row_ptr, block_ptr = (at_page_end(t) for t in ops.bitmap_pack(w, mask))
+                values, bits, row_ptr, block_ptr = (at_page_end(t) for t in ops.bitmap_pack(at_page_end(w), at_page_end(mask)))
+                dense = ops.bitmap_unpack(values, bits, row_ptr, block_ptr, n_in)
+                assert torch.equal(dense, torch.where(mask, w, torch.zeros((), dtype=dtype))), (dtype, n_in, density, rows)
                 wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).double()
                 for m in (1, 2, 5, 17):
                     x = at_page_end(torch.randn(m, n_in, generator=g).to(dtype))
@@ -540,9 +591,10 @@ print("ok", n)
 @pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["vbmi2-if-any", "no-vbmi2"])
 @pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_loads_never_leave_the_tensors(isa, vbmi2):
-    """values, bits, row_ptr and x each end right before a page with no access: any load past
-    one of them kills the process (run apart, so a crash fails this test only); every ISA's
-    kernels, the one-row kernel with and without AVX512-VBMI2."""
+    """values, bits, row_ptr and x (and pack's weight and mask) each end right before a page
+    with no access: any load past one of them kills the process (run apart, so a crash fails
+    this test only); every ISA's kernels (pack, unpack, linear), the one-row kernel with and
+    without AVX512-VBMI2."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, MULTIFLOW_CPU_VBMI2=vbmi2)
     proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])

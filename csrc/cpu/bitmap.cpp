@@ -2,8 +2,12 @@
 //
 // pack and unpack copy elements by their bits (2 or 4 bytes, whatever the
 // float type: the round trip is exact, NaN and -0.0 included), parallel over
-// rows; pack counts each row's kept weights from the packed words first and
-// takes the exclusive prefix sum for row_ptr.
+// rows, with the per-ISA row kernels of bitmap_tile_impl.h (AVX-512: masked
+// loads and register compress / expand per 16 columns; AVX2: table-driven
+// permutes per 8 columns; baseline: a count-trailing-zeros walk). pack counts
+// each row's kept weights (and its block_ptr entries) from the packed words
+// first and takes the exclusive prefix sum for row_ptr; unpack writes every
+// element of its fresh output once, zeros included.
 //
 // bitmap_linear is for the memory-bound regime (few tokens): each parallel
 // task owns a block of output rows and streams their values and bits once;
@@ -65,19 +69,6 @@ inline int popcount32(uint32_t u) {
   u = (u & 0x33333333u) + ((u >> 2) & 0x33333333u);
   u = (u + (u >> 4)) & 0x0F0F0F0Fu;
   return static_cast<int>((u * 0x01010101u) >> 24);
-}
-
-inline int ctz32(uint32_t u) {  // u != 0
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_ctz(u);
-#else
-  int n = 0;
-  while (!(u & 1u)) {
-    u >>= 1;
-    ++n;
-  }
-  return n;
-#endif
 }
 
 // No inf / NaN among x[0, n): the bit pattern test vectorises at the baseline ISA.
@@ -206,11 +197,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
   const int64_t bp_cols = bitmap_block_ptr_cols(cols);
   const int32_t* b = bits.const_data_ptr<int32_t>();
 
-  // Counts first (int64: the total is checked before it is narrowed to row_ptr's int32).
+  // Counts and block_ptr first, one pass over each row's words (counts in int64: the total
+  // is checked before it is narrowed to row_ptr's int32). block_ptr entry b - 1 of a row:
+  // its kept count in words [0, 16 b).
+  at::Tensor block_ptr = at::empty({rows, bp_cols}, weight.options().dtype(at::kInt));
+  int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
+  constexpr int64_t kBlockWords = kBitmapBlockCols / 32;
   std::vector<int64_t> counts(rows + 1, 0);
   at::parallel_for(0, rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      counts[r + 1] = row_count(b + r * words, words);
+      int64_t n = 0;
+      for (int64_t wd = 0; wd < words; ++wd) {
+        if (wd > 0 && wd % kBlockWords == 0) {
+          bp[r * bp_cols + wd / kBlockWords - 1] = static_cast<int32_t>(n);  // < 2^31: n <= cols
+        }
+        n += popcount32(static_cast<uint32_t>(b[r * words + wd]));
+      }
+      counts[r + 1] = n;
     }
   });
   for (int64_t r = 0; r < rows; ++r) {  // exclusive prefix sum: serial, `rows` additions
@@ -225,27 +228,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
   }
 
   at::Tensor values = at::empty({counts[rows]}, weight.options());
-  at::Tensor block_ptr = at::empty({rows, bp_cols}, weight.options().dtype(at::kInt));
-  int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
   with_element_bits(weight.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
+    const BitmapPackRowFn pack = sizeof(E) == 4 ? tiles().pack32 : tiles().pack16;
     const E* w = static_cast<const E*>(p.weight.const_data_ptr());
     E* v = static_cast<E*>(values.mutable_data_ptr());
     at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const E* w_row = w + r * cols;
-        const int32_t* b_row = b + r * words;
-        int64_t idx = rp[r];
-        for (int64_t wd = 0; wd < words; ++wd) {
-          if (wd > 0 && wd % (kBitmapBlockCols / 32) == 0) {  // block b >= 1 starts: entry b - 1
-            bp[r * bp_cols + wd / (kBitmapBlockCols / 32) - 1] = static_cast<int32_t>(idx - rp[r]);
-          }
-          uint32_t u = static_cast<uint32_t>(b_row[wd]);
-          while (u) {
-            v[idx++] = w_row[32 * wd + ctz32(u)];
-            u &= u - 1;
-          }
-        }
+        pack(w + r * cols, cols, b + r * words, v + rp[r], rp[r + 1] - rp[r]);
       }
     });
   });
@@ -260,28 +250,20 @@ at::Tensor bitmap_unpack_cpu(
     int64_t in_features) {
   const BitmapProblem p = prepare_bitmap_unpack(values, bits, row_ptr, block_ptr, in_features);
   check_row_counts("multiflow::bitmap_unpack", p);
-  at::Tensor out = at::zeros({p.rows, p.cols}, p.values.options());
+  // Every element is written (zeros included) by the row kernel: no zero fill first.
+  at::Tensor out = at::empty({p.rows, p.cols}, p.values.options());
   const int64_t words = p.bits.size(1), cols = p.cols;
   const int32_t* b = p.bits.const_data_ptr<int32_t>();
   const int32_t* rp = p.row_ptr.const_data_ptr<int32_t>();
   with_element_bits(p.values.scalar_type(), [&](auto zero) {
     using E = decltype(zero);
+    const BitmapUnpackRowFn unpack = sizeof(E) == 4 ? tiles().unpack32 : tiles().unpack16;
     const E* v = static_cast<const E*>(p.values.const_data_ptr());
+    const E* v_end = v + p.values.numel();
     E* o = static_cast<E*>(out.mutable_data_ptr());
     at::parallel_for(0, p.rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        int64_t idx = rp[r];
-        for (int64_t wd = 0; wd < words; ++wd) {
-          uint32_t u = static_cast<uint32_t>(b[r * words + wd]);
-          while (u) {
-            const int64_t c = 32 * wd + ctz32(u);
-            const E e = v[idx++];
-            if (c < cols) {  // padding bits (not pack_mask's) must not write past the row
-              o[r * cols + c] = e;
-            }
-            u &= u - 1;
-          }
-        }
+        unpack(v + rp[r], v_end, b + r * words, cols, o + r * cols);
       }
     });
   });

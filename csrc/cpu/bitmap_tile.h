@@ -93,6 +93,22 @@ using BitmapSpmmFn = int64_t (*)(
     int32_t* idx,
     float* out);
 
+// The format conversions, one weight row per call, on the elements' bits (E =
+// uint32_t for float32, uint16_t for float16 / bfloat16: copied, never converted,
+// so the round trip is exact, NaN payloads and -0.0 included). No bit at or past
+// cols is set in the row's ceil(cols / 32) words (pack_mask's bits; unpack's
+// caller has refused padding bits).
+//
+// pack: out[0, n) = w[c] for each set bit c, in column order, where n is the
+// row's popcount; reads w[0, cols) only, writes out[0, n) only.
+using BitmapPackRowFn = void (*)(const void* w, int64_t cols, const int32_t* bits, void* out, int64_t n);
+
+// unpack: out[c] for c < cols = the next value for each set bit c, 0 elsewhere;
+// reads the row's popcount(bits) values from `values` (loads may run into the
+// next rows' values, never past values_end), writes out[0, cols) only.
+using BitmapUnpackRowFn = void (*)(const void* values, const void* values_end, const int32_t* bits, int64_t cols,
+                                   void* out);
+
 struct BitmapTiles {
   BitmapRowFn row_f32;
   BitmapRowFn row_f16;
@@ -104,6 +120,12 @@ struct BitmapTiles {
   BitmapSpmmFn spmm_f32;
   BitmapSpmmFn spmm_f16;
   BitmapSpmmFn spmm_bf16;
+  // AVX-512: per 16 columns, a masked load and a register compress / expand;
+  // AVX2: per 8 columns, a permute from a 256-entry table; baseline: scalar.
+  BitmapPackRowFn pack32;
+  BitmapPackRowFn pack16;
+  BitmapUnpackRowFn unpack32;
+  BitmapUnpackRowFn unpack16;
 };
 
 BitmapTiles bitmap_tiles_default();

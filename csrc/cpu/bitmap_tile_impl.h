@@ -112,21 +112,26 @@ constexpr ExpandTable make_expand_table() {
 
 alignas(32) constexpr ExpandTable kExpand = make_expand_table();
 
+// The 8 lanes of byte k: the first popcount(k) lanes of packed moved to k's set lanes,
+// zeros elsewhere.
+inline __m256i expand8(__m256i packed, uint32_t k) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.permute[k]));
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
+  return _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, idx), keep);
+}
+
 inline const float* decode_segment(const float* v, const float* /*v_end*/, const int32_t* bits, int64_t n_words,
                                    float* dense) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int64_t w = 0; w < n_words; ++w) {
     const uint32_t u = static_cast<uint32_t>(bits[w]);
     for (int q = 0; q < 4; ++q) {
       const uint32_t k = (u >> (8 * q)) & 0xFFu;
       const int n = popcount32(k);
       const __m256i load_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-      const __m256 packed = _mm256_maskload_ps(v, load_mask);
-      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.permute[k]));
-      const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
-      const __m256 lanes = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(keep));
-      _mm256_storeu_ps(dense + 32 * w + 8 * q, lanes);
+      const __m256i packed = _mm256_castps_si256(_mm256_maskload_ps(v, load_mask));
+      _mm256_storeu_ps(dense + 32 * w + 8 * q, _mm256_castsi256_ps(expand8(packed, k)));
       v += n;
     }
   }
@@ -813,6 +818,210 @@ void rows_dot(
   }
 }
 
+// --- Format conversions (BitmapPackRowFn / BitmapUnpackRowFn), every ISA -------
+// E is the element's bits (uint32_t: float32; uint16_t: float16 / bfloat16):
+// bits are copied, never converted.
+
+// One word's kept elements of a weight row, in column order (a count-trailing-zeros walk).
+template <typename E>
+inline E* pack_word_scalar(const E* w, uint32_t u, E* out) {
+  while (u) {
+    *out++ = w[ctz32(u)];
+    u &= u - 1;
+  }
+  return out;
+}
+
+// One word's n_cols (<= 32) columns of a dense row: zeros, then the next value at each set
+// bit (a bit at or past n_cols, which the caller has refused, would write nothing).
+template <typename E>
+inline const E* unpack_word_scalar(const E* v, uint32_t u, int64_t n_cols, E* out) {
+  std::fill(out, out + n_cols, E{0});
+  while (u) {
+    const int c = ctz32(u);
+    const E e = *v++;
+    if (c < n_cols) {
+      out[c] = e;
+    }
+    u &= u - 1;
+  }
+  return v;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 elements as 32-bit lanes: masked loads (lanes off the mask are never read, so a
+// load never leaves the tensor) and stores (full, or masked to the lanes of k).
+inline __m512i load_lanes16(const uint32_t* p, __mmask16 k) {
+  return _mm512_maskz_loadu_epi32(k, p);
+}
+inline __m512i load_lanes16(const uint16_t* p, __mmask16 k) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+}
+inline void store_lanes16(uint32_t* p, __m512i v) {
+  _mm512_storeu_si512(p, v);
+}
+inline void store_lanes16(uint16_t* p, __m512i v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
+}
+inline void store_lanes16(uint32_t* p, __mmask16 k, __m512i v) {
+  _mm512_mask_storeu_epi32(p, k, v);
+}
+inline void store_lanes16(uint16_t* p, __mmask16 k, __m512i v) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(v));
+}
+
+// Per 16-bit half of each word: the kept lanes, loaded under the half's bits, compressed
+// in a register (not the microcoded memory form), stored whole while 16 lanes still fit
+// in the row's values (the next half overwrites the lanes past its count), masked to the
+// count near the end.
+template <typename E>
+void pack_row(const void* w_v, int64_t cols, const int32_t* bits, void* out_v, int64_t n) {
+  const E* w = static_cast<const E*>(w_v);
+  E* out = static_cast<E*>(out_v);
+  E* const end = out + n;
+  const int64_t words = (cols + 31) / 32;
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const uint32_t u = static_cast<uint32_t>(bits[wd]);
+    for (int h = 0; h < 2; ++h) {
+      const auto k = static_cast<__mmask16>(u >> (16 * h));
+      if (k == 0) {  // also keeps the pointer below inside the row
+        continue;
+      }
+      const __m512i kept = _mm512_maskz_compress_epi32(k, load_lanes16(w + 32 * wd + 16 * h, k));
+      const int pc = popcount32(k);
+      if (end - out >= 16) {
+        store_lanes16(out, kept);
+      } else {
+        store_lanes16(out, static_cast<__mmask16>((1u << pc) - 1u), kept);
+      }
+      out += pc;
+    }
+  }
+}
+
+// Per 16-bit half of each word: popcount values (a masked load: never past the row's
+// values) expanded to the half's set lanes in a register, zeros elsewhere, stored whole
+// (masked to the row's columns in its last word).
+template <typename E>
+void unpack_row(const void* values, const void* /*values_end*/, const int32_t* bits, int64_t cols, void* out_v) {
+  const E* v = static_cast<const E*>(values);
+  E* out = static_cast<E*>(out_v);
+  const int64_t words = (cols + 31) / 32;
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const uint32_t u = static_cast<uint32_t>(bits[wd]);
+    for (int h = 0; h < 2; ++h) {
+      const auto k = static_cast<__mmask16>(u >> (16 * h));
+      const int pc = popcount32(k);
+      const __m512i lanes = _mm512_maskz_expand_epi32(k, load_lanes16(v, static_cast<__mmask16>((1u << pc) - 1u)));
+      const int64_t c0 = 32 * wd + 16 * h;
+      if (c0 + 16 <= cols) {
+        store_lanes16(out + c0, lanes);
+      } else if (c0 < cols) {
+        store_lanes16(out + c0, static_cast<__mmask16>((1u << (cols - c0)) - 1u), lanes);
+      }
+      v += pc;
+    }
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// 8 elements as 32-bit lanes (16-bit ones widened, and narrowed back exactly: packus
+// of values below 2^16).
+inline __m256i load_lanes8(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline __m256i load_lanes8(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_lanes8(uint32_t* p, __m256i v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void store_lanes8(uint16_t* p, __m256i v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+// Whole words per byte: 8 columns loaded, the kept ones moved to the front by a permute
+// from the set-bit-position table (kSetBits), stored whole while 8 lanes still fit in
+// the row's values, else through a copy; the last partial word scalar (no load past the
+// row).
+template <typename E>
+void pack_row(const void* w_v, int64_t cols, const int32_t* bits, void* out_v, int64_t n) {
+  const E* w = static_cast<const E*>(w_v);
+  E* out = static_cast<E*>(out_v);
+  E* const end = out + n;
+  const int64_t full = cols / 32;
+  for (int64_t wd = 0; wd < full; ++wd) {
+    const uint32_t u = static_cast<uint32_t>(bits[wd]);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t k = (u >> (8 * q)) & 0xFFu;
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSetBits.pos[k]));
+      const __m256i kept = _mm256_permutevar8x32_epi32(load_lanes8(w + 32 * wd + 8 * q), idx);
+      const int pc = popcount32(k);
+      if (end - out >= 8) {
+        store_lanes8(out, kept);
+      } else {
+        alignas(32) E tmp[8];
+        store_lanes8(tmp, kept);
+        std::copy(tmp, tmp + pc, out);
+      }
+      out += pc;
+    }
+  }
+  if (full * 32 < cols) {
+    pack_word_scalar(w + 32 * full, static_cast<uint32_t>(bits[full]), out);
+  }
+}
+
+// Whole words per byte: 8 values (through a copy within 8 of the tensor's end) permuted
+// to the byte's set lanes (kExpand), zeros elsewhere, stored whole; the last partial word
+// scalar.
+template <typename E>
+void unpack_row(const void* values, const void* values_end, const int32_t* bits, int64_t cols, void* out_v) {
+  const E* v = static_cast<const E*>(values);
+  const E* const v_end = static_cast<const E*>(values_end);
+  E* out = static_cast<E*>(out_v);
+  const int64_t full = cols / 32;
+  for (int64_t wd = 0; wd < full; ++wd) {
+    const uint32_t u = static_cast<uint32_t>(bits[wd]);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t k = (u >> (8 * q)) & 0xFFu;
+      const int pc = popcount32(k);
+      __m256i packed;
+      if (v_end - v >= 8) {
+        packed = load_lanes8(v);
+      } else {
+        alignas(32) E tmp[8] = {};
+        std::copy(v, v + pc, tmp);
+        packed = load_lanes8(tmp);
+      }
+      store_lanes8(out + 32 * wd + 8 * q, expand8(packed, k));
+      v += pc;
+    }
+  }
+  if (full * 32 < cols) {
+    unpack_word_scalar(v, static_cast<uint32_t>(bits[full]), cols - 32 * full, out + 32 * full);
+  }
+}
+#else
+template <typename E>
+void pack_row(const void* w_v, int64_t cols, const int32_t* bits, void* out_v, int64_t /*n*/) {
+  const E* w = static_cast<const E*>(w_v);
+  E* out = static_cast<E*>(out_v);
+  for (int64_t wd = 0; 32 * wd < cols; ++wd) {
+    out = pack_word_scalar(w + 32 * wd, static_cast<uint32_t>(bits[wd]), out);
+  }
+}
+
+template <typename E>
+void unpack_row(const void* values, const void* /*values_end*/, const int32_t* bits, int64_t cols, void* out_v) {
+  const E* v = static_cast<const E*>(values);
+  E* out = static_cast<E*>(out_v);
+  for (int64_t wd = 0; 32 * wd < cols; ++wd) {
+    v = unpack_word_scalar(v, static_cast<uint32_t>(bits[wd]), std::min<int64_t>(32, cols - 32 * wd), out + 32 * wd);
+  }
+}
+#endif
+
 }  // namespace bitmap
 }  // namespace
 
@@ -820,11 +1029,15 @@ BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
 #if defined(CPU_CAPABILITY_AVX512)
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
                      bitmap::pick_gemv<float>(), bitmap::pick_gemv<c10::Half>(), bitmap::pick_gemv<c10::BFloat16>(),
-                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
+                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>,
+                     &bitmap::pack_row<uint32_t>, &bitmap::pack_row<uint16_t>,
+                     &bitmap::unpack_row<uint32_t>, &bitmap::unpack_row<uint16_t>};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
                      nullptr,                  nullptr,                      nullptr,
-                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>};
+                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>,
+                     &bitmap::pack_row<uint32_t>, &bitmap::pack_row<uint16_t>,
+                     &bitmap::unpack_row<uint32_t>, &bitmap::unpack_row<uint16_t>};
 #endif
 }
 

@@ -11,8 +11,17 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/bitmap_tile.h"
+#include "cpu/isa.h"
 #include "tests/harness.h"
 #include "tests/linear_check.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <random>
+#endif
 
 namespace {
 
@@ -88,5 +97,85 @@ MF_TEST(bitmap_rejects_bad_formats) {
     MF_CHECK_THROWS(linear(x, {v4, padded, rp4, block_ptr}, 40, std::nullopt), "bits sets bits past in_features = 40 in row 4");
   }
 }
+
+#if defined(__linux__)
+// n elements whose last byte lies just before a page with no access: a load or store
+// past them kills the process (ctest then reports the test failed).
+template <typename E>
+class AtPageEnd {
+ public:
+  explicit AtPageEnd(int64_t n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = static_cast<size_t>(n) * sizeof(E);
+    pages_ = bytes / page + 1;
+    size_ = (pages_ + 1) * page;
+    void* m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    MF_CHECK(m != MAP_FAILED, "mmap failed");
+    base_ = static_cast<char*>(m);
+    MF_CHECK(mprotect(base_ + pages_ * page, page, PROT_NONE) == 0, "mprotect failed");
+    data_ = reinterpret_cast<E*>(base_ + pages_ * page - bytes);
+  }
+  AtPageEnd(const AtPageEnd&) = delete;
+  AtPageEnd& operator=(const AtPageEnd&) = delete;
+  ~AtPageEnd() {
+    munmap(base_, size_);
+  }
+  E* data() const {
+    return data_;
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t pages_ = 0, size_ = 0;
+  E* data_ = nullptr;
+};
+
+// One row through the selected ISA's pack / unpack row kernels, every buffer (inputs and
+// outputs) at a page end, against a plain loop: the kernels' whole-vector stores must stop
+// at the row's own elements (in the op, the next row's belong to another task).
+template <typename E>
+void check_convert_row(const multiflow::cpu::BitmapTiles& tiles, int64_t cols, double density, std::mt19937& gen) {
+  const int64_t words = (cols + 31) / 32;
+  AtPageEnd<E> w(cols);
+  AtPageEnd<int32_t> bits(words);
+  std::bernoulli_distribution keep(density);
+  std::uniform_int_distribution<uint32_t> any_bits;
+  std::vector<E> kept;
+  for (int64_t wd = 0; wd < words; ++wd) {
+    bits.data()[wd] = 0;
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    w.data()[c] = static_cast<E>(any_bits(gen));
+    if (keep(gen)) {
+      bits.data()[c / 32] |= static_cast<int32_t>(1u << (c % 32));
+      kept.push_back(w.data()[c]);
+    }
+  }
+  const auto n = static_cast<int64_t>(kept.size());
+  AtPageEnd<E> values(n);
+  (sizeof(E) == 4 ? tiles.pack32 : tiles.pack16)(w.data(), cols, bits.data(), values.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    MF_CHECK(values.data()[i] == kept[i], "pack, ", 8 * sizeof(E), "-bit, ", cols, " columns: value ", i);
+  }
+  AtPageEnd<E> dense(cols);
+  (sizeof(E) == 4 ? tiles.unpack32 : tiles.unpack16)(values.data(), values.data() + n, bits.data(), cols, dense.data());
+  for (int64_t c = 0; c < cols; ++c) {
+    const bool set = (static_cast<uint32_t>(bits.data()[c / 32]) >> (c % 32)) & 1u;
+    MF_CHECK(dense.data()[c] == (set ? w.data()[c] : E{0}), "unpack, ", 8 * sizeof(E), "-bit, ", cols,
+             " columns: column ", c);
+  }
+}
+
+MF_TEST(bitmap_convert_rows_stay_in_their_buffers) {
+  const multiflow::cpu::BitmapTiles tiles = MULTIFLOW_ISA_TABLE(multiflow::cpu::bitmap_tiles);
+  std::mt19937 gen(23);
+  for (int64_t cols : {1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 100, 1100}) {
+    for (double density : {0.0, 0.2, 0.6, 0.95, 1.0}) {
+      check_convert_row<uint32_t>(tiles, cols, density, gen);
+      check_convert_row<uint16_t>(tiles, cols, density, gen);
+    }
+  }
+}
+#endif
 
 }  // namespace
