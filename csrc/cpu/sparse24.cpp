@@ -2,10 +2,23 @@
 //
 // pack and unpack copy elements by their bits (2 or 4 bytes, whatever the
 // float type: the round trip is exact, NaN and -0.0 included), parallel over
-// rows. pack reads each chunk's 4 mask bools as a 4-bit keep pattern and looks
-// up the chunk's two positions (kept ones first, then the lowest unused); a
-// chunk that keeps more than 2 marks its row, and the op raises after the pass,
-// naming the rows, so nothing it allocated is returned.
+// rows, one per-ISA row function per element size (sparse24_tile_impl.h). pack
+// reads each chunk's 4 mask bools as a 4-bit keep pattern and looks up the
+// chunk's two positions (kChunkPicks: kept ones first, then the lowest unused);
+// a chunk that keeps more than 2 marks its row, and the op raises after the
+// pass, naming the rows, so nothing it allocated is returned. The row functions:
+//   AVX-512  32 columns a step (2 metadata words, 16 values): the mask bytes
+//            tested into a keep pattern, the metadata from a 256-entry table
+//            per byte of it, the values one permute of the weights (zeroed at
+//            filler positions); unpack computes every output lane's source
+//            value from the broadcast metadata: one masked permute per word;
+//   AVX2     the same, 16 columns (1 word, 8 values) a step, half a word per
+//            permute;
+//   default  chunk by chunk in scalar code, which is also every ISA's loop for
+//            a row's last columns short of a whole step (so no load or store
+//            leaves a row).
+// Every path writes the same bits for any input, unpack for any metadata (an
+// invalid code too: the chunk's second value wins where both name one position).
 //
 // sparse24_linear: each parallel task owns a block of output rows and streams
 // their values and metadata from memory once; the per-ISA row kernel
@@ -31,6 +44,7 @@
 #include "cpu/dispatch_activation.h"
 #include "dtypes.h"
 #include "cpu/isa.h"
+#include "cpu/sparse24_chunk.h"
 #include "cpu/sparse24_tile.h"
 #include "sparse24.h"
 
@@ -48,80 +62,14 @@ const Sparse24Tiles& tiles() {
   return table;
 }
 
-// A chunk's 4-bit code: the position of its first value in bits 0-1, the
-// second in bits 2-3.
-inline int first_position(uint32_t code) {
-  return static_cast<int>(code & 3u);
-}
-inline int second_position(uint32_t code) {
-  return static_cast<int>((code >> 2) & 3u);
-}
-
-// For each 4-bit keep pattern of a chunk (bit p: position p kept): the code of
-// its two positions, the kept ones and then the lowest unused, in increasing
-// order; valid when it keeps at most 2.
-struct ChunkPick {
-  uint8_t code;
-  bool valid;
-};
-
-struct ChunkPicks {
-  ChunkPick pick[16];
-};
-
-constexpr ChunkPicks make_chunk_picks() {
-  ChunkPicks t{};
-  for (uint32_t keep = 0; keep < 16; ++keep) {
-    int positions[4] = {};
-    int n = 0;
-    for (int p = 0; p < 4; ++p) {
-      if ((keep >> p) & 1u) {
-        positions[n++] = p;
-      }
-    }
-    t.pick[keep].valid = n <= 2;
-    for (int p = 0; p < 4 && n < 2; ++p) {
-      if (!((keep >> p) & 1u)) {
-        positions[n++] = p;
-      }
-    }
-    const int lo = std::min(positions[0], positions[1]);
-    const int hi = std::max(positions[0], positions[1]);
-    t.pick[keep].code = static_cast<uint8_t>(lo | (hi << 2));
+// The row function of the element bits E (uint32_t or uint16_t).
+template <typename E, typename Fn32, typename Fn16>
+auto pick_for_bits(Fn32 fn32, Fn16 fn16) {
+  if constexpr (sizeof(E) == 4) {
+    return fn32;
+  } else {
+    return fn16;
   }
-  return t;
-}
-
-constexpr ChunkPicks kChunkPicks = make_chunk_picks();
-
-// The mask is read as bytes: a bool byte other than 0 / 1 (a tensor viewed as bool) counts
-// as true, as in pack_mask and the CUDA kernel, and never indexes past the 16-entry table.
-inline uint32_t keep_pattern(const uint8_t* m) {
-  return (m[0] != 0 ? 1u : 0u) | (m[1] != 0 ? 2u : 0u) | (m[2] != 0 ? 4u : 0u) | (m[3] != 0 ? 8u : 0u);
-}
-
-// Packs one row (E: the element's bits); false when a chunk keeps more than 2.
-template <typename E>
-bool pack_row(const E* w, const uint8_t* mask, int64_t cols, E* values, uint16_t* metadata) {
-  const int64_t chunks = cols / 4;
-  bool ok = true;
-  for (int64_t word = 0; 4 * word < chunks; ++word) {
-    uint32_t bits = 0;
-    for (int64_t q = 4 * word; q < std::min(chunks, 4 * word + 4); ++q) {
-      const uint32_t keep = keep_pattern(mask + 4 * q);
-      const ChunkPick pick = kChunkPicks.pick[keep];
-      ok &= pick.valid;
-      const int p0 = first_position(pick.code), p1 = second_position(pick.code);
-      // All ones where the position is kept, zero for a filler: no branch on the mask.
-      const auto keep0 = static_cast<E>(0u - ((keep >> p0) & 1u));
-      const auto keep1 = static_cast<E>(0u - ((keep >> p1) & 1u));
-      values[2 * q] = static_cast<E>(w[4 * q + p0] & keep0);
-      values[2 * q + 1] = static_cast<E>(w[4 * q + p1] & keep1);
-      bits |= static_cast<uint32_t>(pick.code) << (4 * (q - 4 * word));
-    }
-    metadata[word] = static_cast<uint16_t>(bits);
-  }
-  return ok;
 }
 
 // The ValueError for the rows whose flag is set (none: no error).
@@ -171,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> sparse24_pack_cpu(const at::Tensor& weight, c
     using E = decltype(zero);
     const E* w = static_cast<const E*>(p.weight.const_data_ptr());
     E* v = static_cast<E*>(values.mutable_data_ptr());
+    const Sparse24PackRowFn<E> pack_row = pick_for_bits<E>(tiles().pack_row32, tiles().pack_row16);
     at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         bad[r] = !pack_row(w + r * cols, m + r * cols, cols, v + r * (cols / 2), meta + r * words);
@@ -190,18 +139,10 @@ at::Tensor sparse24_unpack_cpu(const at::Tensor& values, const at::Tensor& metad
     using E = decltype(zero);
     const E* v = static_cast<const E*>(p.values.const_data_ptr());
     E* o = static_cast<E*>(out.mutable_data_ptr());
+    const Sparse24UnpackRowFn<E> unpack_row = pick_for_bits<E>(tiles().unpack_row32, tiles().unpack_row16);
     at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const E* v_row = v + r * (cols / 2);
-        const uint16_t* meta_row = meta + r * words;
-        E* o_row = o + r * cols;
-        for (int64_t q = 0; q < cols / 4; ++q) {
-          const uint32_t code = (static_cast<uint32_t>(meta_row[q / 4]) >> (4 * (q % 4))) & 15u;
-          E* o_chunk = o_row + 4 * q;
-          o_chunk[0] = o_chunk[1] = o_chunk[2] = o_chunk[3] = E{0};
-          o_chunk[first_position(code)] = v_row[2 * q];
-          o_chunk[second_position(code)] = v_row[2 * q + 1];
-        }
+        unpack_row(v + r * (cols / 2), meta + r * words, cols, o + r * cols);
       }
     });
   });

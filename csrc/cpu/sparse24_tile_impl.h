@@ -36,6 +36,7 @@
 #endif
 
 #include "cpu/isa.h"
+#include "cpu/sparse24_chunk.h"
 #include "cpu/sparse24_tile.h"
 #include "cpu/vec_load_impl.h"
 
@@ -294,12 +295,249 @@ void rows_dot(
   }
 }
 
+// ---- sparse24_pack / sparse24_unpack: one row, by the elements' bits.
+
+// Chunk by chunk, as plainly as the format reads: the default ISA's whole row,
+// and the remainder of a row (fewer than kStepCols columns) on the vector ISAs.
+// Packs the words from word_begin on.
+template <typename E>
+bool pack_words_scalar(const E* w, const uint8_t* mask, int64_t cols, E* values, uint16_t* metadata,
+                       int64_t word_begin) {
+  const int64_t chunks = cols / 4;
+  bool ok = true;
+  for (int64_t word = word_begin; 4 * word < chunks; ++word) {
+    uint32_t bits = 0;
+    for (int64_t q = 4 * word; q < std::min(chunks, 4 * word + 4); ++q) {
+      const uint32_t keep = keep_pattern(mask + 4 * q);
+      const ChunkPick pick = kChunkPicks.pick[keep];
+      ok &= pick.valid;
+      const int p0 = first_position(pick.code), p1 = second_position(pick.code);
+      // All ones where the position is kept, zero for a filler: no branch on the mask.
+      const auto keep0 = static_cast<E>(0u - ((keep >> p0) & 1u));
+      const auto keep1 = static_cast<E>(0u - ((keep >> p1) & 1u));
+      values[2 * q] = static_cast<E>(w[4 * q + p0] & keep0);
+      values[2 * q + 1] = static_cast<E>(w[4 * q + p1] & keep1);
+      bits |= static_cast<uint32_t>(pick.code) << (4 * (q - 4 * word));
+    }
+    metadata[word] = static_cast<uint16_t>(bits);
+  }
+  return ok;
+}
+
+// Unpacks the chunks from chunk_begin on.
+template <typename E>
+void unpack_chunks_scalar(const E* v, const uint16_t* metadata, int64_t cols, E* out, int64_t chunk_begin) {
+  for (int64_t q = chunk_begin; q < cols / 4; ++q) {
+    const uint32_t code = (static_cast<uint32_t>(metadata[q / 4]) >> (4 * (q % 4))) & 15u;
+    E* o = out + 4 * q;
+    o[0] = o[1] = o[2] = o[3] = E{0};
+    o[first_position(code)] = v[2 * q];
+    o[second_position(code)] = v[2 * q + 1];
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The vector ISAs convert a step of kStepCols columns (kStepValues values,
+// kStepWords metadata words) at a time: the same steps as the linear kernel,
+// whose step_index gives pack the weight column of every value.
+//
+// pack: the step's mask bytes compare with zero into a keep pattern (bit c:
+// column c kept); byte b of it (2 chunks) looks up byte b of the step's
+// metadata and whether both chunks keep at most 2 (kBytePicks, 256 entries);
+// the values are a permute of the step's weights by step_index, zeroed where
+// the column is a filler (its keep bit is clear).
+// unpack: each output lane computes its chunk's code from the broadcast
+// metadata: lane p of a chunk takes the chunk's second value if the second
+// position is p, else its first if the first is p, else 0 (the order of the
+// scalar writes, so equal positions and any of the 16 codes give its bits),
+// as one permute of the step's values with a zeroing mask.
+//
+// Elements travel in 32-bit lanes, float32 bits as they are, 16-bit ones
+// zero-extended on the load and narrowed back on the store: one lane width,
+// so one index computation serves both element sizes.
+
+struct BytePicks {
+  uint8_t code[256];   // the two chunks' codes, the first in bits 0-3
+  uint8_t valid[256];  // 1: both keep at most 2
+};
+
+constexpr BytePicks make_byte_picks() {
+  BytePicks t{};
+  for (uint32_t keep = 0; keep < 256; ++keep) {
+    const ChunkPick lo = kChunkPicks.pick[keep & 15u], hi = kChunkPicks.pick[keep >> 4];
+    t.code[keep] = static_cast<uint8_t>(lo.code | (hi.code << 4));
+    t.valid[keep] = lo.valid && hi.valid ? 1 : 0;
+  }
+  return t;
+}
+
+constexpr BytePicks kBytePicks = make_byte_picks();
+
+// The step's metadata (its words as one little-endian number) from its keep
+// pattern; ok &= every chunk keeps at most 2.
+inline uint32_t step_codes(uint32_t keep, bool& ok) {
+  uint32_t bits = 0;
+  uint32_t valid = 1;
+  for (int64_t b = 0; b < kStepCols / 8; ++b) {
+    const uint32_t byte = (keep >> (8 * b)) & 0xFFu;
+    bits |= static_cast<uint32_t>(kBytePicks.code[byte]) << (8 * b);
+    valid &= kBytePicks.valid[byte];
+  }
+  ok &= valid != 0;
+  return bits;
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+using Lanes = __m512i;  // 16 elements in 32-bit lanes
+
+inline Lanes load_lanes(const uint32_t* p) {
+  return _mm512_loadu_si512(p);
+}
+inline Lanes load_lanes(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store_lanes(uint32_t* p, Lanes v) {
+  _mm512_storeu_si512(p, v);
+}
+inline void store_lanes(uint16_t* p, Lanes v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
+}
+
+// Bit c of the keep pattern: mask byte c != 0, for the step's 32 columns.
+inline uint32_t step_keep(const uint8_t* mask) {
+  const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask));
+  return _mm256_test_epi8_mask(m, m);
+}
+
+// values[k] = weight column index[k] of the step (0..31) where kept, else 0.
+template <typename E>
+inline void pack_values(const E* w, uint32_t keep, const Index& index, E* values) {
+  const __m512i kept_bit = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(keep)), index);
+  const __mmask16 kept = _mm512_test_epi32_mask(kept_bit, _mm512_set1_epi32(1));
+  store_lanes(values, _mm512_maskz_permutex2var_epi32(kept, load_lanes(w), index, load_lanes(w + 16)));
+}
+
+// 16 columns (4 chunks, codes in the 16 bits of `word`) from the 16 value
+// lanes, of which the chunks' 8 start at lane `first`.
+inline Lanes unpack_lanes(const Lanes& values, uint32_t word, int first) {
+  const __m512i chunk_shift = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+  const __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i chunk_value = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i code = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), chunk_shift);
+  const __mmask16 is_first = _mm512_cmpeq_epi32_mask(_mm512_and_si512(code, _mm512_set1_epi32(3)), position);
+  const __mmask16 is_second =
+      _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srli_epi32(code, 2), _mm512_set1_epi32(3)), position);
+  const __m512i base = _mm512_add_epi32(chunk_value, _mm512_set1_epi32(first));
+  const __m512i index = _mm512_mask_add_epi32(base, is_second, base, _mm512_set1_epi32(1));
+  return _mm512_maskz_permutexvar_epi32(static_cast<__mmask16>(is_first | is_second), index, values);
+}
+
+// The step: 2 words, 16 values, 32 columns.
+template <typename E>
+inline void unpack_step(const E* v, uint32_t bits, E* out) {
+  const Lanes values = load_lanes(v);
+  store_lanes(out, unpack_lanes(values, bits & 0xFFFFu, 0));
+  store_lanes(out + 16, unpack_lanes(values, bits >> 16, 8));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using Lanes = __m256i;  // 8 elements in 32-bit lanes
+
+inline Lanes load_lanes(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline Lanes load_lanes(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_lanes(uint32_t* p, Lanes v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void store_lanes(uint16_t* p, Lanes v) {
+  // packus saturates signed 32-bit lanes to 0..65535: exact for zero-extended ones.
+  const __m128i narrow = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow);
+}
+
+// Bit c of the keep pattern: mask byte c != 0, for the step's 16 columns.
+inline uint32_t step_keep(const uint8_t* mask) {
+  const __m128i m = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask));
+  return ~static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(m, _mm_setzero_si128()))) & 0xFFFFu;
+}
+
+// values[k] = weight column of value k (index: lanes 0-3 in the low 8
+// columns, 4-7 in the high 8) where kept, else 0.
+template <typename E>
+inline void pack_values(const E* w, uint32_t keep, const Index& index, E* values) {
+  const __m256i column = _mm256_add_epi32(index, _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8));
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i kept_bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(keep)), column), one);
+  const __m256i kept = _mm256_cmpeq_epi32(kept_bit, one);
+  const __m256i picked = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(load_lanes(w), index),
+                                            _mm256_permutevar8x32_epi32(load_lanes(w + 8), index), 0xF0);
+  store_lanes(values, _mm256_and_si256(picked, kept));
+}
+
+// 8 columns (2 chunks, codes in the 8 bits of `byte`) from the 8 value lanes,
+// of which the chunks' 4 start at lane `first`.
+inline Lanes unpack_lanes(const Lanes& values, uint32_t byte, int first) {
+  const __m256i chunk_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i position = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  const __m256i chunk_value = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  const __m256i three = _mm256_set1_epi32(3);
+  const __m256i code = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(byte)), chunk_shift);
+  const __m256i is_first = _mm256_cmpeq_epi32(_mm256_and_si256(code, three), position);
+  const __m256i is_second = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(code, 2), three), position);
+  // is_second is -1 where true: subtracting it picks the chunk's second value.
+  const __m256i index = _mm256_sub_epi32(_mm256_add_epi32(chunk_value, _mm256_set1_epi32(first)), is_second);
+  return _mm256_and_si256(_mm256_permutevar8x32_epi32(values, index), _mm256_or_si256(is_first, is_second));
+}
+
+// The step: 1 word, 8 values, 16 columns.
+template <typename E>
+inline void unpack_step(const E* v, uint32_t bits, E* out) {
+  const Lanes values = load_lanes(v);
+  store_lanes(out, unpack_lanes(values, bits & 0xFFu, 0));
+  store_lanes(out + 8, unpack_lanes(values, (bits >> 8) & 0xFFu, 4));
+}
+#endif
+
+template <typename E>
+bool pack_row(const E* w, const uint8_t* mask, int64_t cols, E* values, uint16_t* metadata) {
+  int64_t c = 0;
+  bool ok = true;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  for (; c + kStepCols <= cols; c += kStepCols) {
+    const uint32_t keep = step_keep(mask + c);
+    const uint32_t bits = step_codes(keep, ok);
+    uint16_t* words = metadata + c / kWordCols;
+    for (int64_t k = 0; k < kStepWords; ++k) {
+      words[k] = static_cast<uint16_t>(bits >> (16 * k));
+    }
+    pack_values(w + c, keep, step_index(bits), values + c / 2);
+  }
+#endif
+  return pack_words_scalar(w, mask, cols, values, metadata, c / kWordCols) && ok;
+}
+
+template <typename E>
+void unpack_row(const E* values, const uint16_t* metadata, int64_t cols, E* out) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  for (; c + kStepCols <= cols; c += kStepCols) {
+    unpack_step(values + c / 2, step_bits(metadata + c / kWordCols), out + c);
+  }
+#endif
+  unpack_chunks_scalar(values, metadata, cols, out, c / 4);
+}
+
 }  // namespace sparse24
 }  // namespace
 
 Sparse24Tiles MULTIFLOW_ISA_FN(sparse24_tiles)() {
   return Sparse24Tiles{
-      &sparse24::rows_dot<float>, &sparse24::rows_dot<c10::Half>, &sparse24::rows_dot<c10::BFloat16>};
+      &sparse24::rows_dot<float>, &sparse24::rows_dot<c10::Half>, &sparse24::rows_dot<c10::BFloat16>,
+      &sparse24::pack_row<uint32_t>, &sparse24::pack_row<uint16_t>,
+      &sparse24::unpack_row<uint32_t>, &sparse24::unpack_row<uint16_t>};
 }
 
 }  // namespace multiflow::cpu
