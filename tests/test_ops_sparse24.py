@@ -11,10 +11,13 @@ rounding of the output dtype relative to sum |x| |w|.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from _earned import assert_linear_earned
+from _guard_pages import run_guarded
 from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
@@ -378,3 +381,154 @@ def test_every_isa_path(isa, tmp_path):
         assert torch.equal(dense, wm), f"{name} unpack ({isa})"
         for m, y in zip((1, 3, 5, 9), ys):
             assert_linear_earned(y, xd[:m], wm, bd, f"{name} y, M = {m} ({isa})")
+
+
+# ----------------------------------------------------------------------------- every code, special values, guard pages
+
+AWKWARD_COLS = [4, 12, 20, 36, 100, 772]  # the vector steps are 16 or 32 columns: scalar remainders of every length
+
+
+def random_bits(shape, dtype, gen):
+    """A tensor of dtype whose elements are uniformly random bit patterns (NaNs with payloads,
+    subnormals, -0.0 and infinities included)."""
+    bits = torch.randint(-(2**31), 2**31, shape, generator=gen, dtype=torch.int64)
+    return bits.to(as_bits(torch.empty(0, dtype=dtype)).dtype).view(dtype)
+
+
+def sparse24_words(cols):
+    return (cols + 15) // 16
+
+
+def every_code_metadata(rows, cols, gen):
+    """int16 metadata in which chunk q of row r has code (r + 5 q) % 16, so with 16 rows every
+    chunk of the row, in every nibble of a word and every step of a kernel, meets all 16 codes
+    (lo == hi and lo > hi included). The padding chunks of the last word get random bits."""
+    chunks = 4 * sparse24_words(cols)
+    codes = (torch.arange(rows)[:, None] + 5 * torch.arange(chunks)[None, :]) % 16
+    codes[:, cols // 4 :] = torch.randint(0, 16, (rows, chunks - cols // 4), generator=gen)
+    words = (codes.reshape(rows, -1, 4) << torch.tensor([0, 4, 8, 12])).sum(-1)
+    return (words - (words >= 2**15).long() * 2**16).to(torch.int16)
+
+
+def unpack_last_write_wins(values, metadata):
+    """unpack's contract for any metadata, in plain torch: zeros, then each chunk's first value
+    at its first position, then its second value at its second position (which wins when the
+    two are equal). Two scatters, each with one index per chunk, so the order is defined
+    (reference.sparse24_unpack scatters both values at once: with equal positions torch leaves
+    the winner undefined)."""
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    bits = as_bits(values).reshape(rows, cols // 4, 2)
+    positions = reference.sparse24_positions(metadata, cols)
+    dense = torch.zeros(rows, cols // 4, 4, dtype=bits.dtype)
+    dense.scatter_(-1, positions[..., :1], bits[..., :1])
+    dense.scatter_(-1, positions[..., 1:], bits[..., 1:])
+    return dense.reshape(rows, cols).view(values.dtype)
+
+
+def test_unpack_last_write_wins_by_hand():
+    """The twin above against a row written out: codes 0b0000 (both at 0), 0b0111 (3, 1) and
+    0b1111 (both at 3)."""
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    metadata = torch.tensor([[0b0000 | 0b0111 << 4 | 0b1111 << 8]], dtype=torch.int16)
+    want = [[2.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 6.0]]
+    assert unpack_last_write_wins(values, metadata).tolist() == want
+    assert ops.sparse24_unpack(values, metadata).tolist() == want
+
+
+def special_values_weight(rows, cols, dtype, gen):
+    """A weight of the values whose bits a conversion could lose: NaNs with payloads (quiet
+    and signalling, both signs), -0.0, infinities, subnormals, the largest finite, at random
+    places among random ones."""
+    if dtype == torch.float32:
+        specials = [0x7FC01234, 0xFFC00001, 0x7F800001, 0x80000000, 0x7F800000, 0xFF800000, 0x00000001,
+                    0x807FFFFF, 0x7F7FFFFF]
+    elif dtype == torch.float16:
+        specials = [0x7E12, 0xFE01, 0x7C01, 0x8000, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF]
+    else:
+        specials = [0x7FC1, 0xFFC1, 0x7F81, 0x8000, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x7F7F]
+    int_dtype = as_bits(torch.empty(0, dtype=dtype)).dtype
+    table = torch.tensor(specials, dtype=torch.int64)
+    table = (table - (table >= 2 ** (8 * dtype.itemsize - 1)).long() * 2 ** (8 * dtype.itemsize)).to(int_dtype)
+    w = as_bits(torch.randn(rows, cols, generator=gen).to(dtype)).clone()
+    pick = torch.rand(rows, cols, generator=gen) < 0.5
+    w[pick] = table[torch.randint(0, len(specials), (int(pick.sum()),), generator=gen)]
+    return w.view(dtype)
+
+
+EVERY_CODE_SCRIPT = """
+import sys, torch
+import multiflow_kernels
+from multiflow_kernels import ops
+unpack_cases, pack_cases = torch.load(sys.argv[1])
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+out["unpack"] = [ops.sparse24_unpack(values, metadata) for values, metadata in unpack_cases]
+out["pack"] = []
+for w, mask in pack_cases:
+    fmt = ops.sparse24_pack(w, mask)
+    out["pack"].append((fmt, ops.sparse24_unpack(*fmt)))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_every_code_and_special_values_on_every_isa_path(isa, tmp_path):
+    """unpack of metadata holding all 16 codes in every chunk (invalid ones included: the
+    vector paths must write what the scalar loop writes), and pack / unpack round trips of
+    weights full of special values, in every dtype and on every ISA path, to the bit."""
+    gen = torch.Generator().manual_seed(11)
+    unpack_cases, pack_cases = [], []
+    for dtype in DTYPES:
+        for cols in AWKWARD_COLS + [64, 1056]:
+            unpack_cases.append((random_bits((16, cols // 2), dtype, gen), every_code_metadata(16, cols, gen)))
+            w = special_values_weight(5, cols, dtype, gen)
+            mask = ops.nm_mask(torch.rand(5, cols, generator=gen), 2, 4) & (torch.rand(5, cols, generator=gen) < 0.8)
+            pack_cases.append((w, mask))
+    got = run_with_isa(isa, EVERY_CODE_SCRIPT, (unpack_cases, pack_cases), tmp_path)
+    for (values, metadata), dense in zip(unpack_cases, got["unpack"]):
+        what = f"unpack {values.dtype} cols={2 * values.shape[1]} ({isa})"
+        assert dense.dtype == values.dtype, what
+        assert torch.equal(as_bits(dense), as_bits(unpack_last_write_wins(values, metadata))), what
+    for (w, mask), (fmt, dense) in zip(pack_cases, got["pack"]):
+        what = f"{w.dtype} cols={w.shape[1]} ({isa})"
+        assert_same_pack(fmt, reference.sparse24_pack_python(w, mask), "pack " + what)
+        assert torch.equal(as_bits(dense), as_bits(masked(w, mask))), "round trip " + what
+
+
+GUARD_SCRIPT = r"""
+import torch
+import multiflow_kernels  # noqa: F401
+from multiflow_kernels import ops
+from _guard_pages import at_page_end
+
+g = torch.Generator().manual_seed(0)
+n = 0
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for cols in (4, 12, 20, 28, 32, 36, 48, 64, 100, 772):
+        for rows in (1, 5):
+            w = torch.randn(rows, cols, generator=g).to(dtype)
+            mask = ops.nm_mask(torch.rand(rows, cols, generator=g), 2, 4)
+            want = ops.sparse24_pack(w.clone(), mask.clone())
+            got = ops.sparse24_pack(at_page_end(w), at_page_end(mask))
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, cols, rows)
+            dense = ops.sparse24_unpack(at_page_end(want[0]), at_page_end(want[1]))
+            assert torch.equal(dense, torch.where(mask, w, torch.zeros((), dtype=dtype))), (dtype, cols, rows)
+            bad = mask.clone()
+            bad[-1, -4:] = True  # the last chunk of the last row keeps 4: the error path reads it too
+            try:
+                ops.sparse24_pack(at_page_end(w), at_page_end(bad))
+            except ValueError as e:
+                assert f"row {rows - 1} keeps 4 of columns {cols - 4}..{cols - 1}" in str(e), e
+            else:
+                raise AssertionError("a mask that is not 2:4 was packed")
+            n += 1
+print("ok", n, torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mmap + mprotect guard pages: Linux only")
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_loads_never_leave_the_tensors(isa):
+    """pack's weight and mask, unpack's values and metadata each end right before a page with
+    no access (cols not a multiple of the 16 / 32 columns of a vector step, and multiples too):
+    any load past one of them kills the process (run apart, so a crash fails this test only)."""
+    run_guarded(GUARD_SCRIPT, isa)
