@@ -1,6 +1,8 @@
-// The row kernel of sparse24_linear on CPU, for one ISA. Included only by the
-// isa_*.cpp files, after they set CPU_CAPABILITY (no include guard on purpose:
-// once per ISA translation unit). See isa.h and sparse24_tile.h.
+// The row kernels of sparse24_linear, sparse24_pack and sparse24_unpack on
+// CPU, for one ISA. Included only by the isa_*.cpp files, after they set
+// CPU_CAPABILITY (no include guard on purpose: once per ISA translation unit).
+// See isa.h and sparse24_tile.h. The conversions (pack / unpack) are at the
+// end, after the linear kernel whose steps and step_index they share.
 //
 // Only the named positions are multiplied, as the sparse tensor cores do: a
 // step is one vector of values (kLanes of them, widened to float32: 2 metadata
