@@ -11,7 +11,8 @@
 //            tested into a keep pattern, the metadata from a 256-entry table
 //            per byte of it, the values one permute of the weights (zeroed at
 //            filler positions); unpack computes every output lane's source
-//            value from the broadcast metadata: one masked permute per word;
+//            value from the broadcast metadata: one masked permute per word
+//            (float32) or per step (16-bit elements, in 16-bit lanes);
 //   AVX2     the same, 16 columns (1 word, 8 values) a step, half a word per
 //            permute;
 //   default  chunk by chunk in scalar code, which is also every ISA's loop for

@@ -356,7 +356,10 @@ void unpack_chunks_scalar(const E* v, const uint16_t* metadata, int64_t cols, E*
 //
 // Elements travel in 32-bit lanes, float32 bits as they are, 16-bit ones
 // zero-extended on the load and narrowed back on the store: one lane width,
-// so one index computation serves both element sizes.
+// so one index computation serves both element sizes. The exception is
+// AVX-512's unpack of 16-bit elements, which computes its indices in 16-bit
+// lanes and writes a step with one vpermw, no widening or narrowing (768 x 768
+// float16 on one thread: 0.040 ms with them, 0.027 without).
 
 struct BytePicks {
   uint8_t code[256];   // the two chunks' codes, the first in bits 0-3
@@ -436,11 +439,31 @@ inline Lanes unpack_lanes(const Lanes& values, uint32_t word, int first) {
 }
 
 // The step: 2 words, 16 values, 32 columns.
-template <typename E>
-inline void unpack_step(const E* v, uint32_t bits, E* out) {
+inline void unpack_step(const uint32_t* v, uint32_t bits, uint32_t* out) {
   const Lanes values = load_lanes(v);
   store_lanes(out, unpack_lanes(values, bits & 0xFFFFu, 0));
   store_lanes(out + 16, unpack_lanes(values, bits >> 16, 8));
+}
+
+// 16-bit elements: the same lanes computed in 16-bit lanes (BW has the shifts,
+// compares and vpermw), so one permute writes the step's 32 columns, with no
+// widening or narrowing.
+inline void unpack_step(const uint16_t* v, uint32_t bits, uint16_t* out) {
+  const __m512i chunk_shift = _mm512_set_epi16(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0,
+                                               12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
+  const __m512i position = _mm512_set1_epi64(0x0003000200010000ll);
+  const __m512i chunk_value = _mm512_set_epi16(15, 15, 15, 15, 13, 13, 13, 13, 11, 11, 11, 11, 9, 9, 9, 9,
+                                               7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
+  const __m512i three = _mm512_set1_epi16(3);
+  const __m512i words = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(bits & 0xFFFFu)),
+                                           _mm256_set1_epi16(static_cast<int16_t>(bits >> 16)), 1);
+  const __m512i code = _mm512_srlv_epi16(words, chunk_shift);
+  const __mmask32 is_first = _mm512_cmpeq_epi16_mask(_mm512_and_si512(code, three), position);
+  const __mmask32 is_second = _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_srli_epi16(code, 2), three), position);
+  // chunk_value is the second value of each chunk: one less picks the first.
+  const __m512i index = _mm512_mask_sub_epi16(chunk_value, ~is_second, chunk_value, _mm512_set1_epi16(1));
+  const __m512i values = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  _mm512_storeu_si512(out, _mm512_maskz_permutexvar_epi16(is_first | is_second, index, values));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 using Lanes = __m256i;  // 8 elements in 32-bit lanes
