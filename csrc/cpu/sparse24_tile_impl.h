@@ -326,15 +326,20 @@ bool pack_words_scalar(const E* w, const uint8_t* mask, int64_t cols, E* values,
   return ok;
 }
 
-// Unpacks the chunks from chunk_begin on.
+// Unpacks the words from word_begin on, word by word, each read once (a loop
+// over chunks from a chunk_begin, taking q / 4 and q % 4 of a q the compiler
+// cannot prove non-negative, was a fifth slower on the default ISA).
 template <typename E>
-void unpack_chunks_scalar(const E* v, const uint16_t* metadata, int64_t cols, E* out, int64_t chunk_begin) {
-  for (int64_t q = chunk_begin; q < cols / 4; ++q) {
-    const uint32_t code = (static_cast<uint32_t>(metadata[q / 4]) >> (4 * (q % 4))) & 15u;
-    E* o = out + 4 * q;
-    o[0] = o[1] = o[2] = o[3] = E{0};
-    o[first_position(code)] = v[2 * q];
-    o[second_position(code)] = v[2 * q + 1];
+void unpack_words_scalar(const E* v, const uint16_t* metadata, int64_t cols, E* out, int64_t word_begin) {
+  const int64_t chunks = cols / 4;
+  for (int64_t word = word_begin; 4 * word < chunks; ++word) {
+    uint32_t codes = metadata[word];  // the chunk's code in bits 0-3
+    for (int64_t q = 4 * word; q < std::min(chunks, 4 * word + 4); ++q, codes >>= 4) {
+      E* o = out + 4 * q;
+      o[0] = o[1] = o[2] = o[3] = E{0};
+      o[first_position(codes)] = v[2 * q];
+      o[second_position(codes)] = v[2 * q + 1];
+    }
   }
 }
 
@@ -552,7 +557,7 @@ void unpack_row(const E* values, const uint16_t* metadata, int64_t cols, E* out)
     unpack_step(values + c / 2, step_bits(metadata + c / kWordCols), out + c);
   }
 #endif
-  unpack_chunks_scalar(values, metadata, cols, out, c / 4);
+  unpack_words_scalar(values, metadata, cols, out, c / kWordCols);
 }
 
 }  // namespace sparse24
