@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 from _earned import assert_linear_earned
+from _guard_pages import run_guarded
 from _isa_harness import isas_of_this_cpu, results_at_thread_counts, run_with_isa
 
 import multiflow_kernels  # noqa: F401  (registers the ops)
@@ -529,28 +530,10 @@ def test_float32_whole_words_use_x_in_place(m):
 
 
 GUARD_SCRIPT = r"""
-import ctypes, mmap, sys, torch
+import torch
 import multiflow_kernels  # noqa: F401
 from multiflow_kernels import ops
-
-PAGE = mmap.PAGESIZE
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-keep = []
-
-def at_page_end(t):
-    # A copy of t whose last byte lies just before a page with no access at all.
-    t = t.contiguous()
-    nbytes = t.numel() * t.element_size()
-    pages = nbytes // PAGE + 1
-    m = mmap.mmap(-1, (pages + 1) * PAGE)
-    buf = torch.frombuffer(m, dtype=torch.uint8)
-    assert libc.mprotect(buf.data_ptr() + pages * PAGE, PAGE, 0) == 0
-    start = pages * PAGE - nbytes
-    out = buf[start:start + nbytes].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    keep.append((m, buf))
-    return out
+from _guard_pages import at_page_end
 
 g = torch.Generator().manual_seed(0)
 n = 0
@@ -583,7 +566,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                             assert "row_ptr does not match bits" in str(e), e
                         else:
                             raise AssertionError("a wrong count was accepted")
-print("ok", n)
+print("ok", n, torch.backends.cpu.get_cpu_capability())
 """
 
 
@@ -595,9 +578,7 @@ def test_loads_never_leave_the_tensors(isa, vbmi2):
     with no access: any load past one of them kills the process (run apart, so a crash fails
     this test only); every ISA's kernels (pack, unpack, linear), the one-row kernel with and
     without AVX512-VBMI2."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, MULTIFLOW_CPU_VBMI2=vbmi2)
-    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    run_guarded(GUARD_SCRIPT, isa, MULTIFLOW_CPU_VBMI2=vbmi2)
 
 
 def test_values_beyond_int32_offsets_are_refused():
