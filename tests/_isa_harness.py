@@ -32,17 +32,18 @@ def isas_of_this_cpu() -> list[str]:
     return isas
 
 
-def run_with_isa(isa: str, script: str, inputs: Any, tmp_path: Path) -> dict:
+def run_with_isa(isa: str, script: str, inputs: Any, tmp_path: Path, **env: str) -> dict:
     """Runs `script` in a fresh Python with ATEN_CPU_CAPABILITY=isa and returns
     what it saved.
 
     The inputs travel by file (torch.randn itself differs between ISAs): the
     script gets the path of torch.save(inputs) as sys.argv[1] and must
     torch.save a dict with "capability" (torch.backends.cpu.get_cpu_capability())
-    to sys.argv[2]. Asserts that the process succeeded and ran on `isa`.
+    to sys.argv[2]. `env`: more environment variables for it. Asserts that the process
+    succeeded and ran on `isa`.
     """
     torch.save(inputs, tmp_path / "in.pt")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, **env)
     cmd = [sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -289,11 +289,13 @@ def as_bits(t):
     return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
+@pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["vbmi2-if-any", "no-vbmi2"])
 @pytest.mark.parametrize("isa", isas_of_this_cpu())
-def test_pack_unpack_every_isa_path_bit_exact(isa, tmp_path):
-    """Every ISA's pack / unpack row kernels against the plain-torch twin, bit for bit, on
-    random element bits, row lengths around each vector width and densities from none to
-    all (a row's last vector is where the stores of one row could reach the next's)."""
+def test_pack_unpack_every_isa_path_bit_exact(isa, vbmi2, tmp_path):
+    """Every ISA's pack / unpack row kernels (AVX-512's 16-bit ones with and without
+    AVX512-VBMI2) against the plain-torch twin, bit for bit, on random element bits, row
+    lengths around each vector width and densities from none to all (a row's last vector is
+    where the stores of one row could reach the next's)."""
     gen = torch.Generator().manual_seed(31)
     cases = []
     for dtype in DTYPES:
@@ -301,7 +303,7 @@ def test_pack_unpack_every_isa_path_bit_exact(isa, tmp_path):
             for density in (0.0, 0.1, 0.5, 0.97, 1.0):
                 rows = 1 + (cols % 5)
                 cases.append((random_bits_weight(rows, cols, dtype, gen), torch.rand(rows, cols, generator=gen) < density))
-    got = run_with_isa(isa, CONVERT_SCRIPT, cases, tmp_path)["got"]
+    got = run_with_isa(isa, CONVERT_SCRIPT, cases, tmp_path, MULTIFLOW_CPU_VBMI2=vbmi2)["got"]
     for (w, mask), (fmt, dense) in zip(cases, got):
         what = f"{w.dtype} {tuple(w.shape)} keeps {int(mask.sum())} ({isa})"
         want = reference.bitmap_pack(w, mask)

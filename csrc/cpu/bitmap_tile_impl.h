@@ -483,18 +483,27 @@ MULTIFLOW_VBMI2_TARGET int64_t gemv_vbmi2(
   return -1;
 }
 
-// The one-row kernel for this CPU: gemv_vbmi2 where it has AVX512-VBMI2 (unless
-// MULTIFLOW_CPU_VBMI2=0), gemv otherwise.
-template <typename T>
-BitmapGemvFn pick_gemv() {
+// Whether the kernels with a VBMI2 variant take it: where the CPU has AVX512-VBMI2,
+// unless MULTIFLOW_CPU_VBMI2=0.
+inline bool use_vbmi2() {
   static const bool vbmi2 = [] {
     const char* env = std::getenv("MULTIFLOW_CPU_VBMI2");
     __builtin_cpu_init();  // idempotent; needed if this runs before libgcc's own constructor
     return __builtin_cpu_supports("avx512vbmi2") && !(env != nullptr && std::strcmp(env, "0") == 0);
   }();
-  return vbmi2 ? &gemv_vbmi2<T> : &gemv<T>;
+  return vbmi2;
+}
+
+// The one-row kernel for this CPU: gemv_vbmi2 or gemv.
+template <typename T>
+BitmapGemvFn pick_gemv() {
+  return use_vbmi2() ? &gemv_vbmi2<T> : &gemv<T>;
 }
 #else
+inline bool use_vbmi2() {
+  return false;
+}
+
 template <typename T>
 BitmapGemvFn pick_gemv() {
   return &gemv<T>;
@@ -923,6 +932,68 @@ void unpack_row(const void* values, const void* /*values_end*/, const int32_t* b
     }
   }
 }
+#if defined(__GNUC__) || defined(__clang__)
+// 16-bit elements with AVX512-VBMI2: a whole word (32 lanes of 16 bits) per step, one
+// compress / expand in 16-bit lanes instead of two in 32-bit lanes with a widening and a
+// narrowing each (768 x 768 at 25% density, one thread, Zen 5: pack 74 -> 24 us, unpack
+// 79 -> 23 us in a stand-alone loop).
+MULTIFLOW_VBMI2_TARGET void pack_row16_vbmi2(const void* w_v, int64_t cols, const int32_t* bits, void* out_v,
+                                             int64_t n) {
+  const uint16_t* w = static_cast<const uint16_t*>(w_v);
+  uint16_t* out = static_cast<uint16_t*>(out_v);
+  uint16_t* const end = out + n;
+  const int64_t words = (cols + 31) / 32;
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const auto k = static_cast<__mmask32>(static_cast<uint32_t>(bits[wd]));
+    const __m512i kept = _mm512_maskz_compress_epi16(k, _mm512_maskz_loadu_epi16(k, w + 32 * wd));
+    const int pc = popcount32(k);
+    if (end - out >= 32) {
+      _mm512_storeu_si512(out, kept);
+    } else {
+      _mm512_mask_storeu_epi16(out, static_cast<__mmask32>((uint64_t{1} << pc) - 1u), kept);
+    }
+    out += pc;
+  }
+}
+
+MULTIFLOW_VBMI2_TARGET void unpack_row16_vbmi2(const void* values, const void* /*values_end*/, const int32_t* bits,
+                                               int64_t cols, void* out_v) {
+  const uint16_t* v = static_cast<const uint16_t*>(values);
+  uint16_t* out = static_cast<uint16_t*>(out_v);
+  const int64_t words = (cols + 31) / 32;
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const auto k = static_cast<__mmask32>(static_cast<uint32_t>(bits[wd]));
+    const int pc = popcount32(k);
+    const __m512i lanes =
+        _mm512_maskz_expand_epi16(k, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << pc) - 1u), v));
+    const int64_t c0 = 32 * wd;
+    if (c0 + 32 <= cols) {
+      _mm512_storeu_si512(out + c0, lanes);
+    } else {
+      _mm512_mask_storeu_epi16(out + c0, static_cast<__mmask32>((uint64_t{1} << (cols - c0)) - 1u), lanes);
+    }
+    v += pc;
+  }
+}
+#endif
+
+BitmapPackRowFn pick_pack16() {
+#if defined(__GNUC__) || defined(__clang__)
+  if (use_vbmi2()) {
+    return &pack_row16_vbmi2;
+  }
+#endif
+  return &pack_row<uint16_t>;
+}
+
+BitmapUnpackRowFn pick_unpack16() {
+#if defined(__GNUC__) || defined(__clang__)
+  if (use_vbmi2()) {
+    return &unpack_row16_vbmi2;
+  }
+#endif
+  return &unpack_row<uint16_t>;
+}
 #elif defined(CPU_CAPABILITY_AVX2)
 // 8 elements as 32-bit lanes (16-bit ones widened, and narrowed back exactly: packus
 // of values below 2^16).
@@ -1030,8 +1101,8 @@ BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
                      bitmap::pick_gemv<float>(), bitmap::pick_gemv<c10::Half>(), bitmap::pick_gemv<c10::BFloat16>(),
                      &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>,
-                     &bitmap::pack_row<uint32_t>, &bitmap::pack_row<uint16_t>,
-                     &bitmap::unpack_row<uint32_t>, &bitmap::unpack_row<uint16_t>};
+                     &bitmap::pack_row<uint32_t>, bitmap::pick_pack16(),
+                     &bitmap::unpack_row<uint32_t>, bitmap::pick_unpack16()};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
                      nullptr,                  nullptr,                      nullptr,
