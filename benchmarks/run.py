@@ -1,6 +1,6 @@
 """Run the benchmark families: one entry point for every benchmark script.
 
-    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|bitmap_gemv|sparse24|e2e|all ...]
+    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|bitmap_gemv|sparse24|convert|e2e|all ...]
                              [--device cpu|cuda] [--quick] [--out DIR]
 
 Each family is a script of this folder, called in this process through its ``run(device,
@@ -32,6 +32,7 @@ FAMILIES = {
     "bitmap_gemv": ("bench_bitmap_gemv", {}, "CUDA only: bitmap_linear's few-row kernels (tensor-core default, v1) vs dense; rows 1..16"),
     "e2e": ("bench_e2e", {}, "BLIP-base pruned + sparsified: weight memory, forward latency"),
     "sparse24": ("bench_sparse24", {}, "sparse24_linear vs dense and torch's 2:4 path; rows 1..8192; roofline"),
+    "convert": ("bench_convert", {}, "CPU only: bitmap / 2:4 pack and unpack vs their plain-torch twins and clone()"),
 }
 
 

@@ -34,6 +34,21 @@ def test_quick_family_writes_json_with_machine_facts(tmp_path):
     assert "act" in r.stdout and " ok " in r.stdout
 
 
+def test_quick_convert_family_times_every_conversion(tmp_path):
+    r = _run("--family", "convert", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    result = json.loads((tmp_path / f"convert_cpu_{isa}.json").read_text())
+    assert result["cpu_capability"].lower() == isa and result["quick"] is True
+    ops = {(row["dtype"], row["op"]) for row in result["results"]}
+    for dtype in ("float32", "float16"):
+        for op in ("clone", "copy_", "bitmap_pack", "bitmap_unpack", "sparse24_pack", "sparse24_unpack"):
+            assert (dtype, op) in ops, (dtype, op)
+    for row in result["results"]:
+        assert row["time_s"] > 0 and row["time_vs_clone"] > 0 and row["time_vs_copy"] > 0
+        assert (row["torch_time_s"] is None) == (row["op"] in ("clone", "copy_"))
+
+
 def test_unknown_family_is_an_error():
     r = _run("--family", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
