@@ -17,10 +17,9 @@
 #include "tests/linear_check.h"
 
 #if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <random>
+
+#include "tests/page_end.h"
 #endif
 
 namespace {
@@ -99,42 +98,12 @@ MF_TEST(bitmap_rejects_bad_formats) {
 }
 
 #if defined(__linux__)
-// n elements whose last byte lies just before a page with no access: a load or store
-// past them kills the process (ctest then reports the test failed).
-template <typename E>
-class AtPageEnd {
- public:
-  explicit AtPageEnd(int64_t n) {
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t bytes = static_cast<size_t>(n) * sizeof(E);
-    pages_ = bytes / page + 1;
-    size_ = (pages_ + 1) * page;
-    void* m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    MF_CHECK(m != MAP_FAILED, "mmap failed");
-    base_ = static_cast<char*>(m);
-    MF_CHECK(mprotect(base_ + pages_ * page, page, PROT_NONE) == 0, "mprotect failed");
-    data_ = reinterpret_cast<E*>(base_ + pages_ * page - bytes);
-  }
-  AtPageEnd(const AtPageEnd&) = delete;
-  AtPageEnd& operator=(const AtPageEnd&) = delete;
-  ~AtPageEnd() {
-    munmap(base_, size_);
-  }
-  E* data() const {
-    return data_;
-  }
-
- private:
-  char* base_ = nullptr;
-  size_t pages_ = 0, size_ = 0;
-  E* data_ = nullptr;
-};
-
 // One row through the selected ISA's pack / unpack row kernels, every buffer (inputs and
 // outputs) at a page end, against a plain loop: the kernels' whole-vector stores must stop
 // at the row's own elements (in the op, the next row's belong to another task).
 template <typename E>
 void check_convert_row(const multiflow::cpu::BitmapTiles& tiles, int64_t cols, double density, std::mt19937& gen) {
+  using multiflow::test::AtPageEnd;
   const int64_t words = (cols + 31) / 32;
   AtPageEnd<E> w(cols);
   AtPageEnd<int32_t> bits(words);

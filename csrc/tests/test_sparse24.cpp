@@ -8,8 +8,16 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/isa.h"
+#include "cpu/sparse24_tile.h"
 #include "tests/harness.h"
 #include "tests/linear_check.h"
+
+#if defined(__linux__)
+#include <random>
+
+#include "tests/page_end.h"
+#endif
 
 namespace {
 
@@ -133,5 +141,85 @@ MF_TEST(sparse24_linear_against_loops) {
     check_linear(dtype, 2, 20, 1056);
   }
 }
+
+#if defined(__linux__)
+// One row through the selected ISA's pack / unpack row functions and the baseline
+// ISA's (the plain loops the Python tests check against the plain-torch twin), every
+// buffer at a page end: the same bits and the same verdict, and no load or store past
+// the row's elements (in the op, the next row's belong to another task).
+template <typename E>
+void check_convert_row(int64_t cols, bool three_of_four, std::mt19937& gen) {
+  using multiflow::test::AtPageEnd;
+  const multiflow::cpu::Sparse24Tiles tiles = MULTIFLOW_ISA_TABLE(multiflow::cpu::sparse24_tiles);
+  const multiflow::cpu::Sparse24Tiles plain = multiflow::cpu::sparse24_tiles_default();
+  auto pack_of = [](const multiflow::cpu::Sparse24Tiles& t) {
+    if constexpr (sizeof(E) == 4) {
+      return t.pack_row32;
+    } else {
+      return t.pack_row16;
+    }
+  };
+  auto unpack_of = [](const multiflow::cpu::Sparse24Tiles& t) {
+    if constexpr (sizeof(E) == 4) {
+      return t.unpack_row32;
+    } else {
+      return t.unpack_row16;
+    }
+  };
+  const int64_t words = (cols + 15) / 16;
+  AtPageEnd<E> w(cols);
+  AtPageEnd<uint8_t> mask(cols);
+  std::uniform_int_distribution<uint32_t> any_bits;
+  for (int64_t c = 0; c < cols; ++c) {
+    w.data()[c] = static_cast<E>(any_bits(gen));
+    // Mask bytes other than 0 / 1 count as kept; a random pattern per chunk (2:4 or not).
+    const uint32_t keep = any_bits(gen);
+    mask.data()[c] = (keep & 3u) == 0 ? 0 : static_cast<uint8_t>(keep >> 8);
+  }
+  if (!three_of_four) {  // at most 2 kept per chunk: clear the later ones
+    for (int64_t q = 0; q < cols / 4; ++q) {
+      int kept = 0;
+      for (int p = 0; p < 4; ++p) {
+        uint8_t& m = mask.data()[4 * q + p];
+        kept += m != 0;
+        if (kept > 2) {
+          m = 0;
+        }
+      }
+    }
+  }
+  AtPageEnd<E> values(cols / 2), want_values(cols / 2);
+  AtPageEnd<uint16_t> meta(words), want_meta(words);
+  const bool ok = pack_of(tiles)(w.data(), mask.data(), cols, values.data(), meta.data());
+  const bool want_ok = pack_of(plain)(w.data(), mask.data(), cols, want_values.data(), want_meta.data());
+  MF_CHECK(ok == want_ok, "pack's verdict, ", 8 * sizeof(E), "-bit, ", cols, " columns");
+  for (int64_t i = 0; i < cols / 2; ++i) {
+    MF_CHECK(values.data()[i] == want_values.data()[i], "pack, ", 8 * sizeof(E), "-bit, ", cols, " columns: value ", i);
+  }
+  for (int64_t i = 0; i < words; ++i) {
+    MF_CHECK(meta.data()[i] == want_meta.data()[i], "pack, ", 8 * sizeof(E), "-bit, ", cols, " columns: word ", i);
+  }
+  // Unpack of any metadata (random codes, valid or not).
+  for (int64_t i = 0; i < words; ++i) {
+    meta.data()[i] = static_cast<uint16_t>(any_bits(gen));
+  }
+  AtPageEnd<E> dense(cols), want_dense(cols);
+  unpack_of(tiles)(values.data(), meta.data(), cols, dense.data());
+  unpack_of(plain)(values.data(), meta.data(), cols, want_dense.data());
+  for (int64_t c = 0; c < cols; ++c) {
+    MF_CHECK(dense.data()[c] == want_dense.data()[c], "unpack, ", 8 * sizeof(E), "-bit, ", cols, " columns: column ", c);
+  }
+}
+
+MF_TEST(sparse24_convert_rows_stay_in_their_buffers) {
+  std::mt19937 gen(29);
+  for (int64_t cols : {4, 8, 12, 16, 20, 28, 32, 36, 44, 48, 60, 64, 68, 100, 1056}) {
+    for (bool three_of_four : {false, true}) {
+      check_convert_row<uint32_t>(cols, three_of_four, gen);
+      check_convert_row<uint16_t>(cols, three_of_four, gen);
+    }
+  }
+}
+#endif
 
 }  // namespace
