@@ -214,20 +214,23 @@ def test_bad_inputs_name_the_argument():
             ops.bitmap_linear(*args)
 
 
-def test_same_result_at_any_thread_count():
-    w, mask = make_weight(300, 1100, torch.float32, seed=2)
-    x = torch.randn(37, 1100)
-    b = torch.randn(300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_same_result_at_any_thread_count(dtype):
+    """pack, unpack and linear on 300 rows (the parallel tasks split them) at 1 and 2 threads."""
+    w, mask = make_weight(300, 1100, dtype, seed=2)
+    x = torch.randn(37, 1100).to(dtype)
+    b = torch.randn(300).to(dtype)
 
     def run():
         fmt = pack(w, mask)
-        return fmt, ops.bitmap_linear(x, *fmt, 1100, b)
+        return fmt, ops.bitmap_unpack(*fmt, 1100), ops.bitmap_linear(x, *fmt, 1100, b)
 
     first, *rest = results_at_thread_counts(run, (1, 2, 1))
     for other in rest:
         for a, c in zip(first[0], other[0]):
             assert torch.equal(a, c)
-        assert torch.equal(first[1], other[1])
+        assert torch.equal(first[1], other[1]) and torch.equal(first[2], other[2])
+    assert torch.equal(first[1], torch.where(mask, w, torch.zeros((), dtype=dtype)))
 
 
 ISA_SCRIPT = """
@@ -262,6 +265,10 @@ def test_every_isa_path(isa, tmp_path):
             assert_linear_earned(y, xd[:m], wm, bd, f"{name} y, M = {m} ({isa})")
 
 
+# Every ISA path, and AVX-512 also without its AVX512-VBMI2 kernels (MULTIFLOW_CPU_VBMI2
+# steers only those): "1" takes VBMI2 where the CPU has it.
+ISA_VBMI2 = [(isa, "1") for isa in isas_of_this_cpu()] + [("avx512", "0")] * ("avx512" in isas_of_this_cpu())
+
 CONVERT_SCRIPT = """
 import sys, torch
 import multiflow_kernels
@@ -289,8 +296,7 @@ def as_bits(t):
     return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
-@pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["vbmi2-if-any", "no-vbmi2"])
-@pytest.mark.parametrize("isa", isas_of_this_cpu())
+@pytest.mark.parametrize(("isa", "vbmi2"), ISA_VBMI2, ids=[f"{i}-{v}" for i, v in ISA_VBMI2])
 def test_pack_unpack_every_isa_path_bit_exact(isa, vbmi2, tmp_path):
     """Every ISA's pack / unpack row kernels (AVX-512's 16-bit ones with and without
     AVX512-VBMI2) against the plain-torch twin, bit for bit, on random element bits, row
@@ -573,8 +579,7 @@ print("ok", n, torch.backends.cpu.get_cpu_capability())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mmap + mprotect guard pages: Linux only")
-@pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["vbmi2-if-any", "no-vbmi2"])
-@pytest.mark.parametrize("isa", isas_of_this_cpu())
+@pytest.mark.parametrize(("isa", "vbmi2"), ISA_VBMI2, ids=[f"{i}-{v}" for i, v in ISA_VBMI2])
 def test_loads_never_leave_the_tensors(isa, vbmi2):
     """values, bits, row_ptr and x (and pack's weight and mask) each end right before a page
     with no access: any load past one of them kills the process (run apart, so a crash fails

@@ -385,7 +385,9 @@ def test_every_isa_path(isa, tmp_path):
 
 # ----------------------------------------------------------------------------- every code, special values, guard pages
 
-AWKWARD_COLS = [4, 12, 20, 36, 100, 772]  # the vector steps are 16 or 32 columns: scalar remainders of every length
+# The vector steps are 16 (AVX2) or 32 (AVX-512) columns: every scalar remainder length
+# (cols % 32 in 4, 8, ..., 28) and a few whole steps.
+AWKWARD_COLS = [4, 8, 12, 16, 20, 24, 28, 36, 56, 100, 772]
 
 
 def random_bits(shape, dtype, gen):

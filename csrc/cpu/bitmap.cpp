@@ -2,9 +2,10 @@
 //
 // pack and unpack copy elements by their bits (2 or 4 bytes, whatever the
 // float type: the round trip is exact, NaN and -0.0 included), parallel over
-// rows, with the per-ISA row kernels of bitmap_tile_impl.h (AVX-512: masked
-// loads and register compress / expand per 16 columns; AVX2: table-driven
-// permutes per 8 columns; baseline: a count-trailing-zeros walk). pack counts
+// rows, with the per-ISA row kernels of bitmap_tile_impl.h (AVX-512: register
+// compress / expand per 16 columns, or per 32 for 16-bit elements with
+// AVX512-VBMI2; AVX2: table-driven permutes per 8 columns; baseline: a
+// count-trailing-zeros walk). pack counts
 // each row's kept weights (and its block_ptr entries) from the packed words
 // first and takes the exclusive prefix sum for row_ptr; unpack writes every
 // element of its fresh output once, zeros included.
@@ -121,20 +122,32 @@ void report_bad_row(const char* op, const BitmapProblem& p, int64_t r) {
       " kept weights in bits but row_ptr[", r + 1, "] - row_ptr[", r, "] = ", r < 0 ? 0 : rp[r + 1] - rp[r]);
 }
 
-// One pass over a row's words: its kept count (*kept), and the first block b >= 1 whose
-// block_ptr entry [b - 1] differs from the row's kept count before column 512 b (its first
-// 16 b words), or 0. The CPU kernels do not read block_ptr (the CUDA kernels do, to start a
-// chunk without scanning the row).
-int64_t count_row_blocks(const int32_t* row_words, int64_t words, const int32_t* bp_row, int64_t* kept) {
+// One pass over a row's words: at_block(b, n) at the start of each block b >= 1 (its first
+// word 16 b), n = the row's kept count before it (block_ptr entry b - 1); returns the row's
+// kept count.
+template <typename AtBlock>
+int64_t walk_row_blocks(const int32_t* row_words, int64_t words, AtBlock at_block) {
   constexpr int64_t kBlockWords = kBitmapBlockCols / 32;
-  int64_t n = 0, bad = 0;
+  int64_t n = 0;
   for (int64_t w = 0; w < words; ++w) {
-    if (w > 0 && w % kBlockWords == 0 && bad == 0 && bp_row[w / kBlockWords - 1] != n) {
-      bad = w / kBlockWords;  // every block start w < words has its entry: bp_cols = ceil(words / 16) - 1
+    if (w > 0 && w % kBlockWords == 0) {
+      at_block(w / kBlockWords, n);
     }
     n += popcount32(static_cast<uint32_t>(row_words[w]));
   }
-  *kept = n;
+  return n;
+}
+
+// A row's kept count (*kept), and the first block b >= 1 whose block_ptr entry [b - 1]
+// differs from the row's kept count before column 512 b, or 0. The CPU kernels do not read
+// block_ptr (the CUDA kernels do, to start a chunk without scanning the row).
+int64_t count_row_blocks(const int32_t* row_words, int64_t words, const int32_t* bp_row, int64_t* kept) {
+  int64_t bad = 0;
+  *kept = walk_row_blocks(row_words, words, [&](int64_t b, int64_t n) {
+    if (bad == 0 && bp_row[b - 1] != n) {
+      bad = b;  // every block start w < words has its entry: bp_cols = ceil(words / 16) - 1
+    }
+  });
   return bad;
 }
 
@@ -202,18 +215,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bitmap_pack_cpu(
   // its kept count in words [0, 16 b).
   at::Tensor block_ptr = at::empty({rows, bp_cols}, weight.options().dtype(at::kInt));
   int32_t* bp = block_ptr.mutable_data_ptr<int32_t>();
-  constexpr int64_t kBlockWords = kBitmapBlockCols / 32;
   std::vector<int64_t> counts(rows + 1, 0);
   at::parallel_for(0, rows, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int64_t n = 0;
-      for (int64_t wd = 0; wd < words; ++wd) {
-        if (wd > 0 && wd % kBlockWords == 0) {
-          bp[r * bp_cols + wd / kBlockWords - 1] = static_cast<int32_t>(n);  // < 2^31: n <= cols
-        }
-        n += popcount32(static_cast<uint32_t>(b[r * words + wd]));
-      }
-      counts[r + 1] = n;
+      counts[r + 1] = walk_row_blocks(b + r * words, words, [&](int64_t blk, int64_t n) {
+        bp[r * bp_cols + blk - 1] = static_cast<int32_t>(n);  // < 2^31: n <= cols
+      });
     }
   });
   for (int64_t r = 0; r < rows; ++r) {  // exclusive prefix sum: serial, `rows` additions

@@ -120,10 +120,10 @@ struct BitmapTiles {
   BitmapSpmmFn spmm_f32;
   BitmapSpmmFn spmm_f16;
   BitmapSpmmFn spmm_bf16;
-  // AVX-512: per 16 columns, a masked load and a register compress / expand
-  // (16-bit elements with AVX512-VBMI2, unless MULTIFLOW_CPU_VBMI2=0: per 32
-  // columns in 16-bit lanes); AVX2: per 8 columns, a permute from a 256-entry
-  // table; baseline: scalar.
+  // AVX-512: per 16 columns, a register compress / expand (16-bit elements
+  // with AVX512-VBMI2, unless MULTIFLOW_CPU_VBMI2=0: per 32 columns in 16-bit
+  // lanes); AVX2: per 8 columns, a permute from a 256-entry table; baseline:
+  // scalar.
   BitmapPackRowFn pack32;
   BitmapPackRowFn pack16;
   BitmapUnpackRowFn unpack32;

@@ -93,8 +93,8 @@ inline const T* decode_segment(const T* v, const T* /*v_end*/, const int32_t* bi
 #if defined(CPU_CAPABILITY_AVX2)
 // AVX2 has no expand: for each byte k of a word, the 8 lanes take
 // values[permute[k][l]] where bit l of k is set (permute[k][l] = set bits of k
-// below l), zero elsewhere. The load is masked to popcount(k) lanes, so nothing
-// past the row's values is read.
+// below l), zero elsewhere. decode_segment masks its load to popcount(k) lanes,
+// so nothing past the row's values is read.
 struct ExpandTable {
   int32_t permute[256][8];
 };
@@ -858,34 +858,10 @@ inline const E* unpack_word_scalar(const E* v, uint32_t u, int64_t n_cols, E* ou
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 16 elements as 32-bit lanes: loads and stores of all 16, or masked to the lanes of k
-// (lanes off the mask are never touched: a row's or the tensor's last vector). Masked
-// loads only there: one that misses the cache is 2.5x slower than a whole one on Zen 5
-// (4096 x 4096 float32 pack, one thread: 5.8 ms masked, 2.4 ms whole).
-inline __m512i load_lanes16(const uint32_t* p) {
-  return _mm512_loadu_si512(p);
-}
-inline __m512i load_lanes16(const uint16_t* p) {
-  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512i load_lanes16(const uint32_t* p, __mmask16 k) {
-  return _mm512_maskz_loadu_epi32(k, p);
-}
-inline __m512i load_lanes16(const uint16_t* p, __mmask16 k) {
-  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
-}
-inline void store_lanes16(uint32_t* p, __m512i v) {
-  _mm512_storeu_si512(p, v);
-}
-inline void store_lanes16(uint16_t* p, __m512i v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
-}
-inline void store_lanes16(uint32_t* p, __mmask16 k, __m512i v) {
-  _mm512_mask_storeu_epi32(p, k, v);
-}
-inline void store_lanes16(uint16_t* p, __mmask16 k, __m512i v) {
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(v));
-}
+// Lanes of 16 elements (vec_load_impl.h): whole loads and stores, masked ones only at a
+// row's last partial half (pack) or within 16 values of the tensor's end (unpack): a
+// masked load that misses the cache is 2.5x slower than a whole one on Zen 5 (4096 x
+// 4096 float32 pack, one thread: 5.8 ms masked, 2.4 ms whole).
 
 // Per 16-bit half of each word: the 16 columns loaded (masked to the half's bits in the
 // row's last word), the kept lanes compressed in a register (not the microcoded memory
@@ -906,12 +882,12 @@ void pack_row(const void* w_v, int64_t cols, const int32_t* bits, void* out_v, i
       }
       const int64_t c0 = 32 * wd + 16 * h;
       const __m512i kept =
-          _mm512_maskz_compress_epi32(k, c0 + 16 <= cols ? load_lanes16(w + c0) : load_lanes16(w + c0, k));
+          _mm512_maskz_compress_epi32(k, c0 + 16 <= cols ? load_lanes(w + c0) : load_lanes(w + c0, k));
       const int pc = popcount32(k);
       if (end - out >= 16) {
-        store_lanes16(out, kept);
+        store_lanes(out, kept);
       } else {
-        store_lanes16(out, static_cast<__mmask16>((1u << pc) - 1u), kept);
+        store_lanes(out, static_cast<__mmask16>((1u << pc) - 1u), kept);
       }
       out += pc;
     }
@@ -932,13 +908,13 @@ void unpack_row(const void* values, const void* values_end, const int32_t* bits,
     for (int h = 0; h < 2; ++h) {
       const auto k = static_cast<__mmask16>(u >> (16 * h));
       const int pc = popcount32(k);
-      const __m512i packed = v_end - v >= 16 ? load_lanes16(v) : load_lanes16(v, static_cast<__mmask16>((1u << pc) - 1u));
+      const __m512i packed = v_end - v >= 16 ? load_lanes(v) : load_lanes(v, static_cast<__mmask16>((1u << pc) - 1u));
       const __m512i lanes = _mm512_maskz_expand_epi32(k, packed);
       const int64_t c0 = 32 * wd + 16 * h;
       if (c0 + 16 <= cols) {
-        store_lanes16(out + c0, lanes);
+        store_lanes(out + c0, lanes);
       } else if (c0 < cols) {
-        store_lanes16(out + c0, static_cast<__mmask16>((1u << (cols - c0)) - 1u), lanes);
+        store_lanes(out + c0, static_cast<__mmask16>((1u << (cols - c0)) - 1u), lanes);
       }
       v += pc;
     }
@@ -1010,21 +986,7 @@ BitmapUnpackRowFn pick_unpack16() {
   return &unpack_row<uint16_t>;
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// 8 elements as 32-bit lanes (16-bit ones widened, and narrowed back exactly: packus
-// of values below 2^16).
-inline __m256i load_lanes8(const uint32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-inline __m256i load_lanes8(const uint16_t* p) {
-  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline void store_lanes8(uint32_t* p, __m256i v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-}
-inline void store_lanes8(uint16_t* p, __m256i v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-}
+// Lanes of 8 elements: vec_load_impl.h.
 
 // Whole words per byte: 8 columns loaded, the kept ones moved to the front by a permute
 // from the set-bit-position table (kSetBits), stored whole while 8 lanes still fit in
@@ -1041,13 +1003,13 @@ void pack_row(const void* w_v, int64_t cols, const int32_t* bits, void* out_v, i
     for (int q = 0; q < 4; ++q) {
       const uint32_t k = (u >> (8 * q)) & 0xFFu;
       const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSetBits.pos[k]));
-      const __m256i kept = _mm256_permutevar8x32_epi32(load_lanes8(w + 32 * wd + 8 * q), idx);
+      const __m256i kept = _mm256_permutevar8x32_epi32(load_lanes(w + 32 * wd + 8 * q), idx);
       const int pc = popcount32(k);
       if (end - out >= 8) {
-        store_lanes8(out, kept);
+        store_lanes(out, kept);
       } else {
         alignas(32) E tmp[8];
-        store_lanes8(tmp, kept);
+        store_lanes(tmp, kept);
         std::copy(tmp, tmp + pc, out);
       }
       out += pc;
@@ -1074,13 +1036,13 @@ void unpack_row(const void* values, const void* values_end, const int32_t* bits,
       const int pc = popcount32(k);
       __m256i packed;
       if (v_end - v >= 8) {
-        packed = load_lanes8(v);
+        packed = load_lanes(v);
       } else {
         alignas(32) E tmp[8] = {};
         std::copy(v, v + pc, tmp);
-        packed = load_lanes8(tmp);
+        packed = load_lanes(tmp);
       }
-      store_lanes8(out + 32 * wd + 8 * q, expand8(packed, k));
+      store_lanes(out + 32 * wd + 8 * q, expand8(packed, k));
       v += pc;
     }
   }

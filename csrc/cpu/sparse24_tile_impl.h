@@ -399,20 +399,7 @@ inline uint32_t step_codes(uint32_t keep, bool& ok) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-using Lanes = __m512i;  // 16 elements in 32-bit lanes
-
-inline Lanes load_lanes(const uint32_t* p) {
-  return _mm512_loadu_si512(p);
-}
-inline Lanes load_lanes(const uint16_t* p) {
-  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline void store_lanes(uint32_t* p, Lanes v) {
-  _mm512_storeu_si512(p, v);
-}
-inline void store_lanes(uint16_t* p, Lanes v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
-}
+// Lanes, load_lanes, store_lanes: 16 elements in 32-bit lanes (vec_load_impl.h).
 
 // Bit c of the keep pattern: mask byte c != 0, for the step's 32 columns.
 inline uint32_t step_keep(const uint8_t* mask) {
@@ -471,22 +458,7 @@ inline void unpack_step(const uint16_t* v, uint32_t bits, uint16_t* out) {
   _mm512_storeu_si512(out, _mm512_maskz_permutexvar_epi16(is_first | is_second, index, values));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-using Lanes = __m256i;  // 8 elements in 32-bit lanes
-
-inline Lanes load_lanes(const uint32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-inline Lanes load_lanes(const uint16_t* p) {
-  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline void store_lanes(uint32_t* p, Lanes v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-}
-inline void store_lanes(uint16_t* p, Lanes v) {
-  // packus saturates signed 32-bit lanes to 0..65535: exact for zero-extended ones.
-  const __m128i narrow = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow);
-}
+// Lanes, load_lanes, store_lanes: 8 elements in 32-bit lanes (vec_load_impl.h).
 
 // Bit c of the keep pattern: mask byte c != 0, for the step's 16 columns.
 inline uint32_t step_keep(const uint8_t* mask) {

@@ -20,6 +20,10 @@
 
 #include <cstdint>
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace multiflow::cpu {
 namespace {  // internal linkage: every ISA's copy stays its own
 
@@ -41,6 +45,56 @@ inline FloatVec load_as_float(const c10::BFloat16* p) {
   at::vec::load_fp32_from_bf16(p, v);
   return v;
 }
+
+// The format conversions copy elements by their bits (uint32_t: float32, uint16_t:
+// float16 / bfloat16): kLanes of them as 32-bit lanes, the 2-byte ones zero-extended
+// and narrowed back exactly.
+#if defined(CPU_CAPABILITY_AVX512)
+using Lanes = __m512i;  // 16 elements
+
+inline Lanes load_lanes(const uint32_t* p) {
+  return _mm512_loadu_si512(p);
+}
+inline Lanes load_lanes(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store_lanes(uint32_t* p, Lanes v) {
+  _mm512_storeu_si512(p, v);
+}
+inline void store_lanes(uint16_t* p, Lanes v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
+}
+// Masked to the lanes of k: the others are never read (0 in the result) or written.
+inline Lanes load_lanes(const uint32_t* p, __mmask16 k) {
+  return _mm512_maskz_loadu_epi32(k, p);
+}
+inline Lanes load_lanes(const uint16_t* p, __mmask16 k) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+}
+inline void store_lanes(uint32_t* p, __mmask16 k, Lanes v) {
+  _mm512_mask_storeu_epi32(p, k, v);
+}
+inline void store_lanes(uint16_t* p, __mmask16 k, Lanes v) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(v));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using Lanes = __m256i;  // 8 elements
+
+inline Lanes load_lanes(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline Lanes load_lanes(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_lanes(uint32_t* p, Lanes v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void store_lanes(uint16_t* p, Lanes v) {
+  // packus saturates signed 32-bit lanes to 0..65535: exact for zero-extended ones.
+  const __m128i narrow = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow);
+}
+#endif
 
 }  // namespace
 }  // namespace multiflow::cpu
