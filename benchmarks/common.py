@@ -23,12 +23,20 @@ def _cpu_model() -> str:
 
 def _commit() -> str:
     """``MULTIFLOW_COMMIT`` when set (a copied working tree may carry a stale .git: seen on a
-    lent GPU machine), else ``git describe --always --dirty`` of this checkout."""
+    lent GPU machine), else this checkout's commit, with "-dirty" when a tracked file other
+    than benchmarks/results/ (which the benchmarks themselves rewrite) differs from it."""
     if os.environ.get("MULTIFLOW_COMMIT"):
         return os.environ["MULTIFLOW_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        def git(*args):
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10)
+
+        head = git("describe", "--always", "--abbrev=7").stdout.strip()
+        if not head:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+        return head + ("-dirty" if changed.returncode != 0 or changed.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
