@@ -411,10 +411,13 @@ def test_bad_inputs_name_the_argument():
         ops.masked_linear_backward(g.half(), x, w, bits, [True, True, True])
 
 
-def test_same_result_at_any_thread_count():
-    x, w, mask, b = make_case((257,), 700, 300, torch.float32, True, seed=2)
+@pytest.mark.parametrize(("rows", "n_in", "n_out"), [(257, 700, 300), (3400, 40, 45)])
+def test_same_result_at_any_thread_count(rows, n_in, n_out):
+    """257 rows: one task takes all three 96-row blocks at 1 thread, two take them at 2;
+    3400 rows: 36 row blocks, more than a task multiplies with one weight tile."""
+    x, w, mask, b = make_case((rows,), n_in, n_out, torch.float32, True, seed=2)
     bits = ops.pack_mask(mask)
-    g = torch.randn(257, 300)
+    g = torch.randn(rows, n_out)
 
     def run():
         return ops.masked_linear(x, w, bits, b), ops.masked_linear_backward(g, x, w, bits, [True, True, True])
@@ -424,6 +427,9 @@ def test_same_result_at_any_thread_count():
         assert torch.equal(first[0], other[0])
         for a, c in zip(first[1], other[1]):
             assert torch.equal(a, c)
+    check_forward(x, w, mask, b)
+    for got, want in zip(first[1], reference.masked_linear_backward(g, x, w, bits, [True, True, True])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 ISA_SCRIPT = """

@@ -6,11 +6,12 @@
 //   grad_w  gw  (N x K) = (g^T (N x M) @ x) * M    B tile [m][k] = x[m, k]; the epilogue
 //                                                  writes bit(n, k) ? sum : 0
 //
-// Blocking: an output block is kBlockRows rows x kBlockCols columns (one
-// parallel task); the reduction runs kBlockDepth at a time, each step filling a
-// float32 B tile (kBlockDepth x kBlockCols, 128 KiB: L2) in a buffer of the
-// task's own, which the per-ISA micro-kernel (masked_tile_impl.h) streams
-// through in register panels. A is read in place as float32 (half inputs are
+// Blocking: an output block is kBlockRows rows x kBlockCols columns; a parallel
+// task owns one column block and a run of row blocks. The reduction runs
+// kBlockDepth at a time, each step filling a float32 B tile (kBlockDepth x
+// kBlockCols, 128 KiB: L2) in a buffer of the task's own, which the per-ISA
+// micro-kernel (masked_tile_impl.h) streams through in register panels for
+// every row block of the run. A is read in place as float32 (half inputs are
 // widened once, up front). Accumulation is float32 throughout; the epilogue
 // adds the bias and rounds once to the output dtype.
 //
@@ -38,6 +39,8 @@ namespace {
 constexpr int64_t kBlockRows = 96;   // a multiple of the micro-kernel's 6-row panels
 constexpr int64_t kBlockCols = 128;  // a multiple of kMaskedColPad
 constexpr int64_t kBlockDepth = 256;
+// Row blocks a task multiplies with each B tile at most (its accumulators: 1.5 MiB).
+constexpr int64_t kMaxRunBlocks = 32;
 
 const MaskedTiles& tiles() {
   static const MaskedTiles table = MULTIFLOW_ISA_TABLE(masked_tiles);
@@ -63,6 +66,12 @@ inline float masked_value(float w, const int32_t* row_words, int64_t k) {
 // block by block. fill(b, ldb, d0, db, c0, cb) writes b[p * ldb + j] = B[d0 + p, c0 + j]
 // for p < db, j < cb; epilogue(c, ldc, r0, rb, c0, cb) consumes the finished block
 // c[i * ldc + j] = out[r0 + i, c0 + j].
+//
+// A task owns one column block and a run of row blocks: for each depth block it fills
+// the B tile once and multiplies every one of its row blocks with it (the fill, a
+// masked and possibly transposed copy of the weight, is paid once per tile, not once per
+// row block: 2048 rows are 22 row blocks). Each output element is still summed depth
+// block by depth block, p ascending, whatever the split into tasks.
 template <typename Fill, typename Epilogue>
 void blocked_gemm(
     int64_t rows,
@@ -78,17 +87,23 @@ void blocked_gemm(
   }
   const GemmTileFn gemm = tiles().gemm;
   const int64_t n_col_blocks = ceil_div(cols, kBlockCols);
-  const int64_t n_tasks = ceil_div(rows, kBlockRows) * n_col_blocks;
-  at::parallel_for(0, n_tasks, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+  const int64_t n_row_blocks = ceil_div(rows, kBlockRows);
+  // Row blocks per task: all of them (at most kMaxRunBlocks), unless the column blocks
+  // alone would leave threads idle (at least two tasks per thread where the rows allow).
+  const int64_t want_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t row_runs = std::min(n_row_blocks, std::max<int64_t>(1, ceil_div(want_tasks, n_col_blocks)));
+  const int64_t run_blocks = std::min(kMaxRunBlocks, ceil_div(n_row_blocks, row_runs));
+  const int64_t n_runs = ceil_div(n_row_blocks, run_blocks);
+  at::parallel_for(0, n_col_blocks * n_runs, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
     std::vector<float> b_tile(kBlockDepth * kBlockCols);
-    std::vector<float> c_block(kBlockRows * kBlockCols);
+    std::vector<float> c_blocks(run_blocks * kBlockRows * kBlockCols);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = (t / n_col_blocks) * kBlockRows;
+      const int64_t rb0 = (t / n_col_blocks) * run_blocks;  // first row block of the run
+      const int64_t rb_end = std::min(n_row_blocks, rb0 + run_blocks);
       const int64_t c0 = (t % n_col_blocks) * kBlockCols;
-      const int64_t rb = std::min(kBlockRows, rows - r0);
       const int64_t cb = std::min(kBlockCols, cols - c0);
       const int64_t cb_pad = ceil_div(cb, kMaskedColPad) * kMaskedColPad;
-      std::fill(c_block.begin(), c_block.end(), 0.0f);
+      std::fill(c_blocks.begin(), c_blocks.end(), 0.0f);
       for (int64_t d0 = 0; d0 < depth; d0 += kBlockDepth) {
         const int64_t db = std::min(kBlockDepth, depth - d0);
         float* b = b_tile.data();
@@ -98,9 +113,18 @@ void blocked_gemm(
           }
         }
         fill(b, kBlockCols, d0, db, c0, cb);
-        gemm(a + r0 * a_rs + d0 * a_cs, a_rs, a_cs, b, kBlockCols, c_block.data(), kBlockCols, rb, cb_pad, db);
+        for (int64_t blk = rb0; blk < rb_end; ++blk) {
+          const int64_t r0 = blk * kBlockRows;
+          const int64_t rb = std::min(kBlockRows, rows - r0);
+          float* c = c_blocks.data() + (blk - rb0) * kBlockRows * kBlockCols;
+          gemm(a + r0 * a_rs + d0 * a_cs, a_rs, a_cs, b, kBlockCols, c, kBlockCols, rb, cb_pad, db);
+        }
       }
-      epilogue(c_block.data(), kBlockCols, r0, rb, c0, cb);
+      for (int64_t blk = rb0; blk < rb_end; ++blk) {
+        const int64_t r0 = blk * kBlockRows;
+        epilogue(c_blocks.data() + (blk - rb0) * kBlockRows * kBlockCols, kBlockCols, r0,
+                 std::min(kBlockRows, rows - r0), c0, cb);
+      }
     }
   });
 }
