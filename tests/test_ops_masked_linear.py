@@ -443,6 +443,59 @@ torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "y": y, "grad
 """
 
 
+FEW_ROWS_SCRIPT = """
+import sys, torch
+import multiflow_kernels
+from multiflow_kernels import ops
+cases = torch.load(sys.argv[1])
+ys = [ops.masked_linear(x, w, bits, b) for x, w, bits, b in cases]
+torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "ys": ys}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_few_rows_every_isa_path(isa, tmp_path):
+    """The few-row forward (1-16 rows of x: the weight read in place, no tiles) on every ISA
+    path and dtype, with row lengths around the vector widths (a partial last word), against
+    the exact product; 17 rows take the blocked GEMM."""
+    gen = torch.Generator().manual_seed(17)
+    cases = []
+    for dtype in DTYPES:
+        for n_in in (1, 8, 31, 32, 33, 48, 64, 100, 1056):
+            for m in (1, 2, 5, 8, 9, 16, 17):
+                x = torch.randn(m, n_in, generator=gen).to(dtype)
+                w = torch.randn(21, n_in, generator=gen).to(dtype)
+                mask = torch.rand(21, n_in, generator=gen) < 0.4
+                b = torch.randn(21, generator=gen).to(dtype)
+                cases.append((x, w, ops.pack_mask(mask), b, mask))
+    got = run_with_isa(isa, FEW_ROWS_SCRIPT, [c[:4] for c in cases], tmp_path)["ys"]
+    for (x, w, _, b, mask), y in zip(cases, got):
+        x64, w64 = x.double(), w.double() * mask
+        exact = F.linear(x64, w64, b.double())
+        scale = F.linear(x64.abs(), w64.abs(), b.double().abs())
+        assert_earned(y, exact, dense_forward(x, w, mask, b), scale, x.dtype, f"y {tuple(x.shape)} {x.dtype} ({isa})")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pruned_non_finite_weights_count_as_zero(rows, dtype):
+    """A pruned weight that is inf or NaN adds nothing (it is +0.0, as in reference.masked_weight),
+    on the few-row path (<= 16 rows) and the blocked one; an inf in x meets a kept weight as in
+    F.linear, and a pruned one gives NaN (0 * inf), as F.linear(x, W * M) with finite W does."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 70, generator=gen).to(dtype)
+    w = torch.randn(5, 70, generator=gen).to(dtype)
+    mask = torch.rand(5, 70, generator=gen) < 0.5
+    mask[:, 3] = False
+    w_bad = w.clone()
+    w_bad[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype).repeat(70 * 5)[: int((~mask).sum())]
+    bits = ops.pack_mask(mask)
+    assert torch.equal(ops.masked_linear(x, w_bad, bits, None), ops.masked_linear(x, w.masked_fill(~mask, 0), bits, None))
+    x_inf = x.clone()
+    x_inf[:, 3] = float("inf")  # column 3 is pruned in every row
+    assert torch.isnan(ops.masked_linear(x_inf, w, bits, None)).all()
+
+
 @pytest.mark.parametrize("isa", isas_of_this_cpu())
 def test_every_isa_path(isa, tmp_path):
     x, w, mask, b = make_case((37,), 300, 70, torch.float32, True, seed=6)

@@ -28,8 +28,26 @@ using GemmTileFn = void (*)(
     int64_t cols,
     int64_t depth);
 
+// Rows of x a MaskedGemvFn call takes at most (registers: 2 accumulators each).
+inline constexpr int64_t kMaskedGemvRows = 8;
+
+// Few rows of x (the memory-bound case): out[i] = sum over the kept columns c of
+// w[c] * x[i * k + c] for i < m (1 <= m <= kMaskedGemvRows), one weight row w of
+// k elements (float, c10::Half or c10::BFloat16, widened exactly) whose mask is
+// the row's ceil(k / 32) words of bits; a pruned weight counts as +0.0 whatever
+// its value (as in the B tiles). x: m rows of k float32. Sums in float32, in a
+// fixed order for the ISA: each output is one row's dot product, so results do
+// not depend on the thread count. Reads w[0, k) and x's m rows only.
+using MaskedGemvFn = void (*)(const void* w, const int32_t* bits, int64_t k, const float* x, int64_t m, float* out);
+
 struct MaskedTiles {
   GemmTileFn gemm;
+  // AVX-512: 16 columns per vector, the mask applied with a zeroing move; AVX2: 8
+  // columns, an AND with the byte's lane mask; baseline: scalar. A row's last
+  // partial word is scalar on every ISA.
+  MaskedGemvFn gemv_f32;
+  MaskedGemvFn gemv_f16;
+  MaskedGemvFn gemv_bf16;
 };
 
 MaskedTiles masked_tiles_default();

@@ -12,6 +12,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <cstring>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "cpu/isa.h"
 #include "cpu/masked_tile.h"
@@ -77,11 +82,100 @@ void gemm_tile(
   }
 }
 
+// --- Few rows of x (MaskedGemvFn) ----------------------------------------------
+
+// bit c of a word: the weight at column c is kept.
+inline bool kept(const int32_t* bits, int64_t c) {
+  return (static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 1u;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// v where the lane's bit of lane_bits (the kLanes bits of its columns) is set, else +0.0.
+inline FloatVec keep_lanes(const FloatVec& v, uint32_t lane_bits) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(lane_bits), v);
+#else
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i keep =
+      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lane_bits)), lane_bit), lane_bit);
+  return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+#endif
+}
+
+// Whole words: per vector of kLanes columns, the weights widened, the pruned ones zeroed,
+// then one FMA per row of x (two accumulators per row, alternating vectors); the row's
+// last partial word in scalar code. Each output: its lanes added in order, then the tail.
+template <typename T, int M>
+void gemv_rows(const T* w, const int32_t* bits, int64_t k, const float* x, float* out) {
+  constexpr int kVecs = static_cast<int>(32 / kLanes);  // vectors per word
+  static_assert(kVecs % 2 == 0, "two accumulators per row take alternate vectors");
+  FloatVec acc[M][2];
+  for (int i = 0; i < M; ++i) {
+    acc[i][0] = acc[i][1] = FloatVec(0.0f);
+  }
+  const int64_t full = k / 32;
+  for (int64_t wd = 0; wd < full; ++wd) {
+    const uint32_t u = static_cast<uint32_t>(bits[wd]);
+    for (int h = 0; h < kVecs; ++h) {
+      const int64_t c = 32 * wd + h * kLanes;
+      const FloatVec wv = keep_lanes(load_as_float(w + c), (u >> (h * kLanes)) & ((1u << kLanes) - 1u));
+      for (int i = 0; i < M; ++i) {
+        acc[i][h & 1] = at::vec::fmadd(wv, FloatVec::loadu(x + i * k + c), acc[i][h & 1]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    alignas(64) float lanes[kLanes];
+    (acc[i][0] + acc[i][1]).store(lanes);
+    float s = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s += lanes[l];
+    }
+    for (int64_t c = 32 * full; c < k; ++c) {
+      s += (kept(bits, c) ? static_cast<float>(w[c]) : 0.0f) * x[i * k + c];
+    }
+    out[i] = s;
+  }
+}
+#else
+template <typename T, int M>
+void gemv_rows(const T* w, const int32_t* bits, int64_t k, const float* x, float* out) {
+  float s[M] = {};
+  for (int64_t c = 0; c < k; ++c) {
+    const float wc = kept(bits, c) ? static_cast<float>(w[c]) : 0.0f;
+    for (int i = 0; i < M; ++i) {
+      s[i] += wc * x[i * k + c];
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    out[i] = s[i];
+  }
+}
+#endif
+
+template <typename T>
+void gemv(const void* w_v, const int32_t* bits, int64_t k, const float* x, int64_t m, float* out) {
+  const T* w = static_cast<const T*>(w_v);
+  switch (m) {
+    case 1: gemv_rows<T, 1>(w, bits, k, x, out); break;
+    case 2: gemv_rows<T, 2>(w, bits, k, x, out); break;
+    case 3: gemv_rows<T, 3>(w, bits, k, x, out); break;
+    case 4: gemv_rows<T, 4>(w, bits, k, x, out); break;
+    case 5: gemv_rows<T, 5>(w, bits, k, x, out); break;
+    case 6: gemv_rows<T, 6>(w, bits, k, x, out); break;
+    case 7: gemv_rows<T, 7>(w, bits, k, x, out); break;
+    case 8: gemv_rows<T, 8>(w, bits, k, x, out); break;
+    default: break;
+  }
+}
+static_assert(kMaskedGemvRows == 8, "gemv's switch covers 1..kMaskedGemvRows rows");
+
 }  // namespace masked
 }  // namespace
 
 MaskedTiles MULTIFLOW_ISA_FN(masked_tiles)() {
-  return MaskedTiles{&masked::gemm_tile};
+  return MaskedTiles{&masked::gemm_tile, &masked::gemv<float>, &masked::gemv<c10::Half>,
+                     &masked::gemv<c10::BFloat16>};
 }
 
 }  // namespace multiflow::cpu
