@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ceil_div.h"
@@ -42,14 +43,22 @@ constexpr int64_t kBlockDepth = 256;
 // Row blocks a task multiplies with each B tile at most (its accumulators: 1.5 MiB).
 constexpr int64_t kMaxRunBlocks = 32;
 
+// The forward with at most this many rows of x takes the few-row kernel (MaskedGemvFn,
+// kMaskedGemvRows rows per pass over a weight row), which reads the weight in place;
+// more rows take the blocked GEMM, which builds masked weight tiles once per run of row
+// blocks.
+constexpr int64_t kGemvMaxRows = 16;
+
 const MaskedTiles& tiles() {
   static const MaskedTiles table = MULTIFLOW_ISA_TABLE(masked_tiles);
   return table;
 }
 
-inline bool bit_at(const int32_t* row_words, int64_t k) {
-  return (static_cast<uint32_t>(row_words[k >> 5]) >> (k & 31)) & 1u;
-}
+// The few-row kernels as a per-dtype table (for_activation_dtype).
+struct GemvTable {
+  explicit GemvTable(const MaskedTiles& t) : f32(t.gemv_f32), f16(t.gemv_f16), bf16(t.gemv_bf16) {}
+  MaskedGemvFn f32, f16, bf16;
+};
 
 // w where bit k of the row is set, else +0.0f (even for a NaN or Inf w), without a
 // branch: a random mask would mispredict half of them.
@@ -148,18 +157,26 @@ auto masked_weight_t(const scalar_t* w, const int32_t* bits, int64_t k, int64_t 
   };
 }
 
-// B tile [p][j] = (W*M)[d0 + p, c0 + j]: the masked weight as stored (grad_x).
+// The per-ISA masked row copy of scalar_t (MaskedCopyFn).
+template <typename scalar_t>
+MaskedCopyFn masked_copy_fn() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return tiles().copy_f32;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return tiles().copy_f16;
+  } else {
+    return tiles().copy_bf16;
+  }
+}
+
+// B tile [p][j] = (W*M)[d0 + p, c0 + j]: the masked weight as stored (grad_x), a row
+// of the tile per vectorised masked copy (c0 is a multiple of kBlockCols, so of 32).
 template <typename scalar_t>
 auto masked_weight(const scalar_t* w, const int32_t* bits, int64_t k, int64_t words) {
+  const MaskedCopyFn copy = masked_copy_fn<scalar_t>();
   return [=](float* b, int64_t ldb, int64_t d0, int64_t db, int64_t c0, int64_t cb) {
     for (int64_t p = 0; p < db; ++p) {
-      const scalar_t* w_row = w + (d0 + p) * k;
-      const int32_t* bit_row = bits + (d0 + p) * words;
-      float* b_row = b + p * ldb;
-      for (int64_t j = 0; j < cb; ++j) {
-        const int64_t kk = c0 + j;
-        b_row[j] = masked_value(static_cast<float>(w_row[kk]), bit_row, kk);
-      }
+      copy(w + (d0 + p) * k + c0, bits + (d0 + p) * words, c0, cb, b + p * ldb);
     }
   };
 }
@@ -178,6 +195,29 @@ at::Tensor masked_linear_cpu(
     const scalar_t* bias_ptr = p.bias.defined() ? p.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     const int64_t n = p.n;
+    if (p.m <= kGemvMaxRows && p.k > 0) {
+      // Few rows (memory-bound): each weight row is read once, in place, and meets every
+      // row of x in registers (kMaskedGemvRows at a time); no weight tile is built.
+      const MaskedGemvFn gemv = for_activation_dtype("multiflow::masked_linear", GemvTable{tiles()}, p.x.scalar_type());
+      const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
+      const int32_t* bits = p.mask_bits.const_data_ptr<int32_t>();
+      const float* xp = xf.const_data_ptr<float>();
+      const int64_t m = p.m, k = p.k;
+      at::parallel_for(0, n, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+        float acc[kMaskedGemvRows];
+        for (int64_t r = begin; r < end; ++r) {
+          const float b = bias_ptr ? static_cast<float>(bias_ptr[r]) : 0.0f;
+          for (int64_t i0 = 0; i0 < m; i0 += kMaskedGemvRows) {
+            const int64_t mb = std::min(kMaskedGemvRows, m - i0);
+            gemv(w + r * k, bits + r * words, k, xp + i0 * k, mb, acc);
+            for (int64_t i = 0; i < mb; ++i) {
+              out[(i0 + i) * n + r] = static_cast<scalar_t>(acc[i] + b);
+            }
+          }
+        }
+      });
+      return;
+    }
     blocked_gemm(
         p.m, p.n, p.k, xf.const_data_ptr<float>(), p.k, 1,
         masked_weight_t(p.weight.const_data_ptr<scalar_t>(), p.mask_bits.const_data_ptr<int32_t>(), p.k, words),
@@ -239,11 +279,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
             }
           },
           [&](const float* c, int64_t ldc, int64_t r0, int64_t rb, int64_t c0, int64_t cb) {
+            // The sums where the mask keeps the weight, else 0: a vectorised masked copy
+            // (into the output itself for float32, via a row of float32 for 16-bit types).
+            const MaskedCopyFn copy = tiles().copy_f32;
+            float row[kBlockCols];
             for (int64_t i = 0; i < rb; ++i) {
-              const int32_t* bit_row = bits + (r0 + i) * words;
-              for (int64_t j = 0; j < cb; ++j) {
-                out[(r0 + i) * k + c0 + j] =
-                    bit_at(bit_row, c0 + j) ? static_cast<scalar_t>(c[i * ldc + j]) : static_cast<scalar_t>(0.0f);
+              scalar_t* out_row = out + (r0 + i) * k + c0;
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                copy(c + i * ldc, bits + (r0 + i) * words, c0, cb, out_row);
+              } else {
+                copy(c + i * ldc, bits + (r0 + i) * words, c0, cb, row);
+                std::copy(row, row + cb, out_row);
               }
             }
           });

@@ -40,8 +40,17 @@ inline constexpr int64_t kMaskedGemvRows = 8;
 // not depend on the thread count. Reads w[0, k) and x's m rows only.
 using MaskedGemvFn = void (*)(const void* w, const int32_t* bits, int64_t k, const float* x, int64_t m, float* out);
 
+// dst[j] = src[j] (T = float, c10::Half or c10::BFloat16, widened exactly) where
+// the mask keeps column c0 + j, else +0.0 (whatever src[j] is), for j < n; the
+// row's mask words start at bits, and c0 % 32 == 0. Reads src[0, n) only.
+using MaskedCopyFn = void (*)(const void* src, const int32_t* bits, int64_t c0, int64_t n, float* dst);
+
 struct MaskedTiles {
   GemmTileFn gemm;
+  // The weight tiles of grad_x (f32 / f16 / bf16) and grad_w's masked epilogue (f32).
+  MaskedCopyFn copy_f32;
+  MaskedCopyFn copy_f16;
+  MaskedCopyFn copy_bf16;
   // AVX-512: 16 columns per vector, the mask applied with a zeroing move; AVX2: 8
   // columns, an AND with the byte's lane mask; baseline: scalar. A row's last
   // partial word is scalar on every ISA.

@@ -153,6 +153,24 @@ void gemv_rows(const T* w, const int32_t* bits, int64_t k, const float* x, float
 }
 #endif
 
+// MaskedCopyFn: whole vectors while they fit (their kLanes bits lie in one word, as
+// c0 % 32 == 0 and kLanes divides 32), the rest scalar.
+template <typename T>
+void masked_copy(const void* src_v, const int32_t* bits, int64_t c0, int64_t n, float* dst) {
+  const T* src = static_cast<const T*>(src_v);
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  for (; j + kLanes <= n; j += kLanes) {
+    const int64_t c = c0 + j;
+    const uint32_t lane_bits = (static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & ((1u << kLanes) - 1u);
+    keep_lanes(load_as_float(src + j), lane_bits).store(dst + j);
+  }
+#endif
+  for (; j < n; ++j) {
+    dst[j] = kept(bits, c0 + j) ? static_cast<float>(src[j]) : 0.0f;
+  }
+}
+
 template <typename T>
 void gemv(const void* w_v, const int32_t* bits, int64_t k, const float* x, int64_t m, float* out) {
   const T* w = static_cast<const T*>(w_v);
@@ -174,7 +192,12 @@ static_assert(kMaskedGemvRows == 8, "gemv's switch covers 1..kMaskedGemvRows row
 }  // namespace
 
 MaskedTiles MULTIFLOW_ISA_FN(masked_tiles)() {
-  return MaskedTiles{&masked::gemm_tile, &masked::gemv<float>, &masked::gemv<c10::Half>,
+  return MaskedTiles{&masked::gemm_tile,
+                     &masked::masked_copy<float>,
+                     &masked::masked_copy<c10::Half>,
+                     &masked::masked_copy<c10::BFloat16>,
+                     &masked::gemv<float>,
+                     &masked::gemv<c10::Half>,
                      &masked::gemv<c10::BFloat16>};
 }
 
