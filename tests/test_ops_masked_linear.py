@@ -411,10 +411,12 @@ def test_bad_inputs_name_the_argument():
         ops.masked_linear_backward(g.half(), x, w, bits, [True, True, True])
 
 
-@pytest.mark.parametrize(("rows", "n_in", "n_out"), [(257, 700, 300), (3400, 40, 45)])
+@pytest.mark.parametrize(("rows", "n_in", "n_out"), [(5, 700, 300), (257, 700, 300), (96 * 33 + 1, 33, 130)])
 def test_same_result_at_any_thread_count(rows, n_in, n_out):
-    """257 rows: one task takes all three 96-row blocks at 1 thread, two take them at 2;
-    3400 rows: 36 row blocks, more than a task multiplies with one weight tile."""
+    """5 rows: the few-row forward; 257 rows: one task takes all three 96-row blocks at 1
+    thread, two take them at 2; 96 * 33 + 1 rows and 2 column blocks of the forward: at 1
+    thread a run of 32 row blocks (the most a task multiplies with one weight tile) and a
+    short one of 2."""
     x, w, mask, b = make_case((rows,), n_in, n_out, torch.float32, True, seed=2)
     bits = ops.pack_mask(mask)
     g = torch.randn(rows, n_out)
@@ -480,7 +482,7 @@ def test_few_rows_every_isa_path(isa, tmp_path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pruned_non_finite_weights_count_as_zero(rows, dtype):
     """A pruned weight that is inf or NaN adds nothing (it is +0.0, as in reference.masked_weight),
-    on the few-row path (<= 16 rows) and the blocked one; an inf in x meets a kept weight as in
+    on the few-row path (<= 16 rows) and the blocked one, forward and backward; an inf in x meets a kept weight as in
     F.linear, and a pruned one gives NaN (0 * inf), as F.linear(x, W * M) with finite W does."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 70, generator=gen).to(dtype)
@@ -491,9 +493,54 @@ def test_pruned_non_finite_weights_count_as_zero(rows, dtype):
     w_bad[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype).repeat(70 * 5)[: int((~mask).sum())]
     bits = ops.pack_mask(mask)
     assert torch.equal(ops.masked_linear(x, w_bad, bits, None), ops.masked_linear(x, w.masked_fill(~mask, 0), bits, None))
+    g = torch.randn(rows, 5, generator=gen).to(dtype)
+    grads_bad = ops.masked_linear_backward(g, x, w_bad, bits, [True, True, False])
+    grads = ops.masked_linear_backward(g, x, w.masked_fill(~mask, 0), bits, [True, True, False])
+    assert torch.equal(grads_bad[0], grads[0]) and torch.equal(grads_bad[1], grads[1])
     x_inf = x.clone()
     x_inf[:, 3] = float("inf")  # column 3 is pruned in every row
     assert torch.isnan(ops.masked_linear(x_inf, w, bits, None)).all()
+
+
+PADDING_SCRIPT = """
+import sys, torch
+import multiflow_kernels
+from multiflow_kernels import ops
+cases = torch.load(sys.argv[1])
+out = []
+for x, w, bits, b, g in cases:
+    out.append((ops.masked_linear(x, w, bits, b), ops.masked_linear_backward(g, x, w, bits, [True, True, True])))
+torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "out": out}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("isa", isas_of_this_cpu())
+def test_padding_bits_and_pruned_nan_weights_change_nothing(isa, tmp_path):
+    """mask_bits with every padding bit past in_features set, and NaN at every pruned weight:
+    forward and all three gradients equal those of the clean mask with zeros there, on every
+    ISA path, the few-row forward (1, 9, 16 rows) and the blocked one (17, 100)."""
+    gen = torch.Generator().manual_seed(23)
+    cases, clean = [], []
+    for dtype in DTYPES:
+        for m in (1, 9, 16, 17, 100):
+            n_in = 77  # a partial last word: 19 padding bits
+            x = torch.randn(m, n_in, generator=gen).to(dtype)
+            w = torch.randn(11, n_in, generator=gen).to(dtype)
+            mask = torch.rand(11, n_in, generator=gen) < 0.5
+            b = torch.randn(11, generator=gen).to(dtype)
+            g = torch.randn(m, 11, generator=gen).to(dtype)
+            bits = ops.pack_mask(mask)
+            dirty_bits = bits.clone()
+            dirty_bits[:, -1] |= torch.tensor(~((1 << (n_in % 32)) - 1), dtype=torch.int32)
+            cases.append((x, w.masked_fill(~mask, float("nan")), dirty_bits, b, g))
+            clean.append((x, w.masked_fill(~mask, 0), bits, b, g))
+    got = run_with_isa(isa, PADDING_SCRIPT, cases, tmp_path)["out"]
+    want = run_with_isa(isa, PADDING_SCRIPT, clean, tmp_path)["out"]
+    for (y, grads), (y_ref, grads_ref), (x, *_) in zip(got, want, cases):
+        what = f"{tuple(x.shape)} {x.dtype} ({isa})"
+        assert torch.equal(y, y_ref), "y " + what
+        for name, a, c in zip(("grad_x", "grad_w", "grad_b"), grads, grads_ref):
+            assert torch.equal(a, c), f"{name} {what}"
 
 
 @pytest.mark.parametrize("isa", isas_of_this_cpu())

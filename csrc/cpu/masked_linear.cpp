@@ -1,5 +1,7 @@
 // masked_linear and its backward on CPU: blocked GEMMs whose B operand is built
-// tile by tile, with the mask applied while the tile is built.
+// tile by tile, with the mask applied while the tile is built; a forward with
+// 1-16 rows of x instead takes the few-row kernel (MaskedGemvFn), which reads each
+// weight row in place (once per 8 rows of x) with the mask applied in registers.
 //
 //   forward  y  (M x N) = x (M x K) @ (W*M)^T      B tile [k][n] = w[n, k] * bit(n, k)
 //   grad_x  gx  (M x K) = g (M x N) @ (W*M)        B tile [n][k] = w[n, k] * bit(n, k)
@@ -16,8 +18,9 @@
 // adds the bias and rounds once to the output dtype.
 //
 // Determinism: every output element belongs to one task and is summed in a
-// fixed order (depth blocks ascending, p ascending inside), whatever the
-// thread count.
+// fixed order, whatever the thread count: blocked GEMMs depth blocks ascending,
+// p ascending inside; the few-row kernel its row's vector lanes, then the
+// row's partial last word.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -196,8 +199,8 @@ at::Tensor masked_linear_cpu(
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     const int64_t n = p.n;
     if (p.m <= kGemvMaxRows && p.k > 0) {
-      // Few rows (memory-bound): each weight row is read once, in place, and meets every
-      // row of x in registers (kMaskedGemvRows at a time); no weight tile is built.
+      // Few rows (memory-bound): each weight row is read in place, once per kMaskedGemvRows
+      // rows of x, which meet it in registers; no weight tile is built.
       const MaskedGemvFn gemv = for_activation_dtype("multiflow::masked_linear", GemvTable{tiles()}, p.x.scalar_type());
       const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
       const int32_t* bits = p.mask_bits.const_data_ptr<int32_t>();

@@ -1,7 +1,7 @@
 // masked_linear on CPU: the interface between the driver (masked_linear.cpp,
 // which blocks the problem, builds the masked weight tiles and runs blocks in
-// parallel) and the per-ISA GEMM micro-kernel (masked_tile_impl.h, compiled
-// once per ISA, see isa.h).
+// parallel) and the per-ISA kernels (masked_tile_impl.h, compiled once per ISA,
+// see isa.h): the GEMM micro-kernel, the few-row forward and the masked row copy.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,5 @@
-// The GEMM micro-kernel of masked_linear on CPU, for one ISA. Included only by
+// The per-ISA kernels of masked_linear on CPU (the GEMM micro-kernel, the few-row
+// forward, the masked row copy), for one ISA. Included only by
 // the isa_*.cpp files, after they set CPU_CAPABILITY (no include guard on
 // purpose: once per ISA translation unit). See isa.h.
 //
@@ -157,6 +158,7 @@ void gemv_rows(const T* w, const int32_t* bits, int64_t k, const float* x, float
 // c0 % 32 == 0 and kLanes divides 32), the rest scalar.
 template <typename T>
 void masked_copy(const void* src_v, const int32_t* bits, int64_t c0, int64_t n, float* dst) {
+  static_assert(32 % kLanes == 0, "a vector's lane bits lie in one mask word (and kLanes < 32)");
   const T* src = static_cast<const T*>(src_v);
   int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
