@@ -210,6 +210,14 @@ AUTO_CUDA_24_MAX_ROWS = 256
 AUTO_CUDA_24_MAX_IN = 768
 
 
+# On CPU auto stores a float32 layer as masked (dense weight + bits) from AUTO_CPU_MASKED_MIN_ROWS
+# rows of x when the mask keeps at least AUTO_CPU_MASKED_MIN_DENSITY of the weights: there
+# masked_linear's GEMM (reading the weight in place, no decode) is the faster kernel, at the
+# price of the dense weight's memory (see choose_format).
+AUTO_CPU_MASKED_MIN_ROWS = 2048
+AUTO_CPU_MASKED_MIN_DENSITY = 0.25
+
+
 def check_rows(rows) -> int:
     """``rows`` (the expected rows of x per call, for ``auto``): an int >= 1, else ValueError."""
     if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
@@ -225,19 +233,27 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     ``capability``: the CUDA device's compute capability (read from the device if None).
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
-      weights (a sparser mask is much smaller as a bitmap), else ``bitmap``. Measured here
-      (2-core AVX-512, float32, benchmarks/RESULTS.md): bitmap_linear is faster than masked_linear at every
-      size (so masked, for fine-tuning, is never the faster kernel), and sparse24_linear
-      on a 2:4 mask beats bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.1x), is
-      0.94-1.5x its speed at 64-256 rows and within 10% of it at 1 row, and beats dense up to
-      256 rows on most shapes.
+      weights (a sparser mask is much smaller as a bitmap); else ``masked`` for a float32
+      weight at ``AUTO_CPU_MASKED_MIN_ROWS`` or more rows whose mask keeps at least
+      ``AUTO_CPU_MASKED_MIN_DENSITY`` (the faster kernel there, but the dense weight's
+      memory: pass ``format="bitmap"`` to keep the compression); else ``bitmap``. Measured
+      here (2-core AVX-512, float32, benchmarks/RESULTS.md, session 11's run of the bitmap
+      family, all formats in one run): bitmap_linear is faster than masked_linear at 1-128
+      rows on every shape and sparsity (1.2-6.3x); at 2048 rows masked_linear is faster at
+      63% and 75% sparsity on all five shapes (bitmap takes 1.6-2.6x its time) and at 90% on
+      three of them (0.77-0.90x; 1.05-1.19x slower on the 768-input 768 / 2304-output
+      layers); 256 rows is mixed (0.79-1.46x at 63-75%), so the rule starts at 2048. 16-bit
+      weights were not measured there and stay bitmap. sparse24_linear on a 2:4 mask beats
+      bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.1x), is 0.94-1.5x its speed at
+      64-256 rows and within 10% of it at 1 row, and beats dense up to 256 rows on most
+      shapes (2048 rows not measured: a 2:4 mask stays 2:4).
     - CUDA: ``2:4`` when the mask is 2:4 (and keeps at least ``AUTO_24_MIN_DENSITY``), the
       dtype float16 / bfloat16, ``in_features`` a multiple of 16, the GPU sm_80 or newer,
       and the rows at most ``AUTO_CUDA_24_ANY_ROWS``, or at most ``AUTO_CUDA_24_MAX_ROWS``
       on a layer of at most ``AUTO_CUDA_24_MAX_IN`` inputs; otherwise ``bitmap``. Measured
       on an H200 (float16, benchmarks/RESULTS.md): the CUDA C++ bitmap kernel was faster
       than masked_linear's CUDA default on every measured shape, sparsity and row count
-      (and it is the smallest format), so masked is never the faster kernel here either.
+      (and it is the smallest format), so masked is never the faster kernel on CUDA.
       sparse24_linear on 2:4 masks (run 3) against bitmap_linear on 75% masks (run 4, its
       tensor-core kernel for 1-16 rows; run 2's decode + cuBLAS above; runs minutes apart on
       one machine): at 1 row 2:4 was faster or equal on every shape (0.017-0.030 ms against
@@ -251,7 +267,12 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     device = torch.device(device)
     as_24 = is_24(mask) and mask.numel() > 0 and mask.float().mean().item() >= AUTO_24_MIN_DENSITY
     if device.type != "cuda":
-        return "2:4" if as_24 else "bitmap"
+        if as_24:
+            return "2:4"
+        if dtype == torch.float32 and rows >= AUTO_CPU_MASKED_MIN_ROWS and mask.numel() > 0 \
+                and mask.float().mean().item() >= AUTO_CPU_MASKED_MIN_DENSITY:
+            return "masked"
+        return "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     in_features = mask.shape[-1]

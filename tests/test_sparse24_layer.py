@@ -79,6 +79,17 @@ def test_choose_format_rule():
     assert formats.choose_format(sparse_nm, torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(0, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
+    # CPU, many rows: masked_linear's GEMM is the faster kernel for float32 masks keeping >= 25%
+    big = formats.AUTO_CPU_MASKED_MIN_ROWS
+    keeps_quarter = torch.zeros(8, 16, dtype=torch.bool)
+    keeps_quarter[:, :4] = True
+    assert formats.choose_format(keeps_quarter, torch.float32, "cpu", big) == "masked"
+    assert formats.choose_format(keeps_quarter, torch.float32, "cpu", big - 1) == "bitmap"
+    assert formats.choose_format(keeps_quarter, torch.bfloat16, "cpu", big) == "bitmap"  # not measured: bitmap
+    sparser = keeps_quarter.clone()
+    sparser[0, 0] = False  # just under 25% kept
+    assert formats.choose_format(sparser, torch.float32, "cpu", big) == "bitmap"
+    assert formats.choose_format(nm, torch.float32, "cpu", big) == "2:4"
     h100 = (9, 0)
     limit = formats.AUTO_CUDA_24_MAX_ROWS
     assert formats.choose_format(nm, torch.float16, "cuda", 1, h100) == "2:4"
