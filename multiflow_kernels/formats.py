@@ -210,10 +210,10 @@ AUTO_CUDA_24_MAX_ROWS = 256
 AUTO_CUDA_24_MAX_IN = 768
 
 
-# On CPU auto stores a float32 layer as masked (dense weight + bits) from AUTO_CPU_MASKED_MIN_ROWS
-# rows of x when the mask keeps at least AUTO_CPU_MASKED_MIN_DENSITY of the weights: there
-# masked_linear's GEMM (reading the weight in place, no decode) is the faster kernel, at the
-# price of the dense weight's memory (see choose_format).
+# On an AVX-512 CPU auto stores a float32 layer as masked (dense weight + bits) from
+# AUTO_CPU_MASKED_MIN_ROWS rows of x when the mask keeps at least AUTO_CPU_MASKED_MIN_DENSITY
+# of the weights: there masked_linear's GEMM (reading the weight in place, no decode) is the
+# faster kernel, at the price of the dense weight's memory (see choose_format).
 AUTO_CPU_MASKED_MIN_ROWS = 2048
 AUTO_CPU_MASKED_MIN_DENSITY = 0.25
 
@@ -233,10 +233,13 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     ``capability``: the CUDA device's compute capability (read from the device if None).
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
-      weights (a sparser mask is much smaller as a bitmap); else ``masked`` for a float32
-      weight at ``AUTO_CPU_MASKED_MIN_ROWS`` or more rows whose mask keeps at least
-      ``AUTO_CPU_MASKED_MIN_DENSITY`` (the faster kernel there, but the dense weight's
-      memory: pass ``format="bitmap"`` to keep the compression); else ``bitmap``. Measured
+      weights (a sparser mask is much smaller as a bitmap); else, where torch's CPU
+      capability is AVX512, ``masked`` for a float32 weight at ``AUTO_CPU_MASKED_MIN_ROWS``
+      or more rows whose mask keeps at least ``AUTO_CPU_MASKED_MIN_DENSITY`` (the faster
+      kernel there, but the dense weight's memory: pass ``format="bitmap"`` to keep the
+      compression); else ``bitmap``. Without AVX-512 masked_linear's GEMM is not the faster
+      kernel (AVX2: about bitmap's speed at 25% kept; the baseline build, also every non-x86
+      one: ~7x slower than bitmap at 2048 rows). Measured
       here (2-core AVX-512, float32, benchmarks/RESULTS.md, session 11's run of the bitmap
       family, all formats in one run): bitmap_linear is faster than masked_linear at 1-128
       rows on every shape and sparsity (1.2-6.3x); at 2048 rows masked_linear is faster at
@@ -270,6 +273,7 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
         if as_24:
             return "2:4"
         if dtype == torch.float32 and rows >= AUTO_CPU_MASKED_MIN_ROWS and mask.numel() > 0 \
+                and torch.backends.cpu.get_cpu_capability() == "AVX512" \
                 and mask.float().mean().item() >= AUTO_CPU_MASKED_MIN_DENSITY:
             return "masked"
         return "bitmap"

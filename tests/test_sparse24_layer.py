@@ -70,7 +70,7 @@ def test_24_rejects_masks_that_are_not_24():
         mk.SparseLinear(10, 3, format="2:4")
 
 
-def test_choose_format_rule():
+def test_choose_format_rule(monkeypatch):
     unstructured = torch.rand(8, 16) > 0.25
     nm = _nm_mask(8, 16)
     assert formats.choose_format(unstructured, torch.float32, "cpu", 1) == "bitmap"
@@ -79,8 +79,13 @@ def test_choose_format_rule():
     assert formats.choose_format(sparse_nm, torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(0, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
-    # CPU, many rows: masked_linear's GEMM is the faster kernel for float32 masks keeping >= 25%
+    # CPU with AVX-512, many rows: masked_linear's GEMM is the faster kernel for float32 masks
+    # keeping >= 25%; without AVX-512 it is not
     big = formats.AUTO_CPU_MASKED_MIN_ROWS
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    all_kept = torch.ones(8, 16, dtype=torch.bool)
+    assert formats.choose_format(all_kept, torch.float32, "cpu", big) == "bitmap"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     keeps_quarter = torch.zeros(8, 16, dtype=torch.bool)
     keeps_quarter[:, :4] = True
     assert formats.choose_format(keeps_quarter, torch.float32, "cpu", big) == "masked"
