@@ -5,7 +5,9 @@ and multiplied. :class:`multiflow_kernels.nn.SparseLinear` holds one of these.
             (``pack_mask`` layout). ``masked_linear`` applies the mask inside the kernel
             (CPU, Triton; on CUDA by default the masked weight is built per call and
             multiplied by cuBLAS, faster), forward and backward: pruned weights get
-            exactly zero gradient (sparse fine-tuning). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
+            exactly zero gradient (sparse fine-tuning). On an AVX-512 CPU its GEMM is also the
+            faster float32 kernel at 2048+ rows of x, where ``auto`` picks it (see
+            :func:`choose_format`). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
 
 ``bitmap``  the kept values in row order + 1 bit per weight + row and 512-column offsets
             (``bitmap_pack`` layout); ``bitmap_linear`` decodes it inside the kernel.
