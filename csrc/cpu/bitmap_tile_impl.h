@@ -115,10 +115,8 @@ alignas(32) constexpr ExpandTable kExpand = make_expand_table();
 // The 8 lanes of byte k: the first popcount(k) lanes of packed moved to k's set lanes,
 // zeros elsewhere.
 inline __m256i expand8(__m256i packed, uint32_t k) {
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.permute[k]));
-  const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
-  return _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, idx), keep);
+  return _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, idx), byte_lane_mask(k));
 }
 
 inline const float* decode_segment(const float* v, const float* /*v_end*/, const int32_t* bits, int64_t n_words,

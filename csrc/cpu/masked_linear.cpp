@@ -57,12 +57,6 @@ const MaskedTiles& tiles() {
   return table;
 }
 
-// The few-row kernels as a per-dtype table (for_activation_dtype).
-struct GemvTable {
-  explicit GemvTable(const MaskedTiles& t) : f32(t.gemv_f32), f16(t.gemv_f16), bf16(t.gemv_bf16) {}
-  MaskedGemvFn f32, f16, bf16;
-};
-
 // w where bit k of the row is set, else +0.0f (even for a NaN or Inf w), without a
 // branch: a random mask would mispredict half of them.
 inline float masked_value(float w, const int32_t* row_words, int64_t k) {
@@ -160,23 +154,12 @@ auto masked_weight_t(const scalar_t* w, const int32_t* bits, int64_t k, int64_t 
   };
 }
 
-// The per-ISA masked row copy of scalar_t (MaskedCopyFn).
-template <typename scalar_t>
-MaskedCopyFn masked_copy_fn() {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return tiles().copy_f32;
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return tiles().copy_f16;
-  } else {
-    return tiles().copy_bf16;
-  }
-}
-
 // B tile [p][j] = (W*M)[d0 + p, c0 + j]: the masked weight as stored (grad_x), a row
 // of the tile per vectorised masked copy (c0 is a multiple of kBlockCols, so of 32).
 template <typename scalar_t>
 auto masked_weight(const scalar_t* w, const int32_t* bits, int64_t k, int64_t words) {
-  const MaskedCopyFn copy = masked_copy_fn<scalar_t>();
+  const MaskedCopyFn copy = for_activation_dtype("multiflow::masked_linear_backward", tiles().copy,
+                                                 c10::CppTypeToScalarType<scalar_t>::value);
   return [=](float* b, int64_t ldb, int64_t d0, int64_t db, int64_t c0, int64_t cb) {
     for (int64_t p = 0; p < db; ++p) {
       copy(w + (d0 + p) * k + c0, bits + (d0 + p) * words, c0, cb, b + p * ldb);
@@ -201,7 +184,7 @@ at::Tensor masked_linear_cpu(
     if (p.m <= kGemvMaxRows && p.k > 0) {
       // Few rows (memory-bound): each weight row is read in place, once per kMaskedGemvRows
       // rows of x, which meet it in registers; no weight tile is built.
-      const MaskedGemvFn gemv = for_activation_dtype("multiflow::masked_linear", GemvTable{tiles()}, p.x.scalar_type());
+      const MaskedGemvFn gemv = for_activation_dtype("multiflow::masked_linear", tiles().gemv, p.x.scalar_type());
       const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
       const int32_t* bits = p.mask_bits.const_data_ptr<int32_t>();
       const float* xp = xf.const_data_ptr<float>();
@@ -284,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
           [&](const float* c, int64_t ldc, int64_t r0, int64_t rb, int64_t c0, int64_t cb) {
             // The sums where the mask keeps the weight, else 0: a vectorised masked copy
             // (into the output itself for float32, via a row of float32 for 16-bit types).
-            const MaskedCopyFn copy = tiles().copy_f32;
+            const MaskedCopyFn copy = tiles().copy.f32;
             float row[kBlockCols];
             for (int64_t i = 0; i < rb; ++i) {
               scalar_t* out_row = out + (r0 + i) * k + c0;

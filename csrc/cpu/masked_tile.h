@@ -45,18 +45,22 @@ using MaskedGemvFn = void (*)(const void* w, const int32_t* bits, int64_t k, con
 // row's mask words start at bits, and c0 % 32 == 0. Reads src[0, n) only.
 using MaskedCopyFn = void (*)(const void* src, const int32_t* bits, int64_t c0, int64_t n, float* dst);
 
+// One function per weight dtype (for_activation_dtype picks the entry).
+template <typename Fn>
+struct PerDtype {
+  Fn f32;
+  Fn f16;
+  Fn bf16;
+};
+
 struct MaskedTiles {
   GemmTileFn gemm;
-  // The weight tiles of grad_x (f32 / f16 / bf16) and grad_w's masked epilogue (f32).
-  MaskedCopyFn copy_f32;
-  MaskedCopyFn copy_f16;
-  MaskedCopyFn copy_bf16;
+  // The weight tiles of grad_x and grad_w's masked epilogue (f32).
+  PerDtype<MaskedCopyFn> copy;
   // AVX-512: 16 columns per vector, the mask applied with a zeroing move; AVX2: 8
   // columns, an AND with the byte's lane mask; baseline: scalar. A row's last
   // partial word is scalar on every ISA.
-  MaskedGemvFn gemv_f32;
-  MaskedGemvFn gemv_f16;
-  MaskedGemvFn gemv_bf16;
+  PerDtype<MaskedGemvFn> gemv;
 };
 
 MaskedTiles masked_tiles_default();

@@ -117,10 +117,7 @@ inline FloatVec keep_lanes(const FloatVec& v, uint32_t lane_bits) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(lane_bits), v);
 #else
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i keep =
-      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lane_bits)), lane_bit), lane_bit);
-  return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+  return _mm256_and_ps(v, _mm256_castsi256_ps(byte_lane_mask(lane_bits)));
 #endif
 }
 
@@ -216,12 +213,8 @@ static_assert(kMaskedGemvRows == 8, "gemv's switch covers 1..kMaskedGemvRows row
 
 MaskedTiles MULTIFLOW_ISA_FN(masked_tiles)() {
   return MaskedTiles{&masked::gemm_tile,
-                     &masked::masked_copy<float>,
-                     &masked::masked_copy<c10::Half>,
-                     &masked::masked_copy<c10::BFloat16>,
-                     &masked::gemv<float>,
-                     &masked::gemv<c10::Half>,
-                     &masked::gemv<c10::BFloat16>};
+                     {&masked::masked_copy<float>, &masked::masked_copy<c10::Half>, &masked::masked_copy<c10::BFloat16>},
+                     {&masked::gemv<float>, &masked::gemv<c10::Half>, &masked::gemv<c10::BFloat16>}};
 }
 
 }  // namespace multiflow::cpu

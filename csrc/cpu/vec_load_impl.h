@@ -78,6 +78,13 @@ inline void store_lanes(uint16_t* p, __mmask16 k, Lanes v) {
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(v));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+// All ones in lane l where bit l of the byte k is set, zeros elsewhere (AVX2 has no mask
+// registers: the per-lane select of a mask byte).
+inline __m256i byte_lane_mask(uint32_t k) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), lane_bit), lane_bit);
+}
+
 using Lanes = __m256i;  // 8 elements
 
 inline Lanes load_lanes(const uint32_t* p) {
