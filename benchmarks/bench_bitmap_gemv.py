@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROTATION_BYTES, copy_bandwidth, family_main, results_dir, rotating_copies, time_samples, write_json  # noqa: E402
+from common import (ROTATION_BYTES, copy_bandwidth, family_main, results_dir, rotating_copies, rotation,  # noqa: E402
+                    storage_bytes, time_samples, write_json)
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008),
           "768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
@@ -72,22 +73,25 @@ def bench_case(shape, sparsity, dtype, rows_list, bandwidth, timing):
     out_f, in_f = shape
     esize = torch.empty(0, dtype=dtype).element_size()
     bufs = _buffers(shape, sparsity, dtype, rotating_copies(out_f * in_f * esize, "cuda"))
-    w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "bitmap": _nbytes(*bufs[0]["bitmap"])}
+    # each format rotates enough copies that its own bytes fill ROTATION_BYTES (bitmap: clones)
+    rot = {fmt: rotation([b[fmt] for b in bufs], "cuda") for fmt in ("dense", "bitmap")}
+    del bufs
+    w_bytes = {fmt: storage_bytes(copies[0]) for fmt, copies in rot.items()}
     g = torch.Generator(device="cuda").manual_seed(1)
-    counter = iter(range(10**12))
+    counters = {fmt: iter(range(10**12)) for fmt in rot}
 
-    def pick():
-        return bufs[next(counter) % len(bufs)]
+    def pick(fmt):
+        return rot[fmt][next(counters[fmt]) % len(rot[fmt])]
 
     rows_out = []
     for rows in rows_list:
         x = torch.randn(rows, in_f, generator=g, device="cuda").to(dtype)
         fns = {
-            "dense": (lambda: F.linear(x, pick()["dense"]), None),
-            "bitmap": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), None),
-            "bitmap_v1": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), "v1"),
-            "bitmap_tc2": (lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None), "tc2"),
-            "private": (lambda: torch.ops.multiflow._bitmap_linear_cuda.default(x, *pick()["bitmap"], in_f, None), None),
+            "dense": (lambda: F.linear(x, pick("dense")), None),
+            "bitmap": (lambda: ops.bitmap_linear(x, *pick("bitmap"), in_f, None), None),
+            "bitmap_v1": (lambda: ops.bitmap_linear(x, *pick("bitmap"), in_f, None), "v1"),
+            "bitmap_tc2": (lambda: ops.bitmap_linear(x, *pick("bitmap"), in_f, None), "tc2"),
+            "private": (lambda: torch.ops.multiflow._bitmap_linear_cuda.default(x, *pick("bitmap"), in_f, None), None),
         }
         io = _nbytes(x) + rows * out_f * esize
         r = {"rows": rows, "time_s": {}, "of_roofline": {}}
@@ -95,8 +99,9 @@ def bench_case(shape, sparsity, dtype, rows_list, bandwidth, timing):
             r["time_s"][name] = t = _time(fn, timing, gemv)
             r["of_roofline"][name] = (w_bytes["dense" if name == "dense" else "bitmap"] + io) / bandwidth / t
         rows_out.append(r)
-    del bufs
-    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": w_bytes["bitmap"] / w_bytes["dense"], "rows": rows_out}
+    copies = {fmt: len(c) for fmt, c in rot.items()}
+    del rot
+    return {"weight_bytes": w_bytes, "weight_copies": copies, "bitmap_bytes_ratio": w_bytes["bitmap"] / w_bytes["dense"], "rows": rows_out}
 
 
 def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path:

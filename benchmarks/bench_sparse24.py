@@ -9,9 +9,10 @@ and on sm_90 GPUs ``sparse24_wgmma`` ("wg ms", "wg/dense"): MULTIFLOW_SPARSE24_G
 (the same tiles on Hopper's wgmma.mma_async.sp).
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
-(+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Several weight buffers are
-rotated so the cache does not hold the weight between calls (CUDA: CUDA events, median
-after warm-up). Each time is put against the roofline of the bytes the format must move
+(+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Each format rotates copies
+of its weight that fill 1 GiB (CPU) / 512 MiB (CUDA) of its own storage (torch's 2:4 tensors:
+the independent weights only), so the cache does not hold the weight between calls (CUDA:
+CUDA events); medians after a timed warm-up. Each time is put against the roofline of the bytes the format must move
 (weight storage + x + y, at the measured copy bandwidth) and, on CUDA, against dense in
 TFLOP/s. Prints a table, writes JSON (machine, versions, date, commit) and a PNG plot to
 --out as sparse24_<device>.{json,png}.
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    copy_bandwidth, family_main, plot_time_vs_rows, results_dir, rotating_copies, time_samples, torch_dtypes,
-    write_json,
+    copy_bandwidth, family_main, plot_time_vs_rows, results_dir, rotating_copies, rotation, storage_bytes, time_samples,
+    torch_dtypes, write_json,
 )
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
@@ -119,20 +120,33 @@ def _weight_buffers(shape, dtype, device, n_buffers, seed=0):
     return bufs, unavailable
 
 
-def _format_fns(bufs, x):
+def _rotations(bufs, device) -> dict:
+    """{format: its weight buffers}: ours and dense rotate enough copies that the format's own
+    bytes fill ``ROTATION_BYTES`` (clones where it is smaller); torch's 2:4 tensors, which are
+    not plain tensors, rotate the independent weights only (at least 0.56x of that budget)."""
+    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "bitmap", "sparse24") if fmt in bufs[0]}
+    if "torch_2:4" in bufs[0]:
+        rot["torch_2:4"] = [b["torch_2:4"] for b in bufs]
+    return rot
+
+
+def _format_fns(rot, x):
     from multiflow_kernels import ops
 
-    state = {"i": 0}
+    def picker(fmt):
+        bufs, state = rot.get(fmt), {"i": 0}
 
-    def pick():
-        state["i"] = (state["i"] + 1) % len(bufs)
-        return bufs[state["i"]]
+        def pick():
+            state["i"] = (state["i"] + 1) % len(bufs)
+            return bufs[state["i"]]
+        return pick
 
+    dense, torch24, bitmap, ours = (picker(f) for f in ("dense", "torch_2:4", "bitmap", "sparse24"))
     fns = {
-        "dense": lambda: F.linear(x, pick()["dense"]),
-        "torch_2:4": lambda: F.linear(x, pick()["torch_2:4"]),
-        "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], x.shape[-1], None),
-        "sparse24": lambda: ops.sparse24_linear(x, *pick()["sparse24"], None),
+        "dense": lambda: F.linear(x, dense()),
+        "torch_2:4": lambda: F.linear(x, torch24()),
+        "bitmap": lambda: ops.bitmap_linear(x, *bitmap(), x.shape[-1], None),
+        "sparse24": lambda: ops.sparse24_linear(x, *ours(), None),
     }
     if x.is_cuda and x.shape[0] <= HALF_MAX_ROWS:
         fns["sparse24_half"] = fns["sparse24"]  # the same call, timed under FORMAT_ENV
@@ -158,8 +172,10 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     out_f, in_f = shape
     n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs, unavailable = _weight_buffers(shape, dtype, device, n_buffers)
-    w_bytes = {"dense": _nbytes(bufs[0]["dense"]), "sparse24": _nbytes(*bufs[0]["sparse24"]),
-               "bitmap": _nbytes(*bufs[0]["bitmap"]) if "bitmap" in bufs[0] else 0}
+    rot = _rotations(bufs, device)
+    del bufs
+    w_bytes = {"dense": storage_bytes(rot["dense"][0]), "sparse24": storage_bytes(rot["sparse24"][0]),
+               "bitmap": storage_bytes(rot["bitmap"][0]) if "bitmap" in rot else 0}
     w_bytes["torch_2:4"] = w_bytes["sparse24"]  # same values; its metadata is laid out differently
     w_bytes["sparse24_half"] = w_bytes["sparse24_t128"] = w_bytes["sparse24_wgmma"] = w_bytes["sparse24"]
     g = torch.Generator(device=device).manual_seed(1)
@@ -168,7 +184,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
         x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
         r = {"rows": rows, "time_s": {}, "best_s": {}, "of_roofline": {}, "tflops": {}}
-        for fmt, fn in _unprobed(_format_fns(bufs, x), x.device, unavailable).items():
+        for fmt, fn in _unprobed(_format_fns(rot, x), x.device, unavailable).items():
             if fmt in unavailable:
                 continue
             env_name, env_value = FORMAT_ENV.get(fmt, (None, None))
@@ -190,8 +206,10 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
             r["of_roofline"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth / t
             r["tflops"][fmt] = 2 * rows * out_f * in_f / t / 1e12  # dense-equivalent FLOP/s
         results.append(r)
-    del bufs
-    return {"weight_bytes": w_bytes, "bytes_ratio": w_bytes["sparse24"] / w_bytes["dense"], "weight_copies": n_buffers,
+    copies = {fmt: len(bufs) for fmt, bufs in rot.items()}
+    del rot
+    return {"weight_bytes": w_bytes, "bytes_ratio": w_bytes["sparse24"] / w_bytes["dense"], "weight_copies": copies,
+            "independent_weights": n_buffers,
             "rows": results, "unavailable": unavailable}
 
 

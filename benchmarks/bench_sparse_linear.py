@@ -5,8 +5,9 @@ On CUDA ``bitmap`` is the public op's default there, the CUDA C++ kernel (csrc/c
 and a fifth column, ``bitmap_triton``, times the Triton kernel (called directly) beside it.
 
 Rows 1 ... 2048; sparsity 0.63 / 0.75 / 0.9; BLIP shapes (768x768, 2304x768, 3072x768,
-768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Copies of the weight filling 256 MiB (CPU) /
-512 MiB (CUDA) are rotated so the caches do not hold the weight between calls (CUDA: CUDA events, median after warm-up). Each
+768x3072) and 4096x4096 (+ 11008x4096 on CUDA). Each format rotates copies of its weight that
+fill 1 GiB (CPU) / 512 MiB (CUDA) of its own storage, so the caches do not hold the weight
+between calls (CUDA: CUDA events); medians after a timed warm-up (common.time_samples). Each
 format's time is also put against its roofline: the bytes it must move (its weight storage,
 x and y) over the measured copy bandwidth of the device. Prints a table and the dense /
 bitmap crossover, writes JSON (machine, versions, date, commit) and a PNG plot (time vs rows
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (ROTATION_BYTES, copy_bandwidth, family_main, plot_time_vs_rows, results_dir, rotating_copies,  # noqa: E402
-                    time_samples, torch_dtypes, write_json)
+                    rotation, storage_bytes, time_samples, torch_dtypes, write_json)
 
 SHAPES = {"768x768": (768, 768), "2304x768": (2304, 768), "3072x768": (3072, 768), "768x3072": (768, 3072),
           "4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -58,40 +59,45 @@ def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0):
     return bufs, unavailable
 
 
-def _format_fns(bufs, x, in_f):
-    """One call per format, each on the next weight buffer."""
+def _rotations(bufs, device) -> dict:
+    """{format: its weight buffers}: each format rotates enough copies that its own bytes fill
+    ``ROTATION_BYTES`` (clones of the independent weights where the format is smaller)."""
+    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "csr", "bitmap") if fmt in bufs[0]}
+    rot["masked"] = rotation([(b["dense"], b["bits"]) for b in bufs], device)
+    return rot
+
+
+def _format_fns(rot, x, in_f):
+    """One call per format, each on the next of its weight buffers."""
     from multiflow_kernels import ops
 
-    it = iter(range(10**12))
+    def picker(fmt):
+        bufs, it = rot[fmt], iter(range(10**12))
+        return lambda: bufs[next(it) % len(bufs)]
 
-    def pick():
-        return bufs[next(it) % len(bufs)]
-
+    dense, csr, masked, bitmap = (picker(f) if f in rot else None for f in ("dense", "csr", "masked", "bitmap"))
     fns = {
-        "dense": lambda: F.linear(x, pick()["dense"]),
-        "csr": lambda: torch.sparse.mm(pick()["csr"], x.t()),
-        "masked": lambda: (lambda b: ops.masked_linear(x, b["dense"], b["bits"], None))(pick()),
-        "bitmap": lambda: ops.bitmap_linear(x, *pick()["bitmap"], in_f, None),
+        "dense": lambda: F.linear(x, dense()),
+        "csr": lambda: torch.sparse.mm(csr(), x.t()),
+        "masked": lambda: ops.masked_linear(x, *masked(), None),
+        "bitmap": lambda: ops.bitmap_linear(x, *bitmap(), in_f, None),
     }
     from multiflow_kernels.triton import HAS_TRITON
 
     if x.is_cuda and HAS_TRITON:
         from multiflow_kernels.triton.bitmap_linear import bitmap_linear_triton
 
-        fns["bitmap_triton"] = lambda: bitmap_linear_triton(x, *pick()["bitmap"], in_f, None)
-    return {f: fn for f, fn in fns.items() if f.removesuffix("_triton") in bufs[0] or f == "masked"}
+        fns["bitmap_triton"] = lambda: bitmap_linear_triton(x, *bitmap(), in_f, None)
+    return {f: fn for f, fn in fns.items() if f.removesuffix("_triton") in rot}
 
 
-def _format_bytes(b):
+def _format_bytes(rot):
     """Weight bytes each format must read."""
-    csr, bitmap = b.get("csr"), b.get("bitmap")
-    return {
-        "dense": _nbytes(b["dense"]),
-        "csr": _nbytes(csr.values(), csr.col_indices(), csr.crow_indices()) if csr is not None else None,
-        "masked": _nbytes(b["dense"], b["bits"]),
-        "bitmap": _nbytes(*bitmap) if bitmap is not None else None,
-        "bitmap_triton": _nbytes(*bitmap) if bitmap is not None else None,
-    }
+    b = {fmt: storage_bytes(bufs[0]) for fmt, bufs in rot.items()}
+    b.setdefault("csr", None)
+    b.setdefault("bitmap", None)
+    b["bitmap_triton"] = b["bitmap"]
+    return b
 
 
 def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
@@ -99,15 +105,17 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
     out_f, in_f = shape
     n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
-    w_bytes = _format_bytes(bufs[0])
     density = float(bufs[0]["dense"].count_nonzero()) / (out_f * in_f)
+    rot = _rotations(bufs, device)
+    del bufs
+    w_bytes = _format_bytes(rot)
     g = torch.Generator(device=device).manual_seed(1)
     results = []
     for rows in rows_list:
         x = torch.randn(rows, in_f, generator=g, device=device).to(dtype)
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
         r = {"rows": rows, "density": density, "time_s": {}, "best_s": {}, "roofline_s": {}, "of_roofline": {}}
-        for fmt, fn in _format_fns(bufs, x, in_f).items():
+        for fmt, fn in _format_fns(rot, x, in_f).items():
             if fmt in unavailable:
                 continue
             try:
@@ -121,9 +129,10 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
             r["of_roofline"][fmt] = r["roofline_s"][fmt] / t
         r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
         results.append(r)
-    del bufs
+    copies = {fmt: len(bufs) for fmt, bufs in rot.items()}
+    del rot
     bitmap_ratio = w_bytes["bitmap"] / w_bytes["dense"] if w_bytes["bitmap"] else None
-    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio, "weight_copies": n_buffers,
+    return {"weight_bytes": w_bytes, "bitmap_bytes_ratio": bitmap_ratio, "weight_copies": copies, "independent_weights": n_buffers,
             "rows": results, "unavailable": unavailable}
 
 
@@ -167,7 +176,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
     timing = {"min_seconds": 0.03, "max_runs": 30} if cuda else {"min_seconds": 0.05 if quick else 0.3, "max_runs": 200}
     bandwidth = copy_bandwidth(device)
     print(f"sparse linear, {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
-          f"weight copies rotated ({ROTATION_BYTES[device.type] >> 20} MiB of dense weights); ms per call (median); '% roof' = time the format's bytes "
+          f"weight copies rotated ({ROTATION_BYTES[device.type] >> 20} MiB of each format's storage); ms per call (median); '% roof' = time the format's bytes "
           f"(weight storage + x + y) take at copy bandwidth / measured time")
     print(f"{'shape':>10} {'dtype':>8} {'spars':>5} {'rows':>5} {'dense ms':>9} {'csr ms':>9} {'masked ms':>10} "
           f"{'bitmap ms':>10} {'bm/dense':>9} {'bm/csr':>7} {'dense %roof':>11} {'bitmap %roof':>12}"

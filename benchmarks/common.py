@@ -128,9 +128,14 @@ def time_call(fn, device, group: int = 1) -> float:
 
 
 def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_runs: int = 5,
-                 warmup: int = 1) -> list[float]:
-    """Seconds per ``fn()`` call, one value per sample, after ``warmup`` calls: at least
-    ``min_runs`` samples, more until ``min_seconds`` have passed or ``max_runs`` are taken.
+                 warmup: int = 1, warmup_seconds: float = 0.05) -> list[float]:
+    """Seconds per ``fn()`` call, one value per sample, after a warm-up of at least ``warmup``
+    calls and ``warmup_seconds``: at least ``min_runs`` samples, more until ``min_seconds`` have
+    passed or ``max_runs`` are taken.
+
+    The warm-up is timed, not counted, because a rotated weight's first calls after another
+    format's were slower on our 2-core VM for ~10 ms (25 vs 20 us for a 768x768 bitmap call):
+    one call of warm-up timed a fast op in that state and a slow one out of it.
 
     CPU: one call per sample. CUDA: a sample is a group of back-to-back calls (as many as
     take about 1 ms, at most 100), so a short kernel is timed with the launch queue full
@@ -138,8 +143,11 @@ def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_
     import torch
 
     cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_seconds:
         fn()
+        done += 1
     group = 1
     if cuda:
         torch.cuda.synchronize()
@@ -156,17 +164,49 @@ def median_time(fn, device, **kw) -> float:
     return statistics.median(time_samples(fn, device, **kw))
 
 
-ROTATION_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
+ROTATION_BYTES = {"cpu": 1 << 30, "cuda": 512 << 20}
 
 
 def rotating_copies(weight_bytes: int, device, least: int = 4, most: int = 128) -> int:
     """How many copies of a weight a benchmark rotates through so that the caches cannot hold
-    it between calls: enough to fill ``ROTATION_BYTES`` (256 MiB on CPU, 8x a 32 MiB L3;
-    512 MiB on CUDA, 10x the 50 MB L2 of an H100 / H200), at least ``least``, at most ``most``."""
+    it between calls: enough to fill ``ROTATION_BYTES`` (1 GiB on CPU, 32x a 32 MiB L3;
+    512 MiB on CUDA, 10x the 50 MB L2 of an H100 / H200), at least ``least``, at most ``most``.
+
+    On CPU 256 MiB was not enough for small weights: a 768x768 bitmap call (0.67 MB) took
+    19.5 / 21.4 / 23.7 / 22.9 us rotating 76 / 256 / 512 / 1024 MiB of copies, CSR 81 / 85 /
+    87.5 / 86 us (session 12): the L3 kept part of a rotation a few times its size."""
     import torch
 
     budget = ROTATION_BYTES[torch.device(device).type]
     return max(least, min(most, -(-budget // max(1, weight_bytes))))
+
+
+def storage_bytes(entry) -> int:
+    """Bytes of one weight buffer as a benchmark holds it: a tensor (a sparse CSR one: values,
+    column indices and row pointers), or a tuple / list of them."""
+    import torch
+
+    if isinstance(entry, (tuple, list)):
+        return sum(storage_bytes(t) for t in entry)
+    if entry.layout == torch.sparse_csr:
+        return storage_bytes((entry.values(), entry.col_indices(), entry.crow_indices()))
+    return entry.numel() * entry.element_size()
+
+
+def _clone(entry):
+    return type(entry)(_clone(t) for t in entry) if isinstance(entry, (tuple, list)) else entry.clone()
+
+
+def rotation(copies: list, device, least: int = 4) -> list:
+    """One format's weight buffers, ``copies`` (tensors or tuples of tensors, each of the same
+    size), extended with clones of them in turn until the format's *own* bytes fill
+    ``ROTATION_BYTES``: a compressed weight rotated with only as many copies as the dense one
+    needs would be partly cached (0.28x the bytes for a 75%-sparse bitmap)."""
+    need = rotating_copies(storage_bytes(copies[0]), device, least=least, most=1 << 16)
+    out = list(copies)
+    for i in range(need - len(out)):
+        out.append(_clone(copies[i % len(copies)]))
+    return out
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:

@@ -59,3 +59,23 @@ def test_cuda_without_gpu_says_so(tmp_path):
     r = _run("--family", "act", "--device", "cuda", "--out", str(tmp_path))
     assert r.returncode == 2 and "no CUDA GPU" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_rotation_fills_the_budget_with_each_formats_own_bytes(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    monkeypatch.setitem(common.ROTATION_BYTES, "cpu", 1 << 20)
+    dense = [torch.randn(64, 64) for _ in range(3)]  # 16 KiB each: 64 copies fill 1 MiB
+    rot = common.rotation(dense, "cpu")
+    assert len(rot) == 64 and all(a is b for a, b in zip(rot, dense))
+    assert len({t.data_ptr() for t in rot}) == 64  # clones: storage of their own
+    assert all(torch.equal(rot[i], dense[i % 3]) for i in range(64))
+    packed = [(torch.randn(100), torch.zeros(28, dtype=torch.int32))]  # 512 B: 2048 copies
+    rot = common.rotation(packed, "cpu")
+    assert len(rot) == 2048 and isinstance(rot[-1], tuple) and rot[-1][0].data_ptr() != packed[0][0].data_ptr()
+    csr = (torch.eye(16) * 2).to_sparse_csr()  # 16 values + 16 column indices + 17 row pointers (int64)
+    assert common.storage_bytes(csr) == 16 * 4 + 16 * 8 + 17 * 8
+    assert len(common.rotation([csr], "cpu")) == (1 << 20) // (16 * 4 + 33 * 8) + 1
+    big = [torch.empty(1 << 19)]  # 2 MiB, over the budget: the floor of 4 copies
+    assert len(common.rotation(big, "cpu")) == 4
