@@ -8,6 +8,8 @@
 // Python.h first, as Python asks. Only setup.py defines MULTIFLOW_PYTHON_MODULE:
 // the CMake build (a plain shared library for C++ users) needs no Python.
 #include <Python.h>
+
+#include "python_eager.h"
 #endif
 
 #include <torch/library.h>
@@ -86,15 +88,16 @@ TORCH_LIBRARY(multiflow, m) {
 
 #if defined(MULTIFLOW_PYTHON_MODULE)
 // `import multiflow_kernels._C` loads this library, and loading it runs the
-// static registrations above. The module itself is empty: every op is reached
-// through torch.ops.multiflow.
+// static registrations above. Every op is reached through torch.ops.multiflow;
+// the module's functions are the linear ops' eager entry points
+// (csrc/python_eager.cpp), which multiflow_kernels/ops.py calls first.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",     // m_name
-      nullptr,  // m_doc
-      -1,       // m_size
-      nullptr,  // m_methods
+      "_C",                        // m_name
+      nullptr,                     // m_doc
+      -1,                          // m_size
+      multiflow::eager_methods(),  // m_methods
   };
   return PyModule_Create(&module_def);
 }

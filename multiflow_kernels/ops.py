@@ -4,6 +4,14 @@ Each op's schema is in csrc/ops.cpp and its kernels in csrc/cpu/, csrc/cuda/ or
 multiflow_kernels/triton/. Here: a thin documented function per op, with the
 op's fake kernel (the shape/dtype contract, for torch.compile and opcheck)
 right under it. The plain-torch twin of every op is in reference.py.
+
+The linear ops (masked_linear, bitmap_linear, sparse24_linear) are called in eager mode
+through ``_C``'s entry points (csrc/python_eager.cpp): the same dispatcher call as
+``torch.ops.multiflow.<op>.default`` (autograd, autocast, the kernels, dispatch modes),
+about 0.9 us cheaper per call than torch.ops' boxed path from Python. They take only plain
+tensors with no TorchFunctionMode active and return NotImplemented otherwise (a tensor
+subclass, ``with torch.device(...)``, ...); then, and under torch.compile, the function
+calls torch.ops.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (the ops must exist before their fake kernels are registered)
+from . import _C  # the ops must exist before their fake kernels are registered; eager entry points
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -511,6 +519,10 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Tensor | N
     Returns:
         (..., out_features) in x's dtype.
     """
+    if not torch.compiler.is_compiling():
+        y = _C.masked_linear(x, weight, mask_bits, bias)  # eager entry point: see the module docstring
+        if y is not NotImplemented:
+            return y
     return torch.ops.multiflow.masked_linear.default(x, weight, mask_bits, bias)
 
 
@@ -860,6 +872,10 @@ def bitmap_linear(
     call: every load stays inside ``values``, but the result is then undefined), so pass what
     ``bitmap_pack`` made.
     """
+    if not torch.compiler.is_compiling():
+        y = _C.bitmap_linear(x, values, bits, row_ptr, block_ptr, in_features, bias)  # eager entry point: see the module docstring
+        if y is not NotImplemented:
+            return y
     return torch.ops.multiflow.bitmap_linear.default(x, values, bits, row_ptr, block_ptr, in_features, bias)
 
 
@@ -1040,6 +1056,10 @@ def sparse24_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Tensor | 
             once (:func:`multiflow_kernels.formats.bad_24_metadata_rows`).
         bias: None or (out_features,), x's dtype.
     """
+    if not torch.compiler.is_compiling():
+        y = _C.sparse24_linear(x, values, metadata, bias)  # eager entry point: see the module docstring
+        if y is not NotImplemented:
+            return y
     return torch.ops.multiflow.sparse24_linear.default(x, values, metadata, bias)
 
 

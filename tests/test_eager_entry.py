@@ -1,0 +1,171 @@
+"""The linear ops' eager entry points (csrc/python_eager.cpp, called first by ops.py): the same
+dispatcher call as torch.ops.multiflow.<op>.default for plain tensors, NotImplemented (and so
+the torch.ops path) for anything Python-level dispatch could apply to, the ops' own errors, and
+autograd, autocast and dispatch modes behind them as behind torch.ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from multiflow_kernels import _C, formats, ops
+
+IN, OUT = 40, 24  # IN: a multiple of 4 (2:4), not of 32 (a partial mask word)
+FORMATS = ["masked", "bitmap", "2:4"]
+OP = {"masked": "masked_linear", "bitmap": "bitmap_linear", "2:4": "sparse24_linear"}
+
+
+def _args(fmt, dtype=torch.float32, bias=True, rows=3):
+    """The positional arguments of fmt's linear op (x first, bias last)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(OUT, IN, generator=gen).to(dtype)
+    scores = torch.rand(OUT, IN, generator=gen)
+    mask = ops.nm_mask(scores, 2, 4) if fmt == "2:4" else scores > 0.6
+    x = torch.randn(rows, IN, generator=gen).to(dtype)
+    b = torch.randn(OUT, generator=gen).to(dtype) if bias else None
+    if fmt == "masked":
+        return (x, w, ops.pack_mask(mask), b)
+    packed = formats.pack(fmt, w, mask)
+    if fmt == "bitmap":
+        return (x, *formats._args(fmt, packed), IN, b)
+    return (x, *formats._args(fmt, packed), b)
+
+
+def _torch_ops(fmt):
+    return getattr(torch.ops.multiflow, OP[fmt]).default
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_entry_point_equals_torch_ops(fmt, dtype, bias):
+    args = _args(fmt, dtype, bias)
+    got = getattr(_C, OP[fmt])(*args)
+    assert got is not NotImplemented
+    assert torch.equal(got, _torch_ops(fmt)(*args))
+    assert torch.equal(getattr(ops, OP[fmt])(*args), got)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass with a __torch_function__ of its own (counts the calls it sees)."""
+
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        _Tagged.calls += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_subclass_argument_takes_torch_ops(fmt):
+    args = list(_args(fmt))
+    expect = _torch_ops(fmt)(*args)
+    for i in [0, 1, len(args) - 1]:  # x, the weight / values, the bias
+        sub = list(args)
+        sub[i] = args[i].as_subclass(_Tagged)
+        assert getattr(_C, OP[fmt])(*sub) is NotImplemented
+        before = _Tagged.calls
+        got = getattr(ops, OP[fmt])(*sub)
+        assert _Tagged.calls > before, "the subclass's __torch_function__ was bypassed"
+        assert torch.equal(got.as_subclass(torch.Tensor), expect)
+
+
+def test_parameter_is_a_plain_tensor():
+    x, w, bits, b = _args("masked")
+    got = _C.masked_linear(x, torch.nn.Parameter(w), bits, torch.nn.Parameter(b))
+    assert got is not NotImplemented and got.requires_grad
+    assert torch.equal(got.detach(), _torch_ops("masked")(x, w, bits, b))
+
+
+def test_other_argument_kinds_take_torch_ops():
+    args = _args("bitmap")
+    x, values, bits, row_ptr, block_ptr, in_f, b = args
+    for bad in [
+        (x, values, bits, row_ptr, block_ptr, True, b),  # a bool, not an int
+        (x, values, bits, row_ptr, block_ptr, 2**70, b),  # does not fit int64
+        (x, values, bits, row_ptr, block_ptr, in_f),  # too few arguments
+        (x, values, bits, row_ptr, block_ptr, in_f, b, None),  # too many
+        (x, values, bits, row_ptr, block_ptr, in_f, 1.0),  # bias neither a tensor nor None
+        (x.tolist(), values, bits, row_ptr, block_ptr, in_f, b),  # x not a tensor
+    ]:
+        assert _C.bitmap_linear(*bad) is NotImplemented
+    assert _C.masked_linear(*_args("masked")[:3]) is NotImplemented
+    assert _C.sparse24_linear(*_args("2:4"), None) is NotImplemented
+
+
+class _Count(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_torch_function_mode_sees_the_op(fmt):
+    args = _args(fmt)
+    with _Count() as mode:
+        assert getattr(_C, OP[fmt])(*args) is NotImplemented
+        got = getattr(ops, OP[fmt])(*args)
+    assert _torch_ops(fmt) in mode.funcs
+    assert torch.equal(got, _torch_ops(fmt)(*args))
+
+
+class _Log(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dispatch_mode_sees_the_op_through_the_entry_point(fmt):
+    args = _args(fmt)
+    with _Log() as mode:
+        got = getattr(_C, OP[fmt])(*args)
+    assert got is not NotImplemented and _torch_ops(fmt) in mode.funcs
+    assert torch.equal(got, _torch_ops(fmt)(*args))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_errors_are_the_ops_own(fmt):
+    args = list(_args(fmt))
+    args[0] = args[0][:, :-4]  # x with the wrong number of features
+    with pytest.raises(RuntimeError, match="in_features") as via_entry:
+        getattr(_C, OP[fmt])(*args)
+    with pytest.raises(RuntimeError) as via_ops:
+        _torch_ops(fmt)(*args)
+    assert type(via_entry.value) is type(via_ops.value) and str(via_entry.value) == str(via_ops.value)
+
+
+def test_masked_linear_autograd_through_the_entry_point():
+    x, w, bits, b = _args("masked")
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    y = _C.masked_linear(x, w, bits, b)
+    assert y is not NotImplemented and y.grad_fn is not None
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    _torch_ops("masked")(x, w, bits, b).square().sum().backward()
+    for got, t in zip(grads, (x, w, b)):
+        assert torch.equal(got, t.grad)
+    assert torch.all(grads[1][ops.unpack_mask(bits, IN) == 0] == 0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_autocast_behind_the_entry_point(fmt):
+    args = _args(fmt)  # float32 weights and x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = getattr(_C, OP[fmt])(*args)
+        expect = _torch_ops(fmt)(*args)
+    assert got is not NotImplemented and got.dtype == torch.bfloat16
+    assert torch.equal(got, expect)
