@@ -71,6 +71,11 @@ BitmapProblem prepare_bitmap_unpack(
     const at::Tensor& block_ptr,
     int64_t in_features);
 
+// row_ptr's order: raises naming the first row r with row_ptr[r] > row_ptr[r + 1].
+void check_row_ptr_order(const char* op, const int32_t* rp, int64_t rows);
+
+// Checks x, bias and the format as prepare_bitmap_unpack does, except row_ptr's order,
+// which the kernels must check before they read a row (rows_inside_values).
 BitmapProblem prepare_bitmap_linear(
     const at::Tensor& x,
     const at::Tensor& values,
@@ -80,5 +85,19 @@ BitmapProblem prepare_bitmap_linear(
     int64_t in_features,
     const std::optional<at::Tensor>& bias,
     const char* op = "multiflow::bitmap_linear");  // the op named in error messages
+
+// Rows [r0, r0 + nr) lie inside values (n_values long) by row_ptr: its entries there are
+// non-decreasing, from >= 0 to <= n_values.
+inline bool rows_inside_values(const int32_t* rp, int64_t r0, int64_t nr, int64_t n_values) {
+  if (rp[r0] < 0 || rp[r0 + nr] > n_values) {
+    return false;
+  }
+  for (int64_t r = r0; r < r0 + nr; ++r) {
+    if (rp[r] > rp[r + 1]) {
+      return false;
+    }
+  }
+  return true;
+}
 
 }  // namespace multiflow

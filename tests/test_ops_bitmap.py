@@ -340,6 +340,27 @@ def test_row_ptr_non_contiguous_and_out_of_order():
         ops.bitmap_unpack(values, bits, shifted, block_ptr, 96)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # the one-row, few-row, transposed-x and tiled kernels
+@pytest.mark.parametrize("where", [0, 17, 46, 62])  # first block, middle blocks, last row pair
+def test_row_ptr_out_of_order_is_named_on_every_kernel(rows, where):
+    """bitmap_linear checks row_ptr's order per block of rows, inside its parallel loop: the
+    error still names the first row out of order, whichever kernel and block meet it, and no
+    row is read past values (a second bad pair far past values: a read there would fault)."""
+    g = torch.Generator().manual_seed(where)
+    w = torch.randn(64, 80, generator=g)
+    mask = torch.rand(64, 80, generator=g) > 0.6
+    values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mask)
+    x = torch.randn(rows, 80, generator=g)
+    bad = row_ptr.clone()
+    bad[where + 1] = bad[where] - 1  # row `where` ends before it starts
+    if where + 3 < 64:
+        bad[where + 3] = 1 << 30  # and a later row starts far past values
+    first = int(torch.nonzero(bad[:-1] > bad[1:])[0])
+    assert first == where
+    with pytest.raises(RuntimeError, match=rf"non-decreasing, but row_ptr\[{where}\] = "):
+        ops.bitmap_linear(x, values, bits, bad, block_ptr, 80)
+
+
 # ----------------------------------------------------------------------------- one row of x
 
 

@@ -320,9 +320,11 @@ at::Tensor bitmap_linear_cpu(
     const int64_t n_values = p.values.numel();
     const uint32_t padding = padding_bits(k);
     std::atomic<int64_t> bad{-1};
+    std::atomic<bool> out_of_order{false};  // some block's rows leave values by row_ptr
 
-    // One task's output rows [begin, end) in blocks of `block`: each block's rows
-    // checked just before the kernel reads them (their words are in L1 then: the
+    // One task's output rows [begin, end) in blocks of `block`: each block's row_ptr
+    // entries checked to keep its rows inside values, then its rows checked just
+    // before the kernel reads them (their words are in L1 then: the
     // padding bits, and the counts unless the kernel checks them itself; so which
     // bad row of a block is named may differ between kernels), then
     // kernel(r0, nr) (-1, or the block's first row whose count is wrong) sums
@@ -333,6 +335,10 @@ at::Tensor bitmap_linear_cpu(
                           auto&& kernel) {
       for (int64_t r0 = begin; r0 < end; r0 += block) {
         const int64_t nr = std::min(block, end - r0);
+        if (!rows_inside_values(rp, r0, nr, n_values)) {  // row_ptr's order, left to here by prepare
+          out_of_order = true;
+          return;
+        }
         int64_t wrong = -1;
         for (int64_t r = r0; r < r0 + nr && wrong < 0; ++r) {
           const int32_t* words_r = b + r * words;
@@ -396,6 +402,10 @@ at::Tensor bitmap_linear_cpu(
           return int64_t{-1};
         });
       });
+    }
+    if (out_of_order.load()) {  // raises, naming the first row out of order
+      check_row_ptr_order("multiflow::bitmap_linear", rp, n);
+      TORCH_INTERNAL_ASSERT(false, "bitmap_linear: a block's rows left values with row_ptr in order");
     }
     report_bad_row("multiflow::bitmap_linear", p, bad.load());
   });
