@@ -17,8 +17,16 @@ FORMATS = ["masked", "bitmap", "2:4"]
 OP = {"masked": "masked_linear", "bitmap": "bitmap_linear", "2:4": "sparse24_linear"}
 
 
-def _args(fmt, dtype=torch.float32, bias=True, rows=3):
-    """The positional arguments of fmt's linear op (x first, bias last)."""
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _args(fmt, dtype=torch.float32, bias=True, rows=3, device="cpu"):
+    """The positional arguments of fmt's linear op (x first, bias last), on device."""
+    args = _cpu_args(fmt, dtype, bias, rows)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _cpu_args(fmt, dtype, bias, rows):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(OUT, IN, generator=gen).to(dtype)
     scores = torch.rand(OUT, IN, generator=gen)
@@ -37,11 +45,13 @@ def _torch_ops(fmt):
     return getattr(torch.ops.multiflow, OP[fmt]).default
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_entry_point_equals_torch_ops(fmt, dtype, bias):
-    args = _args(fmt, dtype, bias)
+@pytest.mark.parametrize("rows", [1, 3, 37])  # the few-row and the tiled kernels
+def test_entry_point_equals_torch_ops(device, fmt, dtype, bias, rows):
+    args = _args(fmt, dtype, bias, rows, device)
     got = getattr(_C, OP[fmt])(*args)
     assert got is not NotImplemented
     assert torch.equal(got, _torch_ops(fmt)(*args))
@@ -146,8 +156,9 @@ def test_errors_are_the_ops_own(fmt):
     assert type(via_entry.value) is type(via_ops.value) and str(via_entry.value) == str(via_ops.value)
 
 
-def test_masked_linear_autograd_through_the_entry_point():
-    x, w, bits, b = _args("masked")
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_linear_autograd_through_the_entry_point(device):
+    x, w, bits, b = _args("masked", device=device)
     x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
     y = _C.masked_linear(x, w, bits, b)
     assert y is not NotImplemented and y.grad_fn is not None
@@ -159,6 +170,20 @@ def test_masked_linear_autograd_through_the_entry_point():
     for got, t in zip(grads, (x, w, b)):
         assert torch.equal(got, t.grad)
     assert torch.all(grads[1][ops.unpack_mask(bits, IN) == 0] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
+def test_inference_format_gradients_through_the_entry_point(device, fmt):
+    """bitmap_linear / sparse24_linear's C++ autograd (x and bias) behind the entry point."""
+    args = list(_args(fmt, device=device))
+    args[0] = args[0].clone().requires_grad_()
+    args[-1] = args[-1].clone().requires_grad_()
+    y = getattr(_C, OP[fmt])(*args)
+    assert y is not NotImplemented and y.grad_fn is not None
+    gx, gb = torch.autograd.grad(y.square().sum(), (args[0], args[-1]))
+    ex, eb = torch.autograd.grad(_torch_ops(fmt)(*args).square().sum(), (args[0], args[-1]))
+    assert torch.equal(gx, ex) and torch.equal(gb, eb)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
