@@ -38,9 +38,9 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0):
-    """``n_buffers`` independent pruned weights of one shape in every format, and
-    {format: why} for the formats that cannot be built here."""
+def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0, csr=True):
+    """``n_buffers`` independent pruned weights of one shape in every format (CSR only if
+    ``csr``), and {format: why} for the formats that cannot be built here."""
     from multiflow_kernels import ops
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -50,7 +50,8 @@ def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0):
         mask = torch.rand(shape, generator=g, device=device) >= sparsity
         w = (w * mask).to(dtype)
         entry = {"dense": w, "bits": ops.pack_mask(mask)}
-        for fmt, pack in (("bitmap", lambda: ops.bitmap_pack(w, mask)), ("csr", w.to_sparse_csr)):
+        packers = [("bitmap", lambda: ops.bitmap_pack(w, mask))] + ([("csr", w.to_sparse_csr)] if csr else [])
+        for fmt, pack in packers:
             try:
                 entry[fmt] = pack()
             except (NotImplementedError, RuntimeError) as e:  # no kernel for this device / dtype (yet)
@@ -100,11 +101,11 @@ def _format_bytes(rot):
     return b
 
 
-def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
-    """Every format at every number of rows for one (shape, sparsity, dtype)."""
+def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing, formats=FORMATS):
+    """Every format of ``formats`` at every number of rows for one (shape, sparsity, dtype)."""
     out_f, in_f = shape
     n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
-    bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers)
+    bufs, unavailable = _weight_buffers(shape, sparsity, dtype, device, n_buffers, csr="csr" in formats)
     density = float(bufs[0]["dense"].count_nonzero()) / (out_f * in_f)
     rot = _rotations(bufs, device)
     del bufs
@@ -116,7 +117,7 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
         io_bytes = _nbytes(x) + rows * out_f * x.element_size()
         r = {"rows": rows, "density": density, "time_s": {}, "best_s": {}, "roofline_s": {}, "of_roofline": {}}
         for fmt, fn in _format_fns(rot, x, in_f).items():
-            if fmt in unavailable:
+            if fmt in unavailable or fmt not in formats:
                 continue
             try:
                 samples = time_samples(fn, device, **timing)
@@ -127,7 +128,8 @@ def bench_weight(shape, sparsity, rows_list, dtype, device, bandwidth, timing):
             r["best_s"][fmt] = min(samples)
             r["roofline_s"][fmt] = (w_bytes[fmt] + io_bytes) / bandwidth
             r["of_roofline"][fmt] = r["roofline_s"][fmt] / t
-        r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
+        if "dense" in r["time_s"]:
+            r["tflops_dense"] = 2 * rows * out_f * in_f / r["time_s"]["dense"] / 1e12
         results.append(r)
     copies = {fmt: len(bufs) for fmt, bufs in rot.items()}
     del rot

@@ -1,6 +1,6 @@
 """Run the benchmark families: one entry point for every benchmark script.
 
-    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|bitmap_gemv|sparse24|convert|e2e|all ...]
+    python benchmarks/run.py [--family act|scores|masks|masked_linear|bitmap|bitmap_gemv|sparse24|convert|auto|e2e|all ...]
                              [--device cpu|cuda] [--quick] [--out DIR]
 
 Each family is a script of this folder, called in this process through its ``run(device,
@@ -33,6 +33,7 @@ FAMILIES = {
     "e2e": ("bench_e2e", {}, "BLIP-base pruned + sparsified: weight memory, forward latency"),
     "sparse24": ("bench_sparse24", {}, "sparse24_linear vs dense and torch's 2:4 path; rows 1..8192; roofline"),
     "convert": ("bench_convert", {}, "CPU only: bitmap / 2:4 pack and unpack vs their plain-torch twins and clone()"),
+    "auto": ("bench_auto", {}, "CPU only: masked_linear vs bitmap_linear at 256-2048 rows, every dtype (format='auto')"),
 }
 
 

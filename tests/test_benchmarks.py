@@ -49,6 +49,20 @@ def test_quick_convert_family_times_every_conversion(tmp_path):
         assert (row["torch_time_s"] is None) == (row["op"] in ("clone", "copy_"))
 
 
+def test_quick_auto_family_times_masked_and_bitmap_in_every_dtype(tmp_path):
+    r = _run("--family", "auto", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "auto_cpu.json").read_text())
+    assert result["family"] == "auto" and result["quick"] is True
+    assert {c["dtype"] for c in result["results"]} == {"float32", "bfloat16", "float16"}
+    for case in result["results"]:
+        assert case["weight_copies"]["masked"] >= 4 and case["weight_copies"]["bitmap"] >= 4
+        for row in case["rows"]:
+            t = row["time_s"]
+            assert set(t) == {"dense", "masked", "bitmap"} and all(v > 0 for v in t.values())
+            assert row["masked_over_bitmap"] == t["masked"] / t["bitmap"]
+
+
 def test_unknown_family_is_an_error():
     r = _run("--family", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
