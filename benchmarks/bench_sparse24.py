@@ -10,9 +10,9 @@ and on sm_90 GPUs ``sparse24_wgmma`` ("wg ms", "wg/dense"): MULTIFLOW_SPARSE24_G
 
 Rows 1 ... 8192; BLIP shapes (768x768, 2304x768, 3072x768, 768x3072) and 4096x4096
 (+ 11008x4096 on CUDA); weights pruned 2:4 by ``nm_mask`` (50%). Each format rotates copies
-of its weight that fill 1 GiB (CPU) / 512 MiB (CUDA) of its own storage (torch's 2:4 tensors:
-the independent weights only), so the cache does not hold the weight between calls (CUDA:
-CUDA events); medians after a timed warm-up. Each time is put against the roofline of the bytes the format must move
+of its weight that fill 1 GiB (CPU) / 512 MiB (CUDA) of its own storage (torch's 2:4 tensors
+packed again from the dense copies), so the cache does not hold the weight between calls
+(CUDA: CUDA events); medians after a timed warm-up. Each time is put against the roofline of the bytes the format must move
 (weight storage + x + y, at the measured copy bandwidth) and, on CUDA, against dense in
 TFLOP/s. Prints a table, writes JSON (machine, versions, date, commit) and a PNG plot to
 --out as sparse24_<device>.{json,png}.
@@ -120,13 +120,25 @@ def _weight_buffers(shape, dtype, device, n_buffers, seed=0):
     return bufs, unavailable
 
 
-def _rotations(bufs, device) -> dict:
-    """{format: its weight buffers}: ours and dense rotate enough copies that the format's own
-    bytes fill ``ROTATION_BYTES`` (clones where it is smaller); torch's 2:4 tensors, which are
-    not plain tensors, rotate the independent weights only (at least 0.56x of that budget)."""
-    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "bitmap", "sparse24") if fmt in bufs[0]}
-    if "torch_2:4" in bufs[0]:
-        rot["torch_2:4"] = [b["torch_2:4"] for b in bufs]
+def _rotations(bufs, device, unavailable) -> dict:
+    """{format: its weight buffers}: each format rotates enough copies that its own bytes fill
+    ``ROTATION_BYTES``: clones of the independent weights where it is smaller; torch's 2:4
+    tensors (not plain tensors: no clone) are packed again from the dense copies, as many as
+    the same bytes as ours take (torch keeps the same values; its metadata is laid out
+    differently). A format that failed on any buffer is left out (it is in ``unavailable``)."""
+    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "bitmap", "sparse24")
+           if all(fmt in b for b in bufs)}
+    if all("torch_2:4" in b for b in bufs) and "torch_2:4" not in unavailable:
+        from torch.sparse import to_sparse_semi_structured
+
+        torch24 = [b["torch_2:4"] for b in bufs]
+        need = rotating_copies(storage_bytes(rot["sparse24"][0]), device, most=1 << 16)
+        try:
+            while len(torch24) < need:
+                torch24.append(to_sparse_semi_structured(rot["dense"][len(torch24) % len(rot["dense"])]))
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # fewer copies: recorded, not fatal
+            unavailable["torch_2:4 rotation"] = f"only {len(torch24)} of {need} copies: {str(e).splitlines()[0][:160]}"
+        rot["torch_2:4"] = torch24
     return rot
 
 
@@ -172,7 +184,7 @@ def bench_weight(shape, rows_list, dtype, device, bandwidth, timing):
     out_f, in_f = shape
     n_buffers = rotating_copies(out_f * in_f * torch.empty(0, dtype=dtype).element_size(), device)
     bufs, unavailable = _weight_buffers(shape, dtype, device, n_buffers)
-    rot = _rotations(bufs, device)
+    rot = _rotations(bufs, device, unavailable)
     del bufs
     w_bytes = {"dense": storage_bytes(rot["dense"][0]), "sparse24": storage_bytes(rot["sparse24"][0]),
                "bitmap": storage_bytes(rot["bitmap"][0]) if "bitmap" in rot else 0}
@@ -266,7 +278,7 @@ def run(device: str = "cpu", quick: bool = False, out=None, dtypes=None) -> Path
                       f"{_ratio(t, 'dense', 'sparse24_t128'):>10} {_ms(r, 'sparse24_wgmma'):>8} "
                       f"{_ratio(t, 'dense', 'sparse24_wgmma'):>8}")
             for fmt, why in case["unavailable"].items():
-                print(f"{'':>10} {fmt} not measured: {why}")
+                print(f"{'':>10} {fmt}{':' if fmt.endswith(' rotation') else ' not measured:'} {why}")
             for r in case["rows"]:
                 for fmt, why in r.get("failed", {}).items():
                     print(f"{'':>10} {fmt} failed at {r['rows']} rows: {why}")

@@ -63,7 +63,8 @@ def _weight_buffers(shape, sparsity, dtype, device, n_buffers, seed=0, csr=True)
 def _rotations(bufs, device) -> dict:
     """{format: its weight buffers}: each format rotates enough copies that its own bytes fill
     ``ROTATION_BYTES`` (clones of the independent weights where the format is smaller)."""
-    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "csr", "bitmap") if fmt in bufs[0]}
+    rot = {fmt: rotation([b[fmt] for b in bufs], device) for fmt in ("dense", "csr", "bitmap")
+           if all(fmt in b for b in bufs)}  # a format that failed on any buffer is in `unavailable`
     rot["masked"] = rotation([(b["dense"], b["bits"]) for b in bufs], device)
     return rot
 

@@ -130,8 +130,8 @@ def time_call(fn, device, group: int = 1) -> float:
 def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_runs: int = 5,
                  warmup: int = 1, warmup_seconds: float = 0.05) -> list[float]:
     """Seconds per ``fn()`` call, one value per sample, after a warm-up of at least ``warmup``
-    calls and ``warmup_seconds``: at least ``min_runs`` samples, more until ``min_seconds`` have
-    passed or ``max_runs`` are taken.
+    calls and ``warmup_seconds`` (none with ``warmup=0``): at least ``min_runs`` samples, more
+    until ``min_seconds`` have passed or ``max_runs`` are taken.
 
     The warm-up is timed, not counted, because a rotated weight's first calls after another
     format's were slower on our 2-core VM for ~10 ms (25 vs 20 us for a 768x768 bitmap call):
@@ -145,7 +145,7 @@ def time_samples(fn, device, min_seconds: float = 0.3, max_runs: int = 200, min_
     cuda = torch.device(device).type == "cuda"
     start = time.perf_counter()
     done = 0
-    while done < warmup or time.perf_counter() - start < warmup_seconds:
+    while done < warmup or (warmup > 0 and time.perf_counter() - start < warmup_seconds):
         fn()
         done += 1
     group = 1

@@ -13,7 +13,10 @@
 // bias, a plain int, and no TorchFunctionMode active (`with torch.device(...)` is
 // one). Anything else returns NotImplemented and ops.py calls torch.ops instead;
 // so does code that torch.compile traces (ops.py checks that first). The GIL is
-// released around the call, as torch.ops does.
+// released around the call, as torch.ops does. A C++ warning (TORCH_WARN, e.g.
+// vmap's batching fallback) becomes a Python warning, as in torch's own functions
+// (torch.ops from Python only logs it to stderr); under an "error" warnings filter it
+// raises, and the result already made is released.
 #if defined(MULTIFLOW_PYTHON_MODULE)
 #include <Python.h>
 
@@ -22,6 +25,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <optional>
 
@@ -86,17 +90,14 @@ PyObject* not_implemented() {
 }
 
 template <typename Call>
-PyObject* call_released(Call&& call) {
-  at::Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = call();
-  }
-  return THPVariable_Wrap(std::move(y));
+at::Tensor call_released(Call&& call) {
+  pybind11::gil_scoped_release no_gil;
+  return call();
 }
 
 // masked_linear(x, weight, mask_bits, bias)
 PyObject* masked_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  THPObjectPtr out;  // outside the handler: released if a warning turned error raises at its end
   HANDLE_TH_ERRORS
   at::Tensor x, w, bits;
   std::optional<at::Tensor> bias;
@@ -105,12 +106,14 @@ PyObject* masked_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return not_implemented();
   }
   static const auto op = find_op<MaskedLinearFn>("multiflow::masked_linear");
-  return call_released([&] { return op.call(x, w, bits, bias); });
+  out = THPVariable_Wrap(call_released([&] { return op.call(x, w, bits, bias); }));
   END_HANDLE_TH_ERRORS
+  return out.release();
 }
 
 // bitmap_linear(x, values, bits, row_ptr, block_ptr, in_features, bias)
 PyObject* bitmap_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  THPObjectPtr out;  // outside the handler: released if a warning turned error raises at its end
   HANDLE_TH_ERRORS
   at::Tensor x, values, bits, row_ptr, block_ptr;
   int64_t in_features = 0;
@@ -121,12 +124,14 @@ PyObject* bitmap_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return not_implemented();
   }
   static const auto op = find_op<BitmapLinearFn>("multiflow::bitmap_linear");
-  return call_released([&] { return op.call(x, values, bits, row_ptr, block_ptr, in_features, bias); });
+  out = THPVariable_Wrap(call_released([&] { return op.call(x, values, bits, row_ptr, block_ptr, in_features, bias); }));
   END_HANDLE_TH_ERRORS
+  return out.release();
 }
 
 // sparse24_linear(x, values, metadata, bias)
 PyObject* sparse24_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  THPObjectPtr out;  // outside the handler: released if a warning turned error raises at its end
   HANDLE_TH_ERRORS
   at::Tensor x, values, metadata;
   std::optional<at::Tensor> bias;
@@ -135,8 +140,9 @@ PyObject* sparse24_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return not_implemented();
   }
   static const auto op = find_op<Sparse24LinearFn>("multiflow::sparse24_linear");
-  return call_released([&] { return op.call(x, values, metadata, bias); });
+  out = THPVariable_Wrap(call_released([&] { return op.call(x, values, metadata, bias); }));
   END_HANDLE_TH_ERRORS
+  return out.release();
 }
 
 PyMethodDef kMethods[] = {

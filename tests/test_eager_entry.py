@@ -194,3 +194,45 @@ def test_autocast_behind_the_entry_point(fmt):
         expect = _torch_ops(fmt)(*args)
     assert got is not NotImplemented and got.dtype == torch.bfloat16
     assert torch.equal(got, expect)
+
+
+def _live_tensors():
+    import gc
+    import warnings
+
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some torch module attributes warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpp_warning_becomes_a_python_warning_and_an_error_leaks_nothing(fmt):
+    """vmap over the op takes torch's batching fallback, which warns (TORCH_WARN): through the
+    entry point that is a Python UserWarning; under an "error" filter it raises, and the
+    output made before the warning was raised is released."""
+    import warnings
+
+    args = _args(fmt)
+    xs = torch.stack([args[0], 2 * args[0]])
+
+    def call(x):
+        return getattr(_C, OP[fmt])(x, *args[1:])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.vmap(call)(xs)
+    assert any("batching rule" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    expect = torch.stack([_torch_ops(fmt)(x, *args[1:]) for x in xs])
+    assert torch.equal(got, expect)
+    def raising_calls(n):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(n):
+                with pytest.raises(UserWarning, match="batching rule"):
+                    torch.vmap(call)(xs)
+
+    raising_calls(1)  # warm-up: state made lazily on the first call stays alive
+    before = _live_tensors()
+    raising_calls(20)
+    assert _live_tensors() - before < 5

@@ -639,3 +639,26 @@ def test_pack_linear_unpack_compile_with_torch_compile():
     got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, w, mask, b)
     want = layer(x, w, mask, b)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(want[1], w * mask)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_row_ptr_order_error_comes_first_whatever_the_threads(threads):
+    """A row_ptr both out of order (row 40) and miscounted (row 4) names the order, as the
+    serial check before the kernels did, whatever the thread count (a task stops at its
+    first bad block, so which blocks checked their order varies); with no rows of x (no row
+    read) the order is still checked."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 80, generator=g)
+    mask = torch.rand(64, 80, generator=g) > 0.6
+    values, bits, row_ptr, block_ptr = ops.bitmap_pack(w, mask)
+    bad = row_ptr.clone()
+    bad[5] += 1  # rows 4 and 5 miscounted, still in order
+    bad[41] = bad[40] - 1  # row 40 out of order
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 3, 8, 40, 0):
+            with pytest.raises(RuntimeError, match=r"non-decreasing, but row_ptr\[40\] = "):
+                ops.bitmap_linear(torch.randn(rows, 80, generator=g), values, bits, bad, block_ptr, 80)
+    finally:
+        torch.set_num_threads(old)

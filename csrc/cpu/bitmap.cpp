@@ -290,7 +290,8 @@ at::Tensor bitmap_linear_cpu(
   const int64_t words = p.bits.size(1);
   const int64_t ldx = words * 32;
   at::Tensor y = at::empty({m, n}, p.x.options());
-  if (m == 0 || n == 0) {
+  if (m == 0 || n == 0) {  // no row is read: row_ptr's order is checked here instead
+    check_row_ptr_order("multiflow::bitmap_linear", p.row_ptr.const_data_ptr<int32_t>(), n);
     return y.view(p.out_shape);
   }
   // x widened to float32, rows padded with zeros to whole words (x itself
@@ -403,9 +404,12 @@ at::Tensor bitmap_linear_cpu(
         });
       });
     }
-    if (out_of_order.load()) {  // raises, naming the first row out of order
-      check_row_ptr_order("multiflow::bitmap_linear", rp, n);
-      TORCH_INTERNAL_ASSERT(false, "bitmap_linear: a block's rows left values with row_ptr in order");
+    // On any failure row_ptr's order is checked first, whole, as the serial pass before the
+    // kernels did: a task stops at its first bad block, so which blocks checked their
+    // order depends on the thread count.
+    if (out_of_order.load() || bad.load() >= 0) {
+      check_row_ptr_order("multiflow::bitmap_linear", rp, n);  // raises, naming the first row out of order
+      TORCH_INTERNAL_ASSERT(!out_of_order.load(), "bitmap_linear: a block's rows left values with row_ptr in order");
     }
     report_bad_row("multiflow::bitmap_linear", p, bad.load());
   });
