@@ -2,9 +2,9 @@
 ``bitmap_linear`` (and dense ``F.linear`` for scale) at the row counts where the faster kernel
 changes, in float32, bfloat16 and float16.
 
-``multiflow_kernels.formats.choose_format`` picks ``masked`` on AVX-512 CPUs for weights whose
-mask keeps at least ``AUTO_CPU_MASKED_MIN_DENSITY`` when at least ``AUTO_CPU_MASKED_MIN_ROWS``
-rows of x are expected, else ``bitmap``; this family times both at 256, 512, 1024 and 2048 rows
+``multiflow_kernels.formats.choose_format`` picks ``masked`` on AVX-512 CPUs from a number of
+rows of x that depends on the mask's kept fraction and the dtype (``AUTO_CPU_MASKED_FROM``),
+else ``bitmap``; this family times both at 256, 512, 1024 and 2048 rows
 on the BLIP shapes and 4096x4096 at 63 / 75 / 90% sparsity, with the same weight rotation and
 timing as the ``bitmap`` family (bench_sparse_linear.py), and writes auto_cpu.json: per case the
 times and ``masked / bitmap`` (< 1: masked is faster).

@@ -212,12 +212,21 @@ AUTO_CUDA_24_MAX_ROWS = 256
 AUTO_CUDA_24_MAX_IN = 768
 
 
-# On an AVX-512 CPU auto stores a float32 layer as masked (dense weight + bits) from
-# AUTO_CPU_MASKED_MIN_ROWS rows of x when the mask keeps at least AUTO_CPU_MASKED_MIN_DENSITY
-# of the weights: there masked_linear's GEMM (reading the weight in place, no decode) is the
-# faster kernel, at the price of the dense weight's memory (see choose_format).
-AUTO_CPU_MASKED_MIN_ROWS = 2048
-AUTO_CPU_MASKED_MIN_DENSITY = 0.25
+# On an AVX-512 CPU auto stores a layer as masked (dense weight + bits) from a number of rows
+# of x that depends on how much its mask keeps and on the dtype: there masked_linear's GEMM
+# (reading the weight in place, no decode) is the faster kernel, at the price of the dense
+# weight's memory (see choose_format). Rows: (least kept fraction, least rows for float32 and
+# bfloat16, least rows for float16), the first row the mask meets applies; under 25% kept,
+# bitmap at any rows.
+AUTO_CPU_MASKED_FROM = ((0.35, 512, 1024), (0.25, 1024, 2048))
+
+
+def _cpu_masked_min_rows(kept: float, dtype: torch.dtype) -> int | None:
+    """The rows of x from which auto picks masked on an AVX-512 CPU, or None (never)."""
+    for least, rows_32_bf16, rows_fp16 in AUTO_CPU_MASKED_FROM:
+        if kept >= least:
+            return rows_fp16 if dtype == torch.float16 else rows_32_bf16
+    return None
 
 
 def check_rows(rows) -> int:
@@ -236,22 +245,24 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
 
     - CPU: ``2:4`` when the mask is 2:4 and keeps at least ``AUTO_24_MIN_DENSITY`` of the
       weights (a sparser mask is much smaller as a bitmap); else, where torch's CPU
-      capability is AVX512, ``masked`` for a float32 weight at ``AUTO_CPU_MASKED_MIN_ROWS``
-      or more rows whose mask keeps at least ``AUTO_CPU_MASKED_MIN_DENSITY`` (the faster
-      kernel there, but the dense weight's memory: pass ``format="bitmap"`` to keep the
-      compression); else ``bitmap``. Without AVX-512 masked_linear's GEMM is not the faster
-      kernel (AVX2: about bitmap's speed at 25% kept; the baseline build, also every non-x86
-      one: ~7x slower than bitmap at 2048 rows). Measured
-      here (2-core AVX-512, float32, benchmarks/RESULTS.md, session 11's run of the bitmap
-      family, all formats in one run): bitmap_linear is faster than masked_linear at 1-128
-      rows on every shape and sparsity (1.2-6.3x); at 2048 rows masked_linear is faster at
-      63% and 75% sparsity on all five shapes (bitmap takes 1.6-2.6x its time) and at 90% on
-      three of them (0.77-0.90x; 1.05-1.19x slower on the 768-input 768 / 2304-output
-      layers); 256 rows is mixed (0.79-1.46x at 63-75%), so the rule starts at 2048. 16-bit
-      weights were not measured there and stay bitmap. sparse24_linear on a 2:4 mask beats
-      bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.1x), is 0.94-1.5x its speed at
-      64-256 rows and within 10% of it at 1 row, and beats dense up to 256 rows on most
-      shapes (2048 rows not measured: a 2:4 mask stays 2:4).
+      capability is AVX512, ``masked`` from the rows ``AUTO_CPU_MASKED_FROM`` gives for the
+      mask's kept fraction and the dtype: keeping >= 35%, from 512 rows (float32, bfloat16)
+      or 1024 (float16); keeping >= 25%, from 1024 / 2048; never below 25%. There
+      masked_linear's GEMM is the faster kernel, at the dense weight's memory: pass
+      ``format="bitmap"`` to keep the compression. Else ``bitmap``. Without AVX-512
+      masked_linear's GEMM is not the faster kernel (AVX2: about bitmap's speed at 25% kept;
+      the baseline build, also every non-x86 one: ~7x slower than bitmap at 2048 rows).
+      Measured here (2-core AVX-512, benchmarks/RESULTS.md, the ``auto`` family of session
+      12: masked_linear time / bitmap_linear time on the five BLIP / 4096x4096 shapes, each
+      format rotating 1 GiB of its own copies): float32 at 63% sparsity 0.64-1.08 at 256
+      rows, 0.48-0.82 at 512, at most 0.71 from 1024; at 75% 0.80-1.45 at 256, 0.59-1.20 at
+      512, 0.67-1.01 at 1024, 0.47-0.85 at 2048; at 90% 0.79-1.22 even at 2048. bfloat16
+      alike (63%: 0.68-0.86 at 512; 75%: 0.74-0.99 at 1024); float16 one step later (63%:
+      0.91-1.27 at 512, 0.71-0.99 at 1024; 75%: 0.73-1.25 at 1024, 0.49-1.06 at 2048). The
+      bitmap family puts bitmap ahead of masked at 1-128 rows on every shape. sparse24_linear
+      on a 2:4 mask beats bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.2x), is
+      0.99-1.4x its speed at 64-256 rows and within 12% of it at 1 row (2048 rows not
+      measured: a 2:4 mask stays 2:4).
     - CUDA: ``2:4`` when the mask is 2:4 (and keeps at least ``AUTO_24_MIN_DENSITY``), the
       dtype float16 / bfloat16, ``in_features`` a multiple of 16, the GPU sm_80 or newer,
       and the rows at most ``AUTO_CUDA_24_ANY_ROWS``, or at most ``AUTO_CUDA_24_MAX_ROWS``
@@ -274,10 +285,11 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     if device.type != "cuda":
         if as_24:
             return "2:4"
-        if dtype == torch.float32 and rows >= AUTO_CPU_MASKED_MIN_ROWS and mask.numel() > 0 \
-                and torch.backends.cpu.get_cpu_capability() == "AVX512" \
-                and mask.float().mean().item() >= AUTO_CPU_MASKED_MIN_DENSITY:
-            return "masked"
+        if rows >= AUTO_CPU_MASKED_FROM[0][1] and mask.numel() > 0 \
+                and torch.backends.cpu.get_cpu_capability() == "AVX512":
+            least = _cpu_masked_min_rows(mask.float().mean().item(), dtype)
+            if least is not None and rows >= least:
+                return "masked"
         return "bitmap"
     if capability is None:
         capability = torch.cuda.get_device_capability(device)

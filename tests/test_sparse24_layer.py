@@ -79,20 +79,25 @@ def test_choose_format_rule(monkeypatch):
     assert formats.choose_format(sparse_nm, torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(8, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
     assert formats.choose_format(torch.zeros(0, 16, dtype=torch.bool), torch.float32, "cpu", 1) == "bitmap"
-    # CPU with AVX-512, many rows: masked_linear's GEMM is the faster kernel for float32 masks
-    # keeping >= 25%; without AVX-512 it is not
-    big = formats.AUTO_CPU_MASKED_MIN_ROWS
+    # CPU with AVX-512, many rows: masked_linear's GEMM is the faster kernel for masks keeping
+    # >= 25%, from rows that depend on the kept fraction and the dtype; without AVX-512 it is not
+    big = 4096
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     all_kept = torch.ones(8, 16, dtype=torch.bool)
     assert formats.choose_format(all_kept, torch.float32, "cpu", big) == "bitmap"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     keeps_quarter = torch.zeros(8, 16, dtype=torch.bool)
     keeps_quarter[:, :4] = True
-    assert formats.choose_format(keeps_quarter, torch.float32, "cpu", big) == "masked"
-    assert formats.choose_format(keeps_quarter, torch.float32, "cpu", big - 1) == "bitmap"
-    assert formats.choose_format(keeps_quarter, torch.bfloat16, "cpu", big) == "bitmap"  # not measured: bitmap
+    keeps_37 = torch.zeros(8, 16, dtype=torch.bool)
+    keeps_37[:, :6] = True  # 37.5% kept, not 2:4 (6 of the first 8 columns)
+    for mask, dtype, least in [(keeps_quarter, torch.float32, 1024), (keeps_quarter, torch.bfloat16, 1024),
+                               (keeps_quarter, torch.float16, 2048), (keeps_37, torch.float32, 512),
+                               (keeps_37, torch.bfloat16, 512), (keeps_37, torch.float16, 1024),
+                               (all_kept, torch.float32, 512)]:
+        assert formats.choose_format(mask, dtype, "cpu", least) == "masked", (mask.float().mean(), dtype, least)
+        assert formats.choose_format(mask, dtype, "cpu", least - 1) == "bitmap", (mask.float().mean(), dtype, least)
     sparser = keeps_quarter.clone()
-    sparser[0, 0] = False  # just under 25% kept
+    sparser[0, 0] = False  # just under 25% kept: bitmap at any rows
     assert formats.choose_format(sparser, torch.float32, "cpu", big) == "bitmap"
     assert formats.choose_format(nm, torch.float32, "cpu", big) == "2:4"
     h100 = (9, 0)

@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "kernel for the device and --rows)")
     sp.add_argument("--rows", type=int, default=1,
                     help="with --format auto: expected rows of x per call (tokens x batch), default 1. The model "
-                         "is built on the CPU, so auto decides for the CPU here (where rows matter from 2048 on, on "
-                         "AVX-512 CPUs: float32 layers keeping >= 25%% that are not 2:4 become masked, the faster "
-                         "kernel there, with the dense weight's memory); use "
+                         "is built on the CPU, so auto decides for the CPU here (where rows matter from 512 on, on "
+                         "AVX-512 CPUs: layers keeping >= 35%% that are not 2:4 become masked from 512 rows "
+                         "(float16: 1024), keeping >= 25%% from 1024 (float16: 2048), the faster kernel there, "
+                         "with the dense weight's memory); use "
                          "multiflow_kernels.sparsify(model.cuda(), masks, 'auto', rows=N) for a GPU")
     sp.add_argument("--seed", type=int, default=None,
                     help="seed of a built-in model (default: the one the mask file records, else 0; a different "
