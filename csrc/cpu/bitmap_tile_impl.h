@@ -1093,6 +1093,103 @@ void unpack_row(const void* values, const void* /*values_end*/, const int32_t* b
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// --- One row of x (BitmapGemvFn), AVX2 --------------------------------------------
+// Per byte k of a word: x's 8 columns are permuted to k's kept ones (kSetBits, the
+// transposed-x kernel's table) and meet the next popcount(k) values, the lanes past
+// them zeroed (x is finite, so they add 0); one accumulator per byte of a word. Rows
+// under 1 kept weight per 128 columns walk their set bits, as on AVX-512. A row's
+// lanes are added in a fixed order. The values load is a plain 8-lane load while 8
+// values are left in the tensor, else a bounded copy.
+struct LaneMasks8 {  // m[n][l] = all ones for l < n
+  int32_t m[9][8];
+};
+
+constexpr LaneMasks8 make_lane_masks8() {
+  LaneMasks8 t{};
+  for (int n = 0; n <= 8; ++n) {
+    for (int l = 0; l < 8; ++l) {
+      t.m[n][l] = l < n ? -1 : 0;
+    }
+  }
+  return t;
+}
+
+alignas(32) constexpr LaneMasks8 kLaneMasks8 = make_lane_masks8();
+
+template <typename T>
+inline __m256 values8(const T* values, int64_t pos, int64_t n_values) {
+  if (n_values - pos >= 8) {
+    return load_as_float(values + pos);
+  }
+  alignas(32) float tail[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t i = 0; i < n_values - pos; ++i) {
+    tail[i] = static_cast<float>(values[pos + i]);
+  }
+  return _mm256_load_ps(tail);
+}
+
+inline float sum8(__m256 v) {  // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <typename T>
+int64_t gemv(
+    const void* values_v,
+    int64_t n_values,
+    const int32_t* row_ptr,
+    const int32_t* bits,
+    int64_t words,
+    int64_t n_rows,
+    const float* x,
+    float* out) {
+  const T* values = static_cast<const T*>(values_v);
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint32_t* b = reinterpret_cast<const uint32_t*>(bits + j * words);
+    const int64_t start = row_ptr[j];
+    const int64_t count = row_ptr[j + 1] - start;
+    int64_t pos = start;
+    if (count * 4 < words) {  // the walk reads one value per set bit: count them first
+      int64_t n = 0;
+      for (int64_t w = 0; w < words; ++w) {
+        n += popcount32(b[w]);
+      }
+      if (n != count) {
+        return j;
+      }
+      float s = 0.0f;
+      for (int64_t w = 0; w < words; ++w) {
+        for (uint32_t u = b[w]; u != 0u; u &= u - 1) {
+          s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
+        }
+      }
+      out[j] = s;
+      continue;
+    }
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t w = 0; w < words; ++w) {
+      const uint32_t u = b[w];
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t k = (u >> (8 * q)) & 0xFFu;
+        const int n = popcount32(k);
+        const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSetBits.pos[k]));
+        const __m256 xk = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 32 * w + 8 * q), idx);
+        const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(kLaneMasks8.m[n]));
+        acc[q] = _mm256_fmadd_ps(_mm256_and_ps(values8(values, pos, n_values), keep), xk, acc[q]);
+        pos += n;
+      }
+    }
+    if (pos - start != count) {
+      return j;
+    }
+    out[j] = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  }
+  return -1;
+}
+#endif
+
 }  // namespace bitmap
 }  // namespace
 
@@ -1103,6 +1200,12 @@ BitmapTiles MULTIFLOW_ISA_FN(bitmap_tiles)() {
                      &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>,
                      &bitmap::pack_row<uint32_t>, bitmap::pick_pack16(),
                      &bitmap::unpack_row<uint32_t>, bitmap::pick_unpack16()};
+#elif defined(CPU_CAPABILITY_AVX2)
+  return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
+                     &bitmap::gemv<float>,     &bitmap::gemv<c10::Half>,     &bitmap::gemv<c10::BFloat16>,
+                     &bitmap::spmm<float>,     &bitmap::spmm<c10::Half>,     &bitmap::spmm<c10::BFloat16>,
+                     &bitmap::pack_row<uint32_t>, &bitmap::pack_row<uint16_t>,
+                     &bitmap::unpack_row<uint32_t>, &bitmap::unpack_row<uint16_t>};
 #else
   return BitmapTiles{&bitmap::rows_dot<float>, &bitmap::rows_dot<c10::Half>, &bitmap::rows_dot<c10::BFloat16>,
                      nullptr,                  nullptr,                      nullptr,
