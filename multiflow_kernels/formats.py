@@ -6,8 +6,8 @@ and multiplied. :class:`multiflow_kernels.nn.SparseLinear` holds one of these.
             (CPU, Triton; on CUDA by default the masked weight is built per call and
             multiplied by cuBLAS, faster), forward and backward: pruned weights get
             exactly zero gradient (sparse fine-tuning). On an AVX-512 CPU its GEMM is also the
-            faster float32 kernel at 2048+ rows of x, where ``auto`` picks it (see
-            :func:`choose_format`). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
+            faster kernel from 512-2048 rows of x (by the mask's kept fraction and the dtype),
+            where ``auto`` picks it (see :func:`choose_format`). Storage: dense + 1/32 (float32) or 1/16 (16-bit) of it.
 
 ``bitmap``  the kept values in row order + 1 bit per weight + row and 512-column offsets
             (``bitmap_pack`` layout); ``bitmap_linear`` decodes it inside the kernel.
@@ -216,13 +216,15 @@ AUTO_CUDA_24_MAX_IN = 768
 # of x that depends on how much its mask keeps and on the dtype: there masked_linear's GEMM
 # (reading the weight in place, no decode) is the faster kernel, at the price of the dense
 # weight's memory (see choose_format). Rows: (least kept fraction, least rows for float32 and
-# bfloat16, least rows for float16), the first row the mask meets applies; under 25% kept,
-# bitmap at any rows.
-AUTO_CPU_MASKED_FROM = ((0.35, 512, 1024), (0.25, 1024, 2048))
+# bfloat16, least rows for float16), the first row the mask meets applies; under 24% kept,
+# bitmap at any rows (24, not 25: a random "75%-sparse" mask keeps 24.96-25.05%).
+AUTO_CPU_MASKED_FROM = ((0.35, 512, 1024), (0.24, 1024, 2048))
 
 
 def _cpu_masked_min_rows(kept: float, dtype: torch.dtype) -> int | None:
     """The rows of x from which auto picks masked on an AVX-512 CPU, or None (never)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
     for least, rows_32_bf16, rows_fp16 in AUTO_CPU_MASKED_FROM:
         if kept >= least:
             return rows_fp16 if dtype == torch.float16 else rows_32_bf16
@@ -247,20 +249,23 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       weights (a sparser mask is much smaller as a bitmap); else, where torch's CPU
       capability is AVX512, ``masked`` from the rows ``AUTO_CPU_MASKED_FROM`` gives for the
       mask's kept fraction and the dtype: keeping >= 35%, from 512 rows (float32, bfloat16)
-      or 1024 (float16); keeping >= 25%, from 1024 / 2048; never below 25%. There
+      or 1024 (float16); keeping >= 24%, from 1024 / 2048; never below 24% (a random
+      "75%-sparse" mask keeps 24.96-25.05%). There
       masked_linear's GEMM is the faster kernel, at the dense weight's memory: pass
-      ``format="bitmap"`` to keep the compression. Else ``bitmap``. Without AVX-512
-      masked_linear's GEMM is not the faster kernel (AVX2: about bitmap's speed at 25% kept;
-      the baseline build, also every non-x86 one: ~7x slower than bitmap at 2048 rows).
+      ``format="bitmap"`` to keep the compression. Else ``bitmap``. Without AVX-512 the rule
+      keeps bitmap (AVX2, this CPU under ATEN_CPU_CAPABILITY=avx2, 2048 rows: masked 0.77-1.37x
+      bitmap's time at 75%, 0.69-1.02x at 63%, not measured at 512-1024 rows; the baseline
+      build, also every non-x86 one: ~7x slower than bitmap at 2048 rows).
       Measured here (2-core AVX-512, benchmarks/RESULTS.md, the ``auto`` family of session
       12: masked_linear time / bitmap_linear time on the five BLIP / 4096x4096 shapes, each
       format rotating 1 GiB of its own copies): float32 at 63% sparsity 0.64-1.08 at 256
       rows, 0.48-0.82 at 512, at most 0.71 from 1024; at 75% 0.80-1.45 at 256, 0.59-1.20 at
       512, 0.67-1.01 at 1024, 0.47-0.85 at 2048; at 90% 0.79-1.22 even at 2048. bfloat16
       alike (63%: 0.68-0.86 at 512; 75%: 0.74-0.99 at 1024); float16 one step later (63%:
-      0.91-1.27 at 512, 0.71-0.99 at 1024; 75%: 0.73-1.25 at 1024, 0.49-1.06 at 2048). The
-      bitmap family puts bitmap ahead of masked at 1-128 rows on every shape. sparse24_linear
-      on a 2:4 mask beats bitmap_linear on the same 50% mask at 4-16 rows (1.2-2.2x), is
+      0.91-1.27 at 512, 0.71-0.99 at 1024; 75%: 0.73-1.25 at 1024, 0.49-1.06 at 2048: three
+      shapes faster, 768x768 and 2304x768 3-6% slower). The bitmap family puts bitmap ahead of
+      masked at 1-128 rows on every shape. sparse24_linear
+      on a 2:4 mask beats bitmap_linear on the same 50% mask at 4-16 rows (1.1-2.2x), is
       0.99-1.4x its speed at 64-256 rows and within 12% of it at 1 row (2048 rows not
       measured: a 2:4 mask stays 2:4).
     - CUDA: ``2:4`` when the mask is 2:4 (and keeps at least ``AUTO_24_MIN_DENSITY``), the
@@ -285,9 +290,9 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
     if device.type != "cuda":
         if as_24:
             return "2:4"
-        if rows >= AUTO_CPU_MASKED_FROM[0][1] and mask.numel() > 0 \
+        if rows >= min(min(tier[1:]) for tier in AUTO_CPU_MASKED_FROM) and mask.numel() > 0 \
                 and torch.backends.cpu.get_cpu_capability() == "AVX512":
-            least = _cpu_masked_min_rows(mask.float().mean().item(), dtype)
+            least = _cpu_masked_min_rows(int(mask.count_nonzero()) / mask.numel(), dtype)  # exact
             if least is not None and rows >= least:
                 return "masked"
         return "bitmap"

@@ -374,7 +374,7 @@ def rows_of_density(n_out, n_in, densities, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_in", [17, 32, 95, 700, 1056, 2600])
 def test_one_row_any_density(n_in, dtype):
-    """One row of x takes the kernel that compresses x (AVX-512) and, below 1 kept weight in
+    """One row of x takes the kernel that compresses x (AVX-512, AVX2) and, below 1 kept weight in
     128 columns, the set-bit walk; the rows here cross both, with the last rows' values at the very
     end of `values` (the loads near it must not read past it)."""
     mask = rows_of_density(37, n_in, [0.0, 1 / 300, 1 / 130, 1 / 64, 1 / 15, 0.25, 0.6, 1.0, 0.37], seed=n_in)
@@ -415,6 +415,19 @@ def test_one_row_kernel_without_vbmi2():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
            "-k", "one_row_any_density or reject_counts or one_row_non_finite or one_row_sums"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("isa", [i for i in isas_of_this_cpu()[:-1]])  # the best one runs in this process
+def test_one_row_tests_on_every_isa(isa):
+    """The one-row tests (counts, any density, non-finite x and weights, sums that do not
+    depend on the blocking) again in a process on each lower ISA: AVX2's one-row kernel, and
+    the baseline build's row kernel."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "one_row_any_density or reject_counts or one_row_non_finite or one_row_sums or non_finite_weights_stay"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
 

@@ -96,9 +96,17 @@ def test_choose_format_rule(monkeypatch):
                                (all_kept, torch.float32, 512)]:
         assert formats.choose_format(mask, dtype, "cpu", least) == "masked", (mask.float().mean(), dtype, least)
         assert formats.choose_format(mask, dtype, "cpu", least - 1) == "bitmap", (mask.float().mean(), dtype, least)
-    sparser = keeps_quarter.clone()
-    sparser[0, 0] = False  # just under 25% kept: bitmap at any rows
-    assert formats.choose_format(sparser, torch.float32, "cpu", big) == "bitmap"
+    just_under_quarter = keeps_quarter.clone()
+    just_under_quarter[0, 0] = False  # 24.2% kept: a "75%-sparse" mask, still the >= 24% tier
+    assert formats.choose_format(just_under_quarter, torch.float32, "cpu", 1024) == "masked"
+    keeps_23 = torch.zeros(100, 100, dtype=torch.bool)
+    keeps_23.view(-1)[torch.randperm(10000, generator=torch.Generator().manual_seed(0))[:2399]] = True  # 23.99%
+    assert formats.choose_format(keeps_23, torch.float32, "cpu", big) == "bitmap"  # under 24%: bitmap at any rows
+    exactly_35 = torch.zeros(4, 20, dtype=torch.bool)
+    exactly_35[:, :7] = True  # 7 / 20 (float32's mean of it is 0.34999999: the fraction must be exact)
+    assert formats.choose_format(exactly_35, torch.float32, "cpu", 512) == "masked"
+    assert formats.choose_format(exactly_35, torch.float16, "cpu", 1024) == "masked"
+    assert formats.choose_format(all_kept, torch.float64, "cpu", big) == "bitmap"  # not a dtype the rule measured
     assert formats.choose_format(nm, torch.float32, "cpu", big) == "2:4"
     h100 = (9, 0)
     limit = formats.AUTO_CUDA_24_MAX_ROWS

@@ -17,11 +17,11 @@
 // padded with zeros to whole words (or used in place when it already is
 // float32 in whole words). No dense copy of the weight is made. Rows whose
 // bits set a padding bit past in_features are rejected like wrong counts.
-// Where the ISA has them (AVX-512) and x has no inf / NaN, two kernels that
-// multiply kept columns only: one row of x (the token-by-token case) is
+// Where x has no inf / NaN, two kernels that multiply kept columns only:
+// one row of x (the token-by-token case; AVX-512 and AVX2) is
 // compressed to each weight row's kept columns (gemv; with AVX512-VBMI2 the
 // kept columns of sparse rows are listed by a byte compress: MULTIFLOW_CPU_VBMI2=0
-// turns that off); 5 or more rows, when
+// turns that off); 5 or more rows (every ISA), when
 // at most half the weights are kept, go transposed, each kept weight meeting
 // the 16-row vector of x at its column (spmm). Both check the counts
 // themselves. Everything else: the segment / register kernels above.

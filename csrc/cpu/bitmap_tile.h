@@ -50,8 +50,8 @@ inline constexpr int64_t kBitmapGemvMaxRows = 16;
 // One row of x whose elements are all finite (the caller checks): out[j] =
 // sum over the kept columns c of W_j[c] * x[c] for j < n_rows <= kBitmapGemvMaxRows,
 // in float32 (each row summed in a fixed order whatever n_rows and its place). Only
-// the kept columns are multiplied (x is compressed to them, 16 columns at a
-// time), which is why x must be finite: a pruned column's inf / NaN would not
+// the kept columns are multiplied (x is compressed to them, 16 or 32 columns at a
+// time on AVX-512, 8 on AVX2; AVX2 zeroes the lanes past them), which is why x must be finite: a pruned column's inf / NaN would not
 // reach the output as it does through F.linear (0 * inf), so the caller takes
 // the BitmapRowFn path then. x holds words * 32 floats (zero past in_features).
 // This kernel checks each row's count itself and never reads past
@@ -113,7 +113,7 @@ struct BitmapTiles {
   BitmapRowFn row_f32;
   BitmapRowFn row_f16;
   BitmapRowFn row_bf16;
-  // nullptr where the ISA has none (only AVX-512 has: they need a register compress).
+  // nullptr where the ISA has none (AVX-512 and AVX2 have one; the baseline build has not).
   BitmapGemvFn gemv_f32;
   BitmapGemvFn gemv_f16;
   BitmapGemvFn gemv_bf16;

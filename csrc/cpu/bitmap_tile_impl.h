@@ -22,7 +22,8 @@
 // weights (gemv, a BitmapGemvFn): only the kept columns are multiplied; with
 // AVX512-VBMI2, rows of at most 1/3 density list their kept columns with a byte
 // compress instead (gemv_vbmi2); either way the rows' 16-lane sums are reduced
-// 16 rows at a time (store_row_sums).
+// 16 rows at a time (store_row_sums). AVX2 has a one-row kernel too (gemv, its
+// section at the end): x permuted per mask byte by the set-bit table.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

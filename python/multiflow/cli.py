@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --format auto: expected rows of x per call (tokens x batch), default 1. The model "
                          "is built on the CPU, so auto decides for the CPU here (where rows matter from 512 on, on "
                          "AVX-512 CPUs: layers keeping >= 35%% that are not 2:4 become masked from 512 rows "
-                         "(float16: 1024), keeping >= 25%% from 1024 (float16: 2048), the faster kernel there, "
+                         "(float16: 1024), keeping >= 24%% from 1024 (float16: 2048), the faster kernel there, "
                          "with the dense weight's memory); use "
                          "multiflow_kernels.sparsify(model.cuda(), masks, 'auto', rows=N) for a GPU")
     sp.add_argument("--seed", type=int, default=None,
