@@ -253,9 +253,10 @@ def choose_format(mask: Tensor, dtype: torch.dtype, device: torch.device | str, 
       "75%-sparse" mask keeps 24.96-25.05%). There
       masked_linear's GEMM is the faster kernel, at the dense weight's memory: pass
       ``format="bitmap"`` to keep the compression. Else ``bitmap``. Without AVX-512 the rule
-      keeps bitmap (AVX2, this CPU under ATEN_CPU_CAPABILITY=avx2, 2048 rows: masked 0.77-1.37x
-      bitmap's time at 75%, 0.69-1.02x at 63%, not measured at 512-1024 rows; the baseline
-      build, also every non-x86 one: ~7x slower than bitmap at 2048 rows).
+      keeps bitmap (AVX2, the auto family on this CPU under ATEN_CPU_CAPABILITY=avx2: masked
+      is faster on every shape at no row count, dtype or sparsity measured, e.g. float32 at
+      63% 0.89-1.14x bitmap's time at 1024 rows, 0.71-1.05x at 2048; the baseline build, also
+      every non-x86 one: ~7x slower than bitmap at 2048 rows).
       Measured here (2-core AVX-512, benchmarks/RESULTS.md, the ``auto`` family of session
       12: masked_linear time / bitmap_linear time on the five BLIP / 4096x4096 shapes, each
       format rotating 1 GiB of its own copies): float32 at 63% sparsity 0.64-1.08 at 256
