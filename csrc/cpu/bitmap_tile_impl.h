@@ -74,6 +74,28 @@ inline int ctz32(uint32_t u) {  // u != 0
 #endif
 }
 
+// The one-row kernels' walk of a very sparse row (every ISA with one): its count in bits
+// checked against `count` first (the walk reads one value per set bit), then
+// s = sum of values[pos + i] * x[column of the i-th set bit]. false: the count is wrong.
+template <typename T>
+inline bool walk_row_sum(const uint32_t* b, int64_t words, const T* values, int64_t pos, int64_t count,
+                         const float* x, float& s) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    n += popcount32(b[w]);
+  }
+  if (n != count) {
+    return false;
+  }
+  s = 0.0f;
+  for (int64_t w = 0; w < words; ++w) {
+    for (uint32_t u = b[w]; u != 0u; u &= u - 1) {
+      s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
+    }
+  }
+  return true;
+}
+
 #if !defined(CPU_CAPABILITY_AVX512)  // AVX-512 has its own for every dtype, below
 // dense[32 w + b] = the next value for every set bit b of bits[w], 0 elsewhere.
 template <typename T>
@@ -323,26 +345,15 @@ inline void prefetch_row_ahead(const uint32_t* row_bits, int64_t words, const T*
 }
 
 // A very sparse row (under 1 kept weight per 128 columns; the walk's branches
-// mispredict about once per value, so denser rows are compressed): its count is
-// checked first (the walk reads one value per bit). false: the count is wrong. The sum
-// goes to lane 0 of `lanes` (the others 0), as the other rows' 16 lanes of partial sums.
+// mispredict about once per value, so denser rows are compressed): walk_row_sum's
+// sum goes to lane 0 of `lanes` (the others 0), as the other rows' 16 lanes of partial
+// sums. false: the count is wrong.
 template <typename T>
 inline bool gemv_walk_row(const uint32_t* b, int64_t words, const T* values, int64_t pos, int64_t count,
                           const float* x, __m512& lanes) {
-  int64_t n = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    n += popcount32(b[w]);
-  }
-  if (n != count) {
-    return false;
-  }
   float s = 0.0f;
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t u = b[w];
-    while (u) {
-      s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
-      u &= u - 1;
-    }
+  if (!walk_row_sum(b, words, values, pos, count, x, s)) {
+    return false;
   }
   lanes = _mm512_maskz_mov_ps(1, _mm512_set1_ps(s));
   return true;
@@ -1152,21 +1163,10 @@ int64_t gemv(
     const int64_t start = row_ptr[j];
     const int64_t count = row_ptr[j + 1] - start;
     int64_t pos = start;
-    if (count * 4 < words) {  // the walk reads one value per set bit: count them first
-      int64_t n = 0;
-      for (int64_t w = 0; w < words; ++w) {
-        n += popcount32(b[w]);
-      }
-      if (n != count) {
+    if (count * 4 < words) {
+      if (!walk_row_sum(b, words, values, start, count, x, out[j])) {
         return j;
       }
-      float s = 0.0f;
-      for (int64_t w = 0; w < words; ++w) {
-        for (uint32_t u = b[w]; u != 0u; u &= u - 1) {
-          s += static_cast<float>(values[pos++]) * x[32 * w + ctz32(u)];
-        }
-      }
-      out[j] = s;
       continue;
     }
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
